@@ -1,0 +1,730 @@
+//! The agent's configuration: one TOML file, read at start and validated as a
+//! whole so that `check-config` can list every problem at once.
+//!
+//! Everything the network may name (apps, their units, paths, databases,
+//! commands, probe targets) is declared here; requests only refer to it by name.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A problem found in the configuration, with the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key, e.g. `app[0].unit` or `tls.cert`.
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid configuration: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address of the gRPC listener, e.g. `0.0.0.0:7443`.
+    pub listen: SocketAddr,
+    /// Where the agent keeps its operation journal, locks and audit log.
+    pub state_dir: PathBuf,
+    /// Where backups are written, one directory per app.
+    pub backup_dir: PathBuf,
+    /// Optional Prometheus text endpoint, off by default.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub systemd: SystemdConfig,
+    #[serde(default)]
+    pub backup: BackupDefaults,
+    #[serde(default, rename = "app")]
+    pub apps: Vec<AppConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA bundle that client certificates must chain to.
+    pub ca: PathBuf,
+    /// The agent's certificate chain and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Revoked certificates: serials (hex) or SHA-256 fingerprints, one a line.
+    #[serde(default)]
+    pub deny: Option<PathBuf>,
+    /// Lowest TLS version accepted: "1.3" (default) or "1.2".
+    #[serde(default = "default_min_tls")]
+    pub min_version: String,
+}
+
+fn default_min_tls() -> String {
+    "1.3".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemdConfig {
+    /// `system`, `session` (or `user`), or a D-Bus address such as `unix:path=/run/bus`.
+    #[serde(default = "default_bus")]
+    pub bus: String,
+    /// Units other than the apps' that may be started, stopped and restarted.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Journal directory to read logs from; default: the system journal.
+    #[serde(default)]
+    pub journal_dir: Option<PathBuf>,
+    /// How long a unit job may take before the call gives up.
+    #[serde(default = "default_job_timeout", with = "duration_str")]
+    pub job_timeout: Duration,
+}
+
+fn default_bus() -> String {
+    "system".to_owned()
+}
+
+fn default_job_timeout() -> Duration {
+    Duration::from_secs(90)
+}
+
+impl Default for SystemdConfig {
+    fn default() -> Self {
+        Self {
+            bus: default_bus(),
+            allow: Vec::new(),
+            journal_dir: None,
+            job_timeout: default_job_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupDefaults {
+    /// Free space (bytes) that must remain on the backup disk after a backup.
+    #[serde(default = "default_reserve")]
+    pub free_space_reserve_bytes: u64,
+}
+
+fn default_reserve() -> u64 {
+    1 << 30
+}
+
+impl Default for BackupDefaults {
+    fn default() -> Self {
+        Self {
+            free_space_reserve_bytes: default_reserve(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    pub name: String,
+    /// The systemd unit that runs the app, e.g. `covet.service`.
+    pub unit: String,
+    /// System user that the app's hooks (migrations) run as.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Paths that belong to the app and are backed up and restored.
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
+    #[serde(default)]
+    pub env_file: Option<PathBuf>,
+    #[serde(default)]
+    pub package: Option<PackageConfig>,
+    #[serde(default)]
+    pub database: Option<DatabaseConfig>,
+    #[serde(default)]
+    pub migrate: Option<MigrateConfig>,
+    #[serde(default)]
+    pub health: Option<ProbeConfig>,
+    #[serde(default)]
+    pub smoke: Vec<ProbeConfig>,
+    #[serde(default)]
+    pub retention: Option<RetentionConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PackageKind {
+    Pip,
+    Release,
+    Deb,
+    Rpm,
+}
+
+impl PackageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PackageKind::Pip => "pip",
+            PackageKind::Release => "release",
+            PackageKind::Deb => "deb",
+            PackageKind::Rpm => "rpm",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageConfig {
+    pub kind: PackageKind,
+    pub name: String,
+    /// pip: the virtualenv the package is installed in.
+    #[serde(default)]
+    pub venv: Option<PathBuf>,
+    /// pip: local wheelhouses (`--no-index --find-links`).
+    #[serde(default)]
+    pub find_links: Vec<PathBuf>,
+    /// release: directory holding `VERSION/` trees.
+    #[serde(default)]
+    pub releases_dir: Option<PathBuf>,
+    /// release: the symlink that points at the live release.
+    #[serde(default)]
+    pub current: Option<PathBuf>,
+    /// deb/rpm: a local repository directory of package files.
+    #[serde(default)]
+    pub repo_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Only "postgres" for now.
+    pub kind: String,
+    pub dbname: String,
+    /// Socket directory (absolute path) or host name.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Database role the client programs connect as.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// System user that runs pg_dump / pg_restore.
+    #[serde(default)]
+    pub os_user: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateConfig {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub dry_run: Option<Vec<String>>,
+    #[serde(default)]
+    pub rollback: Option<Vec<String>>,
+    #[serde(default = "default_migrate_timeout", with = "duration_str")]
+    pub timeout: Duration,
+}
+
+fn default_migrate_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// A declared probe: `url` for HTTP, or `address` (HOST:PORT) for TCP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default = "default_probe_timeout", with = "duration_str")]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub retries: u32,
+    #[serde(default = "default_probe_interval", with = "duration_str")]
+    pub interval: Duration,
+    #[serde(default = "default_expect_status")]
+    pub expect_status: u16,
+    #[serde(default)]
+    pub json_field: Option<String>,
+    #[serde(default)]
+    pub json_value: Option<String>,
+}
+
+fn default_probe_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_expect_status() -> u16 {
+    200
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    #[serde(default)]
+    pub keep_last: Option<u32>,
+    #[serde(default)]
+    pub keep_days: Option<u32>,
+}
+
+impl Config {
+    /// Reads, parses and validates the file; any problem is an error.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let config = Self::parse_file(path)?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Reads and parses the file without semantic checks.
+    pub fn parse_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn app(&self, name: &str) -> Option<&AppConfig> {
+        self.apps.iter().find(|a| a.name == name)
+    }
+
+    /// Every problem in the configuration, by key; empty when it is valid.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Problems::default();
+        self.check_paths(&mut out);
+        self.check_tls(&mut out);
+        self.check_systemd(&mut out);
+        let mut names = BTreeSet::new();
+        for (i, app) in self.apps.iter().enumerate() {
+            let key = format!("app[{i}]");
+            if !names.insert(app.name.as_str()) {
+                out.add(
+                    format!("{key}.name"),
+                    format!("app {:?} is declared twice", app.name),
+                );
+            }
+            app.check(&key, &mut out);
+        }
+        out.0
+    }
+
+    fn check_paths(&self, out: &mut Problems) {
+        out.absolute("state_dir", &self.state_dir);
+        out.absolute("backup_dir", &self.backup_dir);
+        if self.metrics_listen == Some(self.listen) {
+            out.add("metrics_listen", "must differ from listen");
+        }
+    }
+
+    fn check_tls(&self, out: &mut Problems) {
+        for (key, path) in [
+            ("tls.ca", &self.tls.ca),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ] {
+            out.readable_file(key, path);
+        }
+        // A missing deny file denies no one, but a deny path that is a directory is a mistake.
+        if let Some(deny) = &self.tls.deny
+            && deny.is_dir()
+        {
+            out.add("tls.deny", format!("{} is a directory", deny.display()));
+        }
+        if !matches!(self.tls.min_version.as_str(), "1.2" | "1.3") {
+            out.add(
+                "tls.min_version",
+                format!("{:?} is not \"1.2\" or \"1.3\"", self.tls.min_version),
+            );
+        }
+    }
+
+    fn check_systemd(&self, out: &mut Problems) {
+        let bus = self.systemd.bus.as_str();
+        if !matches!(bus, "system" | "session" | "user") && !bus.contains('=') {
+            out.add(
+                "systemd.bus",
+                format!("{bus:?} is not \"system\", \"session\" or a D-Bus address like \"unix:path=/run/bus\""),
+            );
+        }
+        for (i, unit) in self.systemd.allow.iter().enumerate() {
+            if let Err(e) = validate_unit_name(unit) {
+                out.add(format!("systemd.allow[{i}]"), e);
+            }
+        }
+        if let Some(dir) = &self.systemd.journal_dir {
+            out.absolute("systemd.journal_dir", dir);
+        }
+    }
+
+    /// Units that may be acted on: every app's unit and `[systemd] allow`.
+    pub fn controllable_units(&self) -> BTreeSet<&str> {
+        self.apps
+            .iter()
+            .map(|a| a.unit.as_str())
+            .chain(self.systemd.allow.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// `host:port` pairs that the apps' probes declare; ad-hoc probes may reach
+    /// these besides loopback.
+    pub fn declared_probe_targets(&self) -> BTreeSet<String> {
+        self.apps
+            .iter()
+            .flat_map(|a| a.health.iter().chain(a.smoke.iter()))
+            .filter_map(ProbeConfig::host_port)
+            .collect()
+    }
+}
+
+impl AppConfig {
+    fn check(&self, key: &str, out: &mut Problems) {
+        if let Err(e) = validate_name(&self.name) {
+            out.add(format!("{key}.name"), e);
+        }
+        if let Err(e) = validate_unit_name(&self.unit) {
+            out.add(format!("{key}.unit"), e);
+        }
+        if let Some(user) = &self.user
+            && let Err(e) = validate_name(user)
+        {
+            out.add(format!("{key}.user"), e);
+        }
+        for (i, p) in self.paths.iter().enumerate() {
+            out.absolute(&format!("{key}.paths[{i}]"), p);
+        }
+        if let Some(p) = &self.env_file {
+            out.absolute(&format!("{key}.env_file"), p);
+        }
+        if let Some(pkg) = &self.package {
+            pkg.check(&format!("{key}.package"), out);
+        }
+        if let Some(db) = &self.database {
+            db.check(&format!("{key}.database"), out);
+        }
+        if let Some(m) = &self.migrate {
+            let k = format!("{key}.migrate");
+            check_argv(&format!("{k}.command"), &m.command, out);
+            if let Some(argv) = &m.dry_run {
+                check_argv(&format!("{k}.dry_run"), argv, out);
+            }
+            if let Some(argv) = &m.rollback {
+                check_argv(&format!("{k}.rollback"), argv, out);
+            }
+        }
+        if let Some(h) = &self.health {
+            h.check(&format!("{key}.health"), out);
+        }
+        for (i, s) in self.smoke.iter().enumerate() {
+            s.check(&format!("{key}.smoke[{i}]"), out);
+        }
+    }
+}
+
+impl PackageConfig {
+    fn check(&self, key: &str, out: &mut Problems) {
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c))
+        {
+            out.add(
+                format!("{key}.name"),
+                format!("{:?} is not a package name", self.name),
+            );
+        }
+        let require = |out: &mut Problems, field: &str, value: &Option<PathBuf>| match value {
+            Some(p) => out.absolute(&format!("{key}.{field}"), p),
+            None => out.add(
+                format!("{key}.{field}"),
+                format!("is required for kind = \"{}\"", self.kind.as_str()),
+            ),
+        };
+        match self.kind {
+            PackageKind::Pip => require(out, "venv", &self.venv),
+            PackageKind::Release => {
+                require(out, "releases_dir", &self.releases_dir);
+                require(out, "current", &self.current);
+            }
+            PackageKind::Deb | PackageKind::Rpm => {}
+        }
+        for (i, p) in self.find_links.iter().enumerate() {
+            out.absolute(&format!("{key}.find_links[{i}]"), p);
+        }
+    }
+}
+
+impl DatabaseConfig {
+    fn check(&self, key: &str, out: &mut Problems) {
+        if self.kind != "postgres" {
+            out.add(
+                format!("{key}.kind"),
+                format!("{:?} is not supported (only \"postgres\")", self.kind),
+            );
+        }
+        if let Err(e) = validate_name(&self.dbname) {
+            out.add(format!("{key}.dbname"), e);
+        }
+        for (field, value) in [("user", &self.user), ("os_user", &self.os_user)] {
+            if let Some(v) = value
+                && let Err(e) = validate_name(v)
+            {
+                out.add(format!("{key}.{field}"), e);
+            }
+        }
+    }
+}
+
+impl ProbeConfig {
+    fn check(&self, key: &str, out: &mut Problems) {
+        match (&self.url, &self.address) {
+            (Some(url), None) => {
+                if let Err(e) = crate::probes::HttpTarget::parse(url) {
+                    out.add(format!("{key}.url"), e.to_string());
+                }
+            }
+            (None, Some(addr)) => {
+                if let Err(e) = crate::probes::split_host_port(addr) {
+                    out.add(format!("{key}.address"), e.to_string());
+                }
+            }
+            _ => out.add(key, "needs exactly one of url (HTTP) or address (TCP)"),
+        }
+        if self.timeout.is_zero() {
+            out.add(format!("{key}.timeout"), "must be more than 0s");
+        }
+    }
+
+    /// `host:port` this probe reaches, if it parses.
+    pub fn host_port(&self) -> Option<String> {
+        if let Some(url) = &self.url {
+            let t = crate::probes::HttpTarget::parse(url).ok()?;
+            return Some(format!("{}:{}", t.host, t.port));
+        }
+        let (host, port) = crate::probes::split_host_port(self.address.as_deref()?).ok()?;
+        Some(format!("{host}:{port}"))
+    }
+}
+
+fn check_argv(key: &str, argv: &[String], out: &mut Problems) {
+    match argv.first() {
+        None => out.add(key, "is empty: give the program and its arguments"),
+        Some(prog) if !prog.starts_with('/') => out.add(
+            key,
+            format!("{prog:?} must be an absolute path (no shell, no PATH lookup)"),
+        ),
+        Some(_) => {}
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn absolute(&mut self, key: &str, path: &Path) {
+        if !path.is_absolute() {
+            self.add(key, format!("{} must be an absolute path", path.display()));
+        }
+    }
+
+    fn readable_file(&mut self, key: &str, path: &Path) {
+        if let Err(e) = std::fs::File::open(path) {
+            self.add(key, format!("cannot read {}: {e}", path.display()));
+        }
+    }
+}
+
+/// Names of apps, users and databases: they end up in paths and argv.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with(['-', '.'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid name (1-63 of A-Z a-z 0-9 _ - ., not starting with - or .)"
+        ))
+    }
+}
+
+/// Unit names as systemd accepts them, minus templates: `NAME.TYPE`.
+pub fn validate_unit_name(unit: &str) -> Result<(), String> {
+    const TYPES: &[&str] = &[
+        "service", "socket", "target", "timer", "path", "mount", "slice", "scope",
+    ];
+    let bad = |why: &str| Err(format!("{unit:?} is not a valid unit name: {why}"));
+    if unit.is_empty() || unit.len() > 255 {
+        return bad("expected 1-255 characters like \"covet.service\"");
+    }
+    let Some((stem, kind)) = unit.rsplit_once('.') else {
+        return bad("missing a type suffix such as \".service\"");
+    };
+    if !TYPES.contains(&kind) {
+        return bad("unknown unit type");
+    }
+    if stem.is_empty() || stem.starts_with(['-', '.']) {
+        return bad("empty or starts with - or .");
+    }
+    if stem.contains('@') {
+        return bad("template instances are not accepted");
+    }
+    if !stem
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+    {
+        return bad("only A-Z a-z 0-9 _ - . : are allowed");
+    }
+    Ok(())
+}
+
+/// Durations written as humantime strings: "30s", "5m", "1h 30m".
+mod duration_str {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!("{s:?} is not a duration like \"30s\": {e}"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        toml::from_str(text).unwrap()
+    }
+
+    const BASE: &str = r#"
+        listen = "127.0.0.1:7443"
+        state_dir = "/var/lib/covet-agent"
+        backup_dir = "/var/backups/covet"
+        [tls]
+        ca = "/nonexistent/ca.crt"
+        cert = "/nonexistent/agent.crt"
+        key = "/nonexistent/agent.key"
+    "#;
+
+    #[test]
+    fn lists_every_problem_by_key() {
+        let text = format!(
+            "{BASE}\n{}",
+            r#"
+            [systemd]
+            bus = "nonsense"
+            allow = ["../etc/passwd"]
+            [[app]]
+            name = "covet"
+            unit = "covet"
+            paths = ["relative/path"]
+            [app.package]
+            kind = "pip"
+            name = "covetpy"
+            [app.migrate]
+            command = ["covet", "migrate"]
+            [app.health]
+            url = "ftp://localhost/health"
+            "#
+        );
+        let problems = parse(&text).problems();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for want in [
+            "tls.ca",
+            "tls.cert",
+            "tls.key",
+            "systemd.bus",
+            "systemd.allow[0]",
+            "app[0].unit",
+            "app[0].paths[0]",
+            "app[0].package.venv",
+            "app[0].migrate.command",
+            "app[0].health.url",
+        ] {
+            assert!(keys.contains(&want), "{want} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = toml::from_str::<Config>(&format!("{BASE}\nlisten_addr = 1")).unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn unit_names() {
+        assert!(validate_unit_name("covet.service").is_ok());
+        assert!(validate_unit_name("postgresql@15-main.service").is_err());
+        assert!(validate_unit_name("../x.service").is_err());
+        assert!(validate_unit_name("a/b.service").is_err());
+        assert!(validate_unit_name("covet").is_err());
+        assert!(validate_unit_name("covet.exe").is_err());
+        assert!(validate_unit_name("-x.service").is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        let text = format!(
+            "{BASE}\n{}",
+            r#"
+            [[app]]
+            name = "covet"
+            unit = "covet.service"
+            [app.health]
+            url = "http://127.0.0.1:8000/health"
+            timeout = "2s"
+            interval = "250ms"
+            "#
+        );
+        let c = parse(&text);
+        let h = c.apps[0].health.as_ref().unwrap();
+        assert_eq!(h.timeout, Duration::from_secs(2));
+        assert_eq!(h.interval, Duration::from_millis(250));
+        assert_eq!(
+            c.declared_probe_targets().into_iter().collect::<Vec<_>>(),
+            vec!["127.0.0.1:8000".to_owned()]
+        );
+    }
+}

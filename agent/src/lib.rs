@@ -1,0 +1,17 @@
+//! covet-agent: the host agent behind the covet.agent.v1 gRPC API.
+//!
+//! Capability modules (`metrics`, `probes`, ...) know nothing of gRPC; the
+//! `api` module maps proto messages to and from their domain types, and the
+//! `server` module wires TLS, the tower layers (`authz`, `audit`) and the
+//! services together.
+
+pub mod api;
+pub mod audit;
+pub mod authz;
+pub mod config;
+pub mod identity;
+pub mod info;
+pub mod metrics;
+pub mod probes;
+pub mod server;
+pub mod tls;

@@ -1,0 +1,148 @@
+//! covet-agent: `covet-agent --config FILE` serves; `covet-agent check-config
+//! --config FILE` validates the configuration and lists every problem.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use covet_agent::config::{Config, ConfigError};
+use covet_agent::server::Agent;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(
+    name = "covet-agent",
+    version,
+    about = "Host agent for audited, resumable upgrades and rollbacks"
+)]
+struct Cli {
+    /// The agent's TOML configuration.
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "/etc/covet/agent.toml",
+        env = "COVET_AGENT_CONFIG"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API (the default).
+    Run,
+    /// Validate the configuration; exit non-zero listing every problem by key.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => check_config(&cli.config),
+        Command::Run => {
+            init_tracing();
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("covet-agent: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(&cli.config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("covet-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} app(s), listening on {})",
+                path.display(),
+                config.apps.len(),
+                config.listen
+            );
+            ExitCode::SUCCESS
+        }
+        Err(ConfigError::Invalid { path, problems }) => {
+            eprintln!("{}: {} problem(s)", path.display(), problems.len());
+            for p in problems {
+                eprintln!("  {p}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to journald when systemd connected our output to it, else to stderr.
+fn init_tracing() {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COVET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
+    let registry = tracing_subscriber::registry().with(filter);
+    match journald {
+        Some(layer) => registry.with(layer).init(),
+        None => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
+    }
+}
+
+async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let state_dir = config.state_dir.clone();
+    let agent = Agent::bind(config).await?;
+    let addr = agent.local_addr()?;
+    write_addr_file(&state_dir.join("agent.addr"), &addr.to_string())?;
+    tracing::info!(%addr, metrics = ?agent.metrics_addr(), "covet-agent {} listening", env!("CARGO_PKG_VERSION"));
+
+    let tls = agent.tls();
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: reloaded certificate, key, CA and deny list"),
+                Err(e) => tracing::error!(
+                    "SIGHUP: reload failed, keeping the previous TLS configuration: {e}"
+                ),
+            }
+        }
+    });
+
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    agent.serve(shutdown).await
+}
+
+/// Where the agent really listens (useful with port 0), written atomically.
+fn write_addr_file(path: &Path, addr: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("addr.tmp");
+    std::fs::write(&tmp, format!("{addr}\n"))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write {}", path.display()))
+}

@@ -1,0 +1,166 @@
+//! Wires the agent together: TLS listener, tower layers (audit, then authz),
+//! the covet.agent.v1 services, gRPC health and reflection, the optional
+//! Prometheus endpoint, and SIGHUP reloads.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use covet_proto::v1 as pb;
+use tokio::net::TcpListener;
+
+use crate::api::{AgentState, InfoApi, MetricsApi, NotYet, ProbeApi};
+use crate::audit::AuditLog;
+use crate::authz::{AuditLayer, AuthzLayer};
+use crate::config::Config;
+use crate::tls::ReloadableTls;
+
+/// A bound, ready-to-serve agent.
+pub struct Agent {
+    state: AgentState,
+    audit: AuditLog,
+    tls: Arc<ReloadableTls>,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+}
+
+impl Agent {
+    /// Prepares state, loads TLS material and binds the listeners; errors
+    /// here are configuration errors an operator must fix.
+    pub async fn bind(config: Config) -> anyhow::Result<Agent> {
+        crate::info::agent_started();
+        create_private_dir(&config.state_dir)?;
+        let audit_path = config.state_dir.join("audit.log");
+        let audit = AuditLog::open(&audit_path)
+            .with_context(|| format!("cannot open audit log {}", audit_path.display()))?;
+        let tls = Arc::new(
+            ReloadableTls::new(config.tls.clone(), audit.clone())
+                .context("cannot set up TLS from [tls]")?,
+        );
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on metrics_listen {addr}"))?,
+            ),
+            None => None,
+        };
+        Ok(Agent {
+            state: AgentState::new(Arc::new(config)),
+            audit,
+            tls,
+            listener,
+            metrics_listener,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn tls(&self) -> Arc<ReloadableTls> {
+        self.tls.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight calls.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Agent {
+            state,
+            audit,
+            tls,
+            listener,
+            metrics_listener,
+        } = self;
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = shutdown_tx.send(true);
+        });
+
+        if let Some(l) = metrics_listener {
+            let hub = state.metrics.clone();
+            let mut rx = shutdown_rx.clone();
+            tokio::spawn(async move {
+                let stop = async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                };
+                if let Err(e) = crate::metrics::serve_prometheus(l, hub, stop).await {
+                    tracing::error!("metrics endpoint failed: {e}");
+                }
+            });
+        }
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in covet_proto::SERVICE_NAMES {
+            health
+                .set_service_status(*name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(covet_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("reflection v1")?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(covet_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("reflection v1alpha")?;
+
+        let incoming = crate::tls::accept_loop(listener, tls);
+        let mut rx = shutdown_rx;
+        tonic::transport::Server::builder()
+            .layer(AuditLayer::new(audit))
+            .layer(AuthzLayer)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(pb::info_service_server::InfoServiceServer::new(InfoApi(
+                state.clone(),
+            )))
+            .add_service(pb::metrics_service_server::MetricsServiceServer::new(
+                MetricsApi(state.clone()),
+            ))
+            .add_service(pb::probe_service_server::ProbeServiceServer::new(ProbeApi(
+                state.clone(),
+            )))
+            .add_service(pb::unit_service_server::UnitServiceServer::new(NotYet))
+            .add_service(pb::log_service_server::LogServiceServer::new(NotYet))
+            .add_service(pb::operation_service_server::OperationServiceServer::new(
+                NotYet,
+            ))
+            .add_service(pb::backup_service_server::BackupServiceServer::new(NotYet))
+            .add_service(pb::upgrade_service_server::UpgradeServiceServer::new(
+                NotYet,
+            ))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await
+            .context("gRPC server failed")
+    }
+}
+
+/// Creates `dir` (and parents) with mode 0700 if missing.
+fn create_private_dir(dir: &PathBuf) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create state_dir {}", dir.display()))
+}

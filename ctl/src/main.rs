@@ -1,0 +1,114 @@
+//! covetctl: the command-line client of covet-agent.
+
+mod nodes;
+mod output;
+mod pki_cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "covetctl",
+    version,
+    about = "Drive covet-agent: PKI, contexts, info, metrics, health, probes"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command understands.
+#[derive(Args, Clone)]
+pub struct Global {
+    /// Client configuration file [default: ~/.config/covet/config.toml]
+    #[arg(long, global = true, env = "COVETCTL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Context to use instead of the current one.
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    /// Agent endpoint HOST:PORT, instead of the context's (with `config
+    /// add-context`: the context's endpoints; repeat or separate with commas).
+    #[arg(short = 'e', long = "endpoint", global = true, value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// Deadline for connecting and for each call, e.g. 10s.
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Certificate authority, agent and client certificates.
+    #[command(subcommand)]
+    Pki(pki_cmd::PkiCommand),
+    /// Contexts: which agents to talk to, with which certificates.
+    #[command(subcommand)]
+    Config(pki_cmd::ConfigCommand),
+    /// The agent's host identity, version and declared apps.
+    Info,
+    /// Host metrics (CPU, memory, disks, network).
+    Metrics {
+        /// Print a new sample every INTERVAL (e.g. 2s) until interrupted.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        watch: Option<Duration>,
+    },
+    /// Run an app's declared health probe (and smoke checks with --smoke).
+    Health {
+        app: String,
+        /// Also run the app's smoke checks.
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Ad-hoc probes from the agent (loopback or declared targets only).
+    #[command(subcommand)]
+    Probe(nodes::ProbeCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("covetctl: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("covetctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Pki(cmd) => pki_cmd::pki(g, cmd),
+        Command::Config(cmd) => pki_cmd::config(g, cmd),
+        Command::Info => nodes::info(g).await,
+        Command::Metrics { watch } => nodes::metrics(g, watch).await,
+        Command::Health { app, smoke } => nodes::health(g, &app, smoke).await,
+        Command::Probe(cmd) => nodes::probe(g, cmd).await,
+    }
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests and the end-to-end tests that drive
+# real agents over mutual TLS. Installs what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+ensure_packages "${PROJECT_PACKAGES[@]}"
+ensure_cargo
+
+echo "==> building"
+cargo build --workspace --bins --tests --locked
+echo "==> testing"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast --test-threads 4
+else
+    cargo test --workspace --locked --no-fail-fast
+fi

@@ -1,0 +1,42 @@
+//! Test harness for covet-agent: every test gets its own sandbox of real
+//! parts (a fresh PKI, a real agent process on a free loopback port, real
+//! HTTP servers), torn down when the value is dropped, even on panic.
+//!
+//! Binaries are the workspace's own `covet-agent` and `covetctl`, built by
+//! `cargo build --workspace --bins` before the tests run (see `.ci/run`).
+
+pub mod agent;
+pub mod http;
+pub mod pki;
+
+use std::path::PathBuf;
+
+/// Path of a workspace binary next to the test executable's target dir.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // Tests run from target/PROFILE/deps/, harness binaries from target/PROFILE/.
+    let mut dir = exe.parent().expect("target directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target directory");
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        path.display()
+    );
+    path
+}
+
+/// A temporary directory for one test, kept on failure when COVET_KEEP_SANDBOX is set.
+pub fn sandbox_dir(prefix: &str) -> tempfile::TempDir {
+    let prefix = format!("covet-{prefix}-");
+    let dir = tempfile::Builder::new()
+        .prefix(&prefix)
+        .tempdir()
+        .expect("create sandbox dir");
+    if std::env::var_os("COVET_KEEP_SANDBOX").is_some() {
+        eprintln!("sandbox: {}", dir.path().display());
+    }
+    dir
+}
