@@ -16,8 +16,10 @@ use crate::audit::set_target;
 use crate::config::Config;
 use crate::identity::{PeerIdentity, Role};
 use crate::info::HostInfo;
+use crate::logs::{Journal, LogError, LogLine};
 use crate::metrics::{HostSample, MetricsHub};
 use crate::probes::{self, Attempts, ProbeError, ProbeOutcome, TargetPolicy};
+use crate::systemd::{ControlledUnit, Systemd, SystemdError, UnitAction, UnitState};
 use crate::tls::PeerInfo;
 
 /// What every service handler shares.
@@ -26,15 +28,21 @@ pub struct AgentState {
     pub config: Arc<Config>,
     pub metrics: MetricsHub,
     pub probe_policy: TargetPolicy,
+    pub systemd: Arc<Systemd>,
+    pub journal: Journal,
 }
 
 impl AgentState {
     pub fn new(config: Arc<Config>) -> AgentState {
         let probe_policy = TargetPolicy::new(config.declared_probe_targets());
+        let systemd = Arc::new(Systemd::new(&config.systemd.bus));
+        let journal = Journal::new(config.systemd.journal_dir.clone());
         AgentState {
             config,
             metrics: MetricsHub::new(),
             probe_policy,
+            systemd,
+            journal,
         }
     }
 }
@@ -436,8 +444,277 @@ impl pb::probe_service_server::ProbeService for ProbeApi {
 /// UNIMPLEMENTED (the generated default stubs).
 pub struct NotYet;
 
-impl pb::unit_service_server::UnitService for NotYet {}
-impl pb::log_service_server::LogService for NotYet {}
 impl pb::operation_service_server::OperationService for NotYet {}
 impl pb::backup_service_server::BackupService for NotYet {}
 impl pb::upgrade_service_server::UpgradeService for NotYet {}
+
+// ---------------------------------------------------------------- units
+
+pub struct UnitApi(pub AgentState);
+
+fn systemd_error(e: SystemdError) -> Status {
+    let message = e.to_string();
+    match e {
+        SystemdError::InvalidUnit(_) => Status::invalid_argument(message),
+        SystemdError::NotAllowed(_) => Status::permission_denied(message),
+        SystemdError::Unavailable { .. } => Status::unavailable(message),
+        SystemdError::Refused { .. } => Status::failed_precondition(message),
+        SystemdError::Timeout { .. } => Status::deadline_exceeded(message),
+    }
+}
+
+fn log_error(e: LogError) -> Status {
+    match e {
+        LogError::Timeout => Status::deadline_exceeded(e.to_string()),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+fn unit_state_to_pb(s: UnitState) -> pb::UnitStatus {
+    pb::UnitStatus {
+        name: s.name,
+        load_state: s.load_state,
+        active_state: s.active_state,
+        sub_state: s.sub_state,
+        description: s.description,
+        main_pid: s.main_pid,
+        since: s.since.map(timestamp),
+        restart_count: s.restart_count,
+        memory_bytes: s.memory_bytes,
+        fragment_path: s.fragment_path,
+        error: s.error,
+    }
+}
+
+fn log_line_to_pb(l: LogLine) -> pb::LogEntry {
+    pb::LogEntry {
+        time: l.time.map(timestamp),
+        unit: l.unit,
+        priority: l.priority,
+        message: l.message,
+        pid: l.pid,
+        cursor: l.cursor,
+        identifier: l.identifier,
+    }
+}
+
+const MAX_JOURNAL_LINES: u32 = 500;
+
+impl UnitApi {
+    async fn act(
+        &self,
+        action: UnitAction,
+        request: Request<pb::UnitActionRequest>,
+    ) -> Result<Response<pb::UnitActionResponse>, Status> {
+        set_target(&request, format!("unit={}", request.get_ref().unit));
+        let req = request.into_inner();
+        let state = &self.0;
+        let unit = ControlledUnit::admit(&state.config, &req.unit).map_err(systemd_error)?;
+        let timeout = duration_arg(
+            "timeout",
+            req.timeout,
+            state.config.systemd.job_timeout,
+            Duration::from_secs(1),
+            Duration::from_secs(900),
+        )?;
+        if req.journal_lines > MAX_JOURNAL_LINES {
+            return Err(Status::invalid_argument(format!(
+                "journal_lines must be at most {MAX_JOURNAL_LINES}"
+            )));
+        }
+        let journal_lines = if req.journal_lines == 0 {
+            20
+        } else {
+            req.journal_lines
+        };
+        let started = SystemTime::now();
+        let job = state
+            .systemd
+            .act(action, &unit, timeout)
+            .await
+            .map_err(systemd_error)?;
+        let mut status = state
+            .systemd
+            .status(unit.as_str())
+            .await
+            .map_err(systemd_error)?;
+        if matches!(action, UnitAction::Start | UnitAction::Restart) && job.result == "done" {
+            status = self.settle(&unit, status).await?;
+        }
+        let journal_tail = if status.is_active() {
+            Vec::new()
+        } else {
+            // Lines from this attempt first; older context if there are none.
+            let since = started.checked_sub(Duration::from_secs(1));
+            state
+                .journal
+                .tail(unit.as_str(), journal_lines, since)
+                .await
+                .map_err(log_error)?
+                .into_iter()
+                .map(log_line_to_pb)
+                .collect()
+        };
+        Ok(Response::new(pb::UnitActionResponse {
+            unit: unit.as_str().to_owned(),
+            job_result: job.result,
+            status: Some(unit_state_to_pb(status)),
+            journal_tail,
+            took: Some(duration(job.took)),
+        }))
+    }
+
+    /// Watches a just-started unit for the settle window: a simple service
+    /// is "started" once forked, and may die right after.
+    async fn settle(
+        &self,
+        unit: &ControlledUnit,
+        mut status: UnitState,
+    ) -> Result<UnitState, Status> {
+        let deadline = tokio::time::Instant::now() + self.0.config.systemd.settle;
+        while tokio::time::Instant::now() < deadline && status.is_active() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            status = self
+                .0
+                .systemd
+                .status(unit.as_str())
+                .await
+                .map_err(systemd_error)?;
+        }
+        Ok(status)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::unit_service_server::UnitService for UnitApi {
+    async fn get_unit_status(
+        &self,
+        request: Request<pb::GetUnitStatusRequest>,
+    ) -> Result<Response<pb::GetUnitStatusResponse>, Status> {
+        let mut names = request.into_inner().units;
+        if names.is_empty() {
+            names = self
+                .0
+                .config
+                .controllable_units()
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+        }
+        if names.len() > 256 {
+            return Err(Status::invalid_argument("at most 256 units per call"));
+        }
+        let mut units = Vec::with_capacity(names.len());
+        for name in &names {
+            units.push(unit_state_to_pb(
+                self.0.systemd.status(name).await.map_err(systemd_error)?,
+            ));
+        }
+        Ok(Response::new(pb::GetUnitStatusResponse { units }))
+    }
+
+    async fn start_unit(
+        &self,
+        request: Request<pb::UnitActionRequest>,
+    ) -> Result<Response<pb::UnitActionResponse>, Status> {
+        self.act(UnitAction::Start, request).await
+    }
+
+    async fn stop_unit(
+        &self,
+        request: Request<pb::UnitActionRequest>,
+    ) -> Result<Response<pb::UnitActionResponse>, Status> {
+        self.act(UnitAction::Stop, request).await
+    }
+
+    async fn restart_unit(
+        &self,
+        request: Request<pb::UnitActionRequest>,
+    ) -> Result<Response<pb::UnitActionResponse>, Status> {
+        self.act(UnitAction::Restart, request).await
+    }
+
+    async fn reload_unit(
+        &self,
+        request: Request<pb::UnitActionRequest>,
+    ) -> Result<Response<pb::UnitActionResponse>, Status> {
+        self.act(UnitAction::Reload, request).await
+    }
+
+    async fn daemon_reload(
+        &self,
+        request: Request<pb::DaemonReloadRequest>,
+    ) -> Result<Response<pb::DaemonReloadResponse>, Status> {
+        set_target(&request, "systemd");
+        self.0
+            .systemd
+            .daemon_reload()
+            .await
+            .map_err(systemd_error)?;
+        Ok(Response::new(pb::DaemonReloadResponse {}))
+    }
+}
+
+// ---------------------------------------------------------------- logs
+
+pub struct LogApi(pub AgentState);
+
+impl LogApi {
+    fn admit(
+        &self,
+        req: &pb::TailLogsRequest,
+    ) -> Result<(ControlledUnit, u32, Option<SystemTime>), Status> {
+        let unit = ControlledUnit::admit(&self.0.config, &req.unit).map_err(systemd_error)?;
+        if req.lines > crate::logs::MAX_LINES {
+            return Err(Status::invalid_argument(format!(
+                "lines must be at most {}",
+                crate::logs::MAX_LINES
+            )));
+        }
+        let lines = if req.lines == 0 { 50 } else { req.lines };
+        let since = match req.since {
+            Some(t) => Some(
+                SystemTime::try_from(t)
+                    .map_err(|_| Status::invalid_argument("since is not a valid time"))?,
+            ),
+            None => None,
+        };
+        Ok((unit, lines, since))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::log_service_server::LogService for LogApi {
+    async fn tail_logs(
+        &self,
+        request: Request<pb::TailLogsRequest>,
+    ) -> Result<Response<pb::TailLogsResponse>, Status> {
+        let (unit, lines, since) = self.admit(request.get_ref())?;
+        let entries = self
+            .0
+            .journal
+            .tail(unit.as_str(), lines, since)
+            .await
+            .map_err(log_error)?;
+        Ok(Response::new(pb::TailLogsResponse {
+            entries: entries.into_iter().map(log_line_to_pb).collect(),
+        }))
+    }
+
+    async fn follow_logs(
+        &self,
+        request: Request<pb::TailLogsRequest>,
+    ) -> Result<Response<BoxStream<pb::LogEntry>>, Status> {
+        let (unit, lines, since) = self.admit(request.get_ref())?;
+        let rx = self
+            .0
+            .journal
+            .follow(unit.as_str(), lines, since)
+            .map_err(log_error)?;
+        let stream = ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
+            stream,
+            |r| r.map(log_line_to_pb).map_err(log_error),
+        ))))
+    }
+}

@@ -97,6 +97,14 @@ pub struct SystemdConfig {
     /// How long a unit job may take before the call gives up.
     #[serde(default = "default_job_timeout", with = "duration_str")]
     pub job_timeout: Duration,
+    /// After a start or restart, how long the unit must stay up before the
+    /// call reports it running (a simple service may exit right after exec).
+    #[serde(default = "default_settle", with = "duration_str")]
+    pub settle: Duration,
+}
+
+fn default_settle() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn default_bus() -> String {
@@ -114,6 +122,7 @@ impl Default for SystemdConfig {
             allow: Vec::new(),
             journal_dir: None,
             job_timeout: default_job_timeout(),
+            settle: default_settle(),
         }
     }
 }

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use covet_proto::v1 as pb;
 use tokio::net::TcpListener;
 
-use crate::api::{AgentState, InfoApi, MetricsApi, NotYet, ProbeApi};
+use crate::api::{AgentState, InfoApi, LogApi, MetricsApi, NotYet, ProbeApi, UnitApi};
 use crate::audit::AuditLog;
 use crate::authz::{AuditLayer, AuthzLayer};
 use crate::config::Config;
@@ -138,8 +138,12 @@ impl Agent {
             .add_service(pb::probe_service_server::ProbeServiceServer::new(ProbeApi(
                 state.clone(),
             )))
-            .add_service(pb::unit_service_server::UnitServiceServer::new(NotYet))
-            .add_service(pb::log_service_server::LogServiceServer::new(NotYet))
+            .add_service(pb::unit_service_server::UnitServiceServer::new(UnitApi(
+                state.clone(),
+            )))
+            .add_service(pb::log_service_server::LogServiceServer::new(LogApi(
+                state.clone(),
+            )))
             .add_service(pb::operation_service_server::OperationServiceServer::new(
                 NotYet,
             ))

@@ -3,6 +3,7 @@
 mod nodes;
 mod output;
 mod pki_cmd;
+mod services;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,6 +77,22 @@ enum Command {
     /// Ad-hoc probes from the agent (loopback or declared targets only).
     #[command(subcommand)]
     Probe(nodes::ProbeCommand),
+    /// systemd units: status, start, stop, restart, reload.
+    #[command(subcommand)]
+    Service(services::ServiceCommand),
+    /// A unit's journal: the last lines, or follow it.
+    Logs {
+        unit: String,
+        /// Lines to show.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: u32,
+        /// Keep printing new lines until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only lines since TIME (RFC 3339) or DURATION ago (e.g. 10m).
+        #[arg(long)]
+        since: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -110,5 +127,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Metrics { watch } => nodes::metrics(g, watch).await,
         Command::Health { app, smoke } => nodes::health(g, &app, smoke).await,
         Command::Probe(cmd) => nodes::probe(g, cmd).await,
+        Command::Service(cmd) => services::service(g, cmd).await,
+        Command::Logs {
+            unit,
+            lines,
+            follow,
+            since,
+        } => services::logs(g, unit, lines, follow, since).await,
     }
 }

@@ -25,6 +25,23 @@ impl Node {
     pub fn fail(&self, status: tonic::Status) -> anyhow::Error {
         anyhow!(connect::describe_status(&self.endpoint, &status))
     }
+
+    /// Prints a server stream's messages until it ends or the user interrupts.
+    pub async fn print_stream<T>(
+        &self,
+        mut stream: tonic::Streaming<T>,
+        mut print: impl FnMut(T),
+    ) -> anyhow::Result<ExitCode> {
+        loop {
+            tokio::select! {
+                next = stream.message() => match next.map_err(|s| self.fail(s))? {
+                    Some(message) => print(message),
+                    None => return Ok(ExitCode::SUCCESS),
+                },
+                _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            }
+        }
+    }
 }
 
 /// Connects to the agent named by `-e` or the context.
@@ -182,22 +199,15 @@ pub async fn metrics(g: &Global, watch: Option<Duration>) -> anyhow::Result<Exit
         print_metrics(g.output, &m);
         return Ok(ExitCode::SUCCESS);
     };
-    let mut stream = client
+    let stream = client
         .watch_metrics(pb::WatchMetricsRequest {
             interval: prost_types::Duration::try_from(interval).ok(),
         })
         .await
         .map_err(|s| node.fail(s))?
         .into_inner();
-    loop {
-        tokio::select! {
-            next = stream.message() => match next.map_err(|s| node.fail(s))? {
-                Some(m) => print_metrics(g.output, &m),
-                None => return Ok(ExitCode::SUCCESS),
-            },
-            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
-        }
-    }
+    node.print_stream(stream, |m| print_metrics(g.output, &m))
+        .await
 }
 
 fn metrics_json(m: &pb::HostMetrics) -> serde_json::Value {

@@ -8,6 +8,8 @@
 pub mod agent;
 pub mod http;
 pub mod pki;
+pub mod postgres;
+pub mod sandbox;
 
 use std::path::PathBuf;
 

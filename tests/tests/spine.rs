@@ -732,17 +732,14 @@ async fn unimplemented_capabilities_say_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutating_calls_are_audited_with_target_and_outcome() {
     let (_dir, agent) = agent(AgentOptions::default()).await;
-    let mut units =
-        pb::unit_service_client::UnitServiceClient::new(agent.channel("operator").await);
-    let _ = units
-        .restart_unit(pb::UnitActionRequest {
-            unit: "covet.service".into(),
-            ..Default::default()
-        })
+    let mut ops =
+        pb::operation_service_client::OperationServiceClient::new(agent.channel("operator").await);
+    let _ = ops
+        .cancel_operation(pb::CancelOperationRequest { id: "op-1".into() })
         .await
         .unwrap_err();
     let record = agent
-        .wait_audit(|r| r["rpc"] == "/covet.agent.v1.UnitService/RestartUnit")
+        .wait_audit(|r| r["rpc"] == "/covet.agent.v1.OperationService/CancelOperation")
         .await;
     assert_eq!(record["caller_cn"], "operator");
     assert_eq!(record["role"], "operator");
