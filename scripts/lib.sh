@@ -26,5 +26,6 @@ ensure_cargo() {
 }
 
 # The packages the agent's real parts need: C toolchain for ring, Python for
-# the sample app, and (later capabilities) systemd, journald and PostgreSQL.
-PROJECT_PACKAGES=(build-essential pkg-config ca-certificates python3 python3-venv)
+# the sample app, systemd + dbus + journald (the test sandboxes), util-linux
+# (unshare, setpriv) and PostgreSQL.
+PROJECT_PACKAGES=(build-essential pkg-config ca-certificates python3 python3-venv systemd dbus dbus-user-session util-linux postgresql)

@@ -16,7 +16,7 @@ use crate::audit::set_target;
 use crate::config::Config;
 use crate::identity::{PeerIdentity, Role};
 use crate::info::HostInfo;
-use crate::logs::{Journal, LogError, LogLine};
+use crate::logs::{JournalReader, LogError, LogLine};
 use crate::metrics::{HostSample, MetricsHub};
 use crate::probes::{self, Attempts, ProbeError, ProbeOutcome, TargetPolicy};
 use crate::systemd::{ControlledUnit, Systemd, SystemdError, UnitAction, UnitState};
@@ -29,14 +29,14 @@ pub struct AgentState {
     pub metrics: MetricsHub,
     pub probe_policy: TargetPolicy,
     pub systemd: Arc<Systemd>,
-    pub journal: Journal,
+    pub journal: JournalReader,
 }
 
 impl AgentState {
     pub fn new(config: Arc<Config>) -> AgentState {
         let probe_policy = TargetPolicy::new(config.declared_probe_targets());
         let systemd = Arc::new(Systemd::new(&config.systemd.bus));
-        let journal = Journal::new(config.systemd.journal_dir.clone());
+        let journal = JournalReader::new(config.systemd.journal_dir.clone());
         AgentState {
             config,
             metrics: MetricsHub::new(),

@@ -7,6 +7,8 @@
 
 pub mod api;
 pub mod audit;
+pub mod backup;
+pub mod db;
 pub mod authz;
 pub mod config;
 pub mod identity;

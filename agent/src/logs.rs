@@ -40,14 +40,14 @@ pub struct LogLine {
 }
 
 #[derive(Debug, Clone)]
-pub struct Journal {
+pub struct JournalReader {
     dir: Option<PathBuf>,
 }
 
-impl Journal {
+impl JournalReader {
     /// `dir`: a journal directory (`journalctl --directory`); `None` reads the system journal.
-    pub fn new(dir: Option<PathBuf>) -> Journal {
-        Journal { dir }
+    pub fn new(dir: Option<PathBuf>) -> JournalReader {
+        JournalReader { dir }
     }
 
     /// journalctl with the unit's matches: its own output and what the

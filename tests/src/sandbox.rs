@@ -33,14 +33,25 @@ const JOURNALD: &str = "/lib/systemd/systemd-journald";
 const USER_BUS_SOCKET: &str = "/usr/lib/systemd/user/dbus.socket";
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-/// `sun_path` holds 108 bytes; the deepest socket is `DIR/run/systemd/private`
-/// (gpg-agent's sockets under `DIR/run/gnupg/` are a bit longer).
+/// `sun_path` holds 108 bytes: leave room for the sockets under `DIR/run/`.
 const MAX_DIR_LEN: usize = 70;
 /// Cgroup hierarchies the script moves itself into (hybrid, legacy, pure v2).
 const CGROUP_ROOTS: [&str; 3] = [
     "/sys/fs/cgroup/unified",
     "/sys/fs/cgroup/systemd",
     "/sys/fs/cgroup",
+];
+
+/// A private mount namespace (for the /run mounts) and PID namespace (so
+/// that the death of its init, the script, kills every process in it).
+const UNSHARE_ARGS: [&str; 7] = [
+    "--mount",
+    "--propagation",
+    "private",
+    "--pid",
+    "--fork",
+    "--kill-child",
+    "--mount-proc",
 ];
 
 pub struct SystemdSandbox {
@@ -88,16 +99,6 @@ fn probe() -> Option<String> {
         Err(e) => Some(format!("cannot run unshare: {e}")),
     }
 }
-
-const UNSHARE_ARGS: [&str; 7] = [
-    "--mount",
-    "--propagation",
-    "private",
-    "--pid",
-    "--fork",
-    "--kill-child",
-    "--mount-proc",
-];
 
 fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|paths| {
