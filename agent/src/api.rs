@@ -13,11 +13,20 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use crate::audit::set_target;
+use crate::backup::archive::Compression;
+use crate::backup::{
+    BackupError, BackupStore, CreateOptions, MANIFEST, Manifest, RestoreOptions, pg_target,
+};
 use crate::config::Config;
 use crate::identity::{PeerIdentity, Role};
 use crate::info::HostInfo;
+use crate::journal::{
+    Caller, EventBody, EventRecord, Journal, JournalError, OpKind, OpState, OperationRecord,
+    OutputStream, StepOutcome,
+};
 use crate::logs::{JournalReader, LogError, LogLine};
 use crate::metrics::{HostSample, MetricsHub};
+use crate::ops::{OpContext, OpError, OpSpec, Operations, Outcome};
 use crate::probes::{self, Attempts, ProbeError, ProbeOutcome, TargetPolicy};
 use crate::systemd::{ControlledUnit, Systemd, SystemdError, UnitAction, UnitState};
 use crate::tls::PeerInfo;
@@ -30,19 +39,24 @@ pub struct AgentState {
     pub probe_policy: TargetPolicy,
     pub systemd: Arc<Systemd>,
     pub journal: JournalReader,
+    pub ops: Operations,
+    pub backups: BackupStore,
 }
 
 impl AgentState {
-    pub fn new(config: Arc<Config>) -> AgentState {
+    pub fn new(config: Arc<Config>, journal: Arc<Journal>) -> AgentState {
+        let ops = Operations::new(journal);
         let probe_policy = TargetPolicy::new(config.declared_probe_targets());
         let systemd = Arc::new(Systemd::new(&config.systemd.bus));
         let journal = JournalReader::new(config.systemd.journal_dir.clone());
         AgentState {
-            config,
             metrics: MetricsHub::new(),
             probe_policy,
             systemd,
             journal,
+            backups: BackupStore::new(config.backup_dir.clone()),
+            config,
+            ops,
         }
     }
 }
@@ -140,9 +154,7 @@ impl pb::info_service_server::InfoService for InfoApi {
         &self,
         request: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::AgentInfo>, Status> {
-        let host = tokio::task::spawn_blocking(HostInfo::read)
-            .await
-            .map_err(|e| Status::internal(format!("reading host info: {e}")))?;
+        let host = HostInfo::current();
         let apps = self.0.config.apps.iter().map(app_summary).collect();
         Ok(Response::new(pb::AgentInfo {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -444,8 +456,6 @@ impl pb::probe_service_server::ProbeService for ProbeApi {
 /// UNIMPLEMENTED (the generated default stubs).
 pub struct NotYet;
 
-impl pb::operation_service_server::OperationService for NotYet {}
-impl pb::backup_service_server::BackupService for NotYet {}
 impl pb::upgrade_service_server::UpgradeService for NotYet {}
 
 // ---------------------------------------------------------------- units
@@ -716,5 +726,824 @@ impl pb::log_service_server::LogService for LogApi {
             stream,
             |r| r.map(log_line_to_pb).map_err(log_error),
         ))))
+    }
+}
+
+// ---------------------------------------------------------------- operations
+
+pub struct OperationApi(pub AgentState);
+
+fn journal_error(e: JournalError) -> Status {
+    match e {
+        JournalError::NotFound(id) => Status::not_found(format!("no operation {id} on this host")),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+pub fn op_error(e: OpError) -> Status {
+    match e {
+        OpError::Locked { .. } => Status::aborted(e.to_string()),
+        OpError::Journal(j) => journal_error(j),
+    }
+}
+
+fn op_kind_to_pb(k: OpKind) -> pb::OperationKind {
+    match k {
+        OpKind::BackupCreate => pb::OperationKind::BackupCreate,
+        OpKind::BackupVerify => pb::OperationKind::BackupVerify,
+        OpKind::BackupRestore => pb::OperationKind::BackupRestore,
+        OpKind::BackupPrune => pb::OperationKind::BackupPrune,
+        OpKind::Upgrade => pb::OperationKind::Upgrade,
+        OpKind::Rollback => pb::OperationKind::Rollback,
+    }
+}
+
+fn op_state_to_pb(s: OpState) -> pb::OperationState {
+    match s {
+        OpState::Pending => pb::OperationState::Pending,
+        OpState::Running => pb::OperationState::Running,
+        OpState::RollingBack => pb::OperationState::RollingBack,
+        OpState::Succeeded => pb::OperationState::Succeeded,
+        OpState::Failed => pb::OperationState::Failed,
+        OpState::RolledBack => pb::OperationState::RolledBack,
+        OpState::NeedsHuman => pb::OperationState::NeedsHuman,
+        OpState::Canceled => pb::OperationState::Canceled,
+    }
+}
+
+fn step_outcome_to_pb(o: StepOutcome) -> pb::StepOutcome {
+    match o {
+        StepOutcome::Running => pb::StepOutcome::Running,
+        StepOutcome::Succeeded => pb::StepOutcome::Succeeded,
+        StepOutcome::Failed => pb::StepOutcome::Failed,
+        StepOutcome::Skipped => pb::StepOutcome::Skipped,
+    }
+}
+
+pub fn operation_to_pb(op: OperationRecord) -> pb::Operation {
+    pb::Operation {
+        id: op.id,
+        kind: op_kind_to_pb(op.kind).into(),
+        app: op.app,
+        state: op_state_to_pb(op.state).into(),
+        created: Some(timestamp(op.created)),
+        updated: Some(timestamp(op.updated)),
+        finished: op.finished.map(timestamp),
+        requested_by: Some(pb::CallerIdentity {
+            common_name: op.requested_by.common_name,
+            serial: op.requested_by.serial,
+            role: match op.requested_by.role.as_str() {
+                "reader" => pb::Role::Reader,
+                "operator" => pb::Role::Operator,
+                "admin" => pb::Role::Admin,
+                _ => pb::Role::Unspecified,
+            }
+            .into(),
+            fingerprint_sha256: String::new(),
+        }),
+        cause: op.cause,
+        needs_human: op.needs_human,
+        backup_id: op.backup_id,
+        current_step: op.current_step,
+        last_sequence: op.last_sequence,
+        params: op.params.into_iter().collect(),
+        steps: op
+            .steps
+            .into_iter()
+            .map(|s| pb::StepRecord {
+                name: s.name,
+                outcome: step_outcome_to_pb(s.outcome).into(),
+                started: Some(timestamp(s.started)),
+                finished: s.finished.map(timestamp),
+                detail: s.detail,
+            })
+            .collect(),
+    }
+}
+
+pub fn event_to_pb(e: EventRecord) -> pb::OperationEvent {
+    use pb::operation_event::Event;
+    let event = match e.body {
+        EventBody::StepStarted { step, description } => {
+            Event::StepStarted(pb::StepStarted { step, description })
+        }
+        EventBody::StepFinished {
+            step,
+            outcome,
+            detail,
+        } => Event::StepFinished(pb::StepFinished {
+            step,
+            outcome: step_outcome_to_pb(outcome).into(),
+            detail,
+        }),
+        EventBody::Output { step, stream, line } => Event::Output(pb::OutputLine {
+            step,
+            stream: match stream {
+                OutputStream::Stdout => pb::output_line::Stream::Stdout,
+                OutputStream::Stderr => pb::output_line::Stream::Stderr,
+            }
+            .into(),
+            line,
+        }),
+        EventBody::Progress {
+            step,
+            done,
+            total,
+            unit,
+        } => Event::Progress(pb::Progress {
+            step,
+            done,
+            total,
+            unit,
+        }),
+        EventBody::StateChanged { state, cause } => Event::StateChanged(pb::StateChanged {
+            state: op_state_to_pb(state).into(),
+            cause,
+        }),
+        EventBody::Note { text } => Event::Note(pb::Note { text }),
+    };
+    pb::OperationEvent {
+        operation_id: e.operation_id,
+        sequence: e.sequence,
+        time: Some(timestamp(e.time)),
+        event: Some(event),
+    }
+}
+
+/// The journal's caller record for the identity on this request.
+pub fn caller_record<T>(request: &Request<T>) -> Caller {
+    caller(request)
+        .map(|id| Caller {
+            common_name: id.common_name.clone(),
+            serial: id.serial.clone(),
+            role: id
+                .role
+                .map(|r| r.to_string().trim_start_matches("covet:").to_owned())
+                .unwrap_or_default(),
+        })
+        .unwrap_or_default()
+}
+
+fn ends_operation(e: &EventRecord) -> bool {
+    matches!(&e.body, EventBody::StateChanged { state, .. } if state.is_final())
+}
+
+#[tonic::async_trait]
+impl pb::operation_service_server::OperationService for OperationApi {
+    async fn list_operations(
+        &self,
+        request: Request<pb::ListOperationsRequest>,
+    ) -> Result<Response<pb::ListOperationsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = if req.limit == 0 {
+            50
+        } else {
+            req.limit.min(1000)
+        } as usize;
+        let operations = self
+            .0
+            .ops
+            .journal()
+            .list()
+            .map_err(journal_error)?
+            .into_iter()
+            .filter(|op| req.app.is_empty() || op.app == req.app)
+            .filter(|op| !req.active_only || !op.state.is_final())
+            .take(limit)
+            .map(operation_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListOperationsResponse { operations }))
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<pb::GetOperationRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let op = self
+            .0
+            .ops
+            .journal()
+            .get(&request.get_ref().id)
+            .map_err(journal_error)?;
+        Ok(Response::new(operation_to_pb(op)))
+    }
+
+    async fn watch_operation(
+        &self,
+        request: Request<pb::WatchOperationRequest>,
+    ) -> Result<Response<BoxStream<pb::OperationEvent>>, Status> {
+        let req = request.into_inner();
+        let journal = self.0.ops.journal().clone();
+        // Subscribe before reading the stored events so nothing falls between.
+        let mut live = journal.subscribe(&req.id);
+        let op = journal.get(&req.id).map_err(journal_error)?;
+        let stored = journal
+            .events_from(&req.id, req.from_sequence.max(1))
+            .map_err(journal_error)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut last = req.from_sequence.saturating_sub(1);
+            let mut over = op.state.is_final() && op.last_sequence <= last;
+            for e in stored {
+                last = e.sequence;
+                over |= ends_operation(&e);
+                if tx.send(Ok(event_to_pb(e))).await.is_err() {
+                    return;
+                }
+            }
+            while !over {
+                let next = tokio::select! {
+                    next = live.recv() => next,
+                    _ = tx.closed() => return,
+                };
+                let batch = match next {
+                    Ok(e) if e.sequence <= last => continue,
+                    Ok(e) if e.sequence == last + 1 => vec![e],
+                    // A gap (we lagged behind, or the channel closed): read the journal.
+                    _ => match journal.events_from(&op.id, last + 1) {
+                        Ok(events) => events,
+                        Err(e) => {
+                            let _ = tx.send(Err(journal_error(e))).await;
+                            return;
+                        }
+                    },
+                };
+                if batch.is_empty() {
+                    // The channel closed with nothing new: the operation is over.
+                    match journal.get(&op.id) {
+                        Ok(now) if now.state.is_final() => return,
+                        _ => {
+                            live = journal.subscribe(&op.id);
+                            continue;
+                        }
+                    }
+                }
+                for e in batch {
+                    last = e.sequence;
+                    over |= ends_operation(&e);
+                    if tx.send(Ok(event_to_pb(e))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_operation(
+        &self,
+        request: Request<pb::CancelOperationRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        set_target(&request, format!("operation={}", request.get_ref().id));
+        let id = request.into_inner().id;
+        let op = self.0.ops.journal().get(&id).map_err(journal_error)?;
+        if op.state.is_final() {
+            return Err(Status::failed_precondition(format!(
+                "operation {id} is already over ({:?})",
+                op.state
+            )));
+        }
+        if !self.0.ops.cancel(&id) {
+            return Err(Status::failed_precondition(format!(
+                "operation {id} is not running in this agent"
+            )));
+        }
+        let op = self.0.ops.journal().get(&id).map_err(journal_error)?;
+        Ok(Response::new(operation_to_pb(op)))
+    }
+}
+
+// ---------------------------------------------------------------- backups
+
+pub struct BackupApi(pub AgentState);
+
+fn backup_error(e: BackupError) -> Status {
+    let message = e.to_string();
+    match e {
+        BackupError::NotFound(_) => Status::not_found(message),
+        BackupError::InvalidId(_) => Status::invalid_argument(message),
+        BackupError::NoSpace { .. } | BackupError::Corrupt { .. } | BackupError::Refused(_) => {
+            Status::failed_precondition(message)
+        }
+        BackupError::Canceled => Status::cancelled(message),
+        BackupError::Archive(_) | BackupError::Db(_) | BackupError::Io { .. } => {
+            Status::internal(message)
+        }
+    }
+}
+
+fn compression_from_pb(c: i32) -> Result<Compression, Status> {
+    match pb::Compression::try_from(c) {
+        Ok(pb::Compression::Unspecified | pb::Compression::Zstd) => Ok(Compression::Zstd),
+        Ok(pb::Compression::Gzip) => Ok(Compression::Gzip),
+        Ok(pb::Compression::None) => Ok(Compression::None),
+        Err(_) => Err(Status::invalid_argument(format!("unknown compression {c}"))),
+    }
+}
+
+fn compression_to_pb(name: &str) -> pb::Compression {
+    match name {
+        "zstd" => pb::Compression::Zstd,
+        "gzip" => pb::Compression::Gzip,
+        "none" => pb::Compression::None,
+        _ => pb::Compression::Unspecified,
+    }
+}
+
+fn manifest_to_pb(m: Manifest, referenced_by: Vec<String>) -> pb::Backup {
+    pb::Backup {
+        created: Some(timestamp(m.created_time())),
+        id: m.id,
+        app: m.app,
+        agent_version: m.agent_version,
+        package_version: m.package_version,
+        compression: compression_to_pb(&m.compression).into(),
+        files: m
+            .files
+            .into_iter()
+            .map(|f| pb::BackupFile {
+                name: f.name,
+                source_path: f.source_path,
+                size_bytes: f.size,
+                sha256: f.sha256,
+            })
+            .collect(),
+        database: m.database.map(|d| pb::BackupDatabase {
+            dbname: d.dbname,
+            server_version: d.server_version,
+            format: d.format,
+            row_counts: d.row_counts.into_iter().collect(),
+        }),
+        total_bytes: m.total_bytes,
+        referenced_by,
+    }
+}
+
+/// Outcome of a failed backup operation, canceled or not.
+fn backup_outcome(ctx: &OpContext, e: BackupError) -> Outcome {
+    if ctx.canceled() || matches!(e, BackupError::Canceled) {
+        Outcome::Canceled(format!("canceled; nothing was changed ({e})"))
+    } else {
+        Outcome::Failed(e.to_string())
+    }
+}
+
+impl BackupApi {
+    fn app_names(&self) -> Vec<&str> {
+        self.0.config.apps.iter().map(|a| a.name.as_str()).collect()
+    }
+
+    fn find(&self, id: &str) -> Result<(std::path::PathBuf, Manifest), Status> {
+        self.0
+            .backups
+            .find(&self.app_names(), id)
+            .map_err(backup_error)
+    }
+
+    /// Operations that still need each backup: running ones, and the last
+    /// successful upgrade of each app (its rollback point).
+    fn references(&self) -> Result<std::collections::HashMap<String, Vec<String>>, Status> {
+        let mut refs: std::collections::HashMap<String, Vec<String>> = Default::default();
+        let mut last_upgrade_seen = std::collections::HashSet::new();
+        for op in self.0.ops.journal().list().map_err(journal_error)? {
+            if op.backup_id.is_empty() {
+                continue;
+            }
+            let rollback_point = op.kind == OpKind::Upgrade
+                && op.state == OpState::Succeeded
+                && last_upgrade_seen.insert(op.app.clone());
+            if !op.state.is_final() || rollback_point {
+                refs.entry(op.backup_id.clone())
+                    .or_default()
+                    .push(op.id.clone());
+            }
+        }
+        Ok(refs)
+    }
+
+    fn start(
+        &self,
+        kind: OpKind,
+        app: &str,
+        caller: Caller,
+        params: std::collections::BTreeMap<String, String>,
+        exclusive: bool,
+        work: impl FnOnce(
+            OpContext,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>
+        + Send
+        + 'static,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let spec = OpSpec {
+            kind,
+            app: app.to_owned(),
+            caller,
+            params,
+            exclusive,
+        };
+        let op = self.0.ops.start(spec, work).map_err(op_error)?;
+        Ok(Response::new(operation_to_pb(op)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::backup_service_server::BackupService for BackupApi {
+    async fn create_backup(
+        &self,
+        request: Request<pb::CreateBackupRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        set_target(&request, format!("app={}", request.get_ref().app));
+        let caller = caller_record(&request);
+        let req = request.into_inner();
+        let app = app_or_not_found(&self.0.config, &req.app)?.clone();
+        if req.skip_files && req.skip_database {
+            return Err(Status::invalid_argument(
+                "nothing to back up: both files and database are skipped",
+            ));
+        }
+        let opts = CreateOptions {
+            files: !req.skip_files,
+            database: !req.skip_database && app.database.is_some(),
+            compression: compression_from_pb(req.compression)?,
+        };
+        if let Some(holder) = self.0.ops.holder(&app.name) {
+            return Err(Status::aborted(format!(
+                "app {} is busy: operation {holder} holds its lock; wait for it or cancel it",
+                app.name
+            )));
+        }
+        let store = self.0.backups.clone();
+        let reserve = self.0.config.backup.free_space_reserve_bytes;
+        let preflight_app = app.clone();
+        let estimate =
+            tokio::task::spawn_blocking(move || store.preflight(&preflight_app, opts, reserve))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(backup_error)?;
+        let store = self.0.backups.clone();
+        let params = [
+            (
+                "compression".to_owned(),
+                opts.compression.as_str().to_owned(),
+            ),
+            ("files".to_owned(), opts.files.to_string()),
+            ("database".to_owned(), opts.database.to_string()),
+        ]
+        .into();
+        self.start(
+            OpKind::BackupCreate,
+            &app.name.clone(),
+            caller,
+            params,
+            true,
+            move |ctx| {
+                Box::pin(async move {
+                    match store.create(&ctx, &app, opts, estimate).await {
+                        Ok(m) => {
+                            ctx.update(|op| op.backup_id = m.id.clone());
+                            ctx.note(format!(
+                                "backup {} is complete ({} bytes)",
+                                m.id, m.total_bytes
+                            ));
+                            Outcome::Succeeded
+                        }
+                        Err(e) => backup_outcome(&ctx, e),
+                    }
+                })
+            },
+        )
+    }
+
+    async fn list_backups(
+        &self,
+        request: Request<pb::ListBackupsRequest>,
+    ) -> Result<Response<pb::ListBackupsResponse>, Status> {
+        let app = request.into_inner().app;
+        let apps = if app.is_empty() {
+            self.app_names()
+        } else {
+            vec![app_or_not_found(&self.0.config, &app)?.name.as_str()]
+        };
+        let refs = self.references()?;
+        let backups = self
+            .0
+            .backups
+            .list(&apps)
+            .into_iter()
+            .map(|m| {
+                let r = refs.get(&m.id).cloned().unwrap_or_default();
+                manifest_to_pb(m, r)
+            })
+            .collect();
+        Ok(Response::new(pb::ListBackupsResponse { backups }))
+    }
+
+    async fn get_backup(
+        &self,
+        request: Request<pb::GetBackupRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        let (_, m) = self.find(&request.get_ref().id)?;
+        let refs = self.references()?.remove(&m.id).unwrap_or_default();
+        Ok(Response::new(manifest_to_pb(m, refs)))
+    }
+
+    async fn verify_backup(
+        &self,
+        request: Request<pb::GetBackupRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        set_target(&request, format!("backup={}", request.get_ref().id));
+        let caller = caller_record(&request);
+        let (dir, m) = self.find(&request.get_ref().id)?;
+        let app = app_or_not_found(&self.0.config, &m.app)?.clone();
+        let store = self.0.backups.clone();
+        let app_name = m.app.clone();
+        let params = [("backup".to_owned(), m.id.clone())].into();
+        self.start(
+            OpKind::BackupVerify,
+            &app_name,
+            caller,
+            params,
+            false,
+            move |ctx| {
+                Box::pin(async move {
+                    ctx.update(|op| op.backup_id = m.id.clone());
+                    let pg = match pg_target(&app) {
+                        Ok(pg) => pg,
+                        Err(e) => return Outcome::Failed(e.to_string()),
+                    };
+                    match store.verify(&ctx, &dir, &m, pg.as_ref()).await {
+                        Ok(()) => Outcome::Succeeded,
+                        Err(e) => backup_outcome(&ctx, e),
+                    }
+                })
+            },
+        )
+    }
+
+    async fn prune_backups(
+        &self,
+        request: Request<pb::PruneBackupsRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        set_target(&request, format!("app={}", request.get_ref().app));
+        let caller = caller_record(&request);
+        let app = app_or_not_found(&self.0.config, &request.get_ref().app)?.clone();
+        let referenced: std::collections::HashSet<String> =
+            self.references()?.into_keys().collect();
+        let store = self.0.backups.clone();
+        self.start(
+            OpKind::BackupPrune,
+            &app.name.clone(),
+            caller,
+            Default::default(),
+            true,
+            move |ctx| {
+                Box::pin(async move {
+                    let Some(retention) = &app.retention else {
+                        ctx.note(format!(
+                            "app {} declares no [app.retention]: nothing is pruned",
+                            app.name
+                        ));
+                        return Outcome::Succeeded;
+                    };
+                    ctx.step_started("prune", "apply keep_last and keep_days");
+                    match store.prune(&app.name, retention, &referenced) {
+                        Ok(deleted) => {
+                            ctx.step_finished(
+                                "prune",
+                                crate::journal::StepOutcome::Succeeded,
+                                if deleted.is_empty() {
+                                    "nothing to delete".to_owned()
+                                } else {
+                                    format!("deleted {}", deleted.join(", "))
+                                },
+                            );
+                            Outcome::Succeeded
+                        }
+                        Err(e) => {
+                            ctx.step_finished(
+                                "prune",
+                                crate::journal::StepOutcome::Failed,
+                                e.to_string(),
+                            );
+                            Outcome::Failed(e.to_string())
+                        }
+                    }
+                })
+            },
+        )
+    }
+
+    async fn delete_backup(
+        &self,
+        request: Request<pb::GetBackupRequest>,
+    ) -> Result<Response<pb::DeleteBackupResponse>, Status> {
+        set_target(&request, format!("backup={}", request.get_ref().id));
+        let (dir, m) = self.find(&request.get_ref().id)?;
+        if let Some(ops) = self.references()?.get(&m.id) {
+            return Err(Status::failed_precondition(format!(
+                "backup {} is still referenced by operation(s) {}",
+                m.id,
+                ops.join(", ")
+            )));
+        }
+        if let Some(holder) = self.0.ops.holder(&m.app) {
+            return Err(Status::aborted(format!(
+                "app {} is busy: operation {holder} holds its lock",
+                m.app
+            )));
+        }
+        let freed = self.0.backups.delete(&dir, &m).map_err(backup_error)?;
+        Ok(Response::new(pb::DeleteBackupResponse {
+            id: m.id,
+            freed_bytes: freed,
+        }))
+    }
+
+    async fn download_backup(
+        &self,
+        request: Request<pb::DownloadBackupRequest>,
+    ) -> Result<Response<BoxStream<pb::BackupChunk>>, Status> {
+        set_target(&request, format!("backup={}", request.get_ref().id));
+        let req = request.into_inner();
+        let (dir, m) = self.find(&req.id)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        if req.file.is_empty() {
+            tokio::task::spawn_blocking(move || stream_tar(&dir, &m.id, tx));
+        } else {
+            let Some(file) = m.files.iter().find(|f| f.name == req.file) else {
+                return Err(Status::not_found(format!(
+                    "backup {} has no file {:?} (files: {})",
+                    m.id,
+                    req.file,
+                    m.files
+                        .iter()
+                        .map(|f| f.name.as_str())
+                        .chain([MANIFEST])
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            };
+            let path = dir.join(&file.name);
+            let total = file.size;
+            tokio::task::spawn_blocking(move || stream_file(&path, total, tx));
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn restore_backup(
+        &self,
+        request: Request<pb::RestoreBackupRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        set_target(&request, format!("backup={}", request.get_ref().id));
+        let caller = caller_record(&request);
+        let req = request.into_inner();
+        if req.files_only && req.database_only {
+            return Err(Status::invalid_argument(
+                "files_only and database_only exclude each other",
+            ));
+        }
+        let (dir, m) = self.find(&req.id)?;
+        let app = app_or_not_found(&self.0.config, &m.app)?.clone();
+        let opts = RestoreOptions {
+            files: !req.database_only,
+            database: !req.files_only,
+        };
+        if opts.database && !opts.files && m.database.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "backup {} holds no database dump",
+                m.id
+            )));
+        }
+        if let Some(holder) = self.0.ops.holder(&app.name) {
+            return Err(Status::aborted(format!(
+                "app {} is busy: operation {holder} holds its lock",
+                app.name
+            )));
+        }
+        // A damaged backup is refused before anything is touched.
+        BackupStore::verify_checksums(&dir, &m).await.map_err(|e| {
+            Status::failed_precondition(format!("{e}; refusing to restore from it"))
+        })?;
+        let store = self.0.backups.clone();
+        let params = [("backup".to_owned(), m.id.clone())].into();
+        self.start(
+            OpKind::BackupRestore,
+            &app.name.clone(),
+            caller,
+            params,
+            true,
+            move |ctx| {
+                Box::pin(async move {
+                    ctx.update(|op| op.backup_id = m.id.clone());
+                    match store.restore(&ctx, &app, &dir, &m, opts).await {
+                        Ok(report) => {
+                            if let Some(kept) = report.database_kept_as {
+                                ctx.note(format!(
+                                    "the database as it was before is kept as {kept}"
+                                ));
+                            }
+                            Outcome::Succeeded
+                        }
+                        Err(e) => backup_outcome(&ctx, e),
+                    }
+                })
+            },
+        )
+    }
+}
+
+const CHUNK: usize = 256 * 1024;
+
+fn stream_file(
+    path: &std::path::Path,
+    total: u64,
+    tx: tokio::sync::mpsc::Sender<Result<pb::BackupChunk, Status>>,
+) {
+    use std::io::Read;
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = tx.blocking_send(Err(Status::internal(format!(
+                "cannot read {}: {e}",
+                path.display()
+            ))));
+            return;
+        }
+    };
+    let mut offset = 0u64;
+    loop {
+        let mut buf = vec![0u8; CHUNK];
+        match file.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                buf.truncate(n);
+                let chunk = pb::BackupChunk {
+                    offset,
+                    data: buf,
+                    total_bytes: if offset == 0 { total } else { 0 },
+                };
+                offset += n as u64;
+                if tx.blocking_send(Ok(chunk)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.blocking_send(Err(Status::internal(format!(
+                    "reading {}: {e}",
+                    path.display()
+                ))));
+                return;
+            }
+        }
+    }
+}
+
+/// Streams a tar of the whole backup directory.
+fn stream_tar(
+    dir: &std::path::Path,
+    id: &str,
+    tx: tokio::sync::mpsc::Sender<Result<pb::BackupChunk, Status>>,
+) {
+    struct ChunkWriter {
+        tx: tokio::sync::mpsc::Sender<Result<pb::BackupChunk, Status>>,
+        offset: u64,
+    }
+    impl std::io::Write for ChunkWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let chunk = pb::BackupChunk {
+                offset: self.offset,
+                data: buf.to_vec(),
+                total_bytes: 0,
+            };
+            self.offset += buf.len() as u64;
+            self.tx.blocking_send(Ok(chunk)).map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away")
+            })?;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let writer = std::io::BufWriter::with_capacity(
+        CHUNK,
+        ChunkWriter {
+            tx: tx.clone(),
+            offset: 0,
+        },
+    );
+    let mut builder = tar::Builder::new(writer);
+    let result = builder
+        .append_dir_all(id, dir)
+        .and_then(|()| builder.into_inner())
+        .and_then(|mut w| {
+            use std::io::Write;
+            w.flush()
+        });
+    if let Err(e) = result {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            let _ = tx.blocking_send(Err(Status::internal(format!("streaming backup {id}: {e}"))));
+        }
     }
 }

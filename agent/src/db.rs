@@ -1,0 +1,1126 @@
+//! Backups and restores of an app's PostgreSQL database with the stock client
+//! programs (`psql`, `pg_dump`, `pg_restore`), run with an explicit argv from
+//! the target's bindir, each under a timeout.
+//!
+//! # Who connects as whom
+//!
+//! A [`PgTarget`] names two identities:
+//!
+//! - `os_user`, the system account that runs the client programs (the agent
+//!   runs as root and switches to it). Its same-named database role does the
+//!   administration: `CREATE`, `ALTER ... RENAME` and `DROP DATABASE` and
+//!   ending sessions, all from the `postgres` maintenance database. The usual
+//!   setup is `os_user = "postgres"`: a superuser reached by peer
+//!   authentication over the unix socket, with no password anywhere.
+//! - `user`, the role for the data itself: `pg_dump`, `pg_restore`, the row
+//!   counts. It may be the app's own role, non-superuser, as long as it owns
+//!   the database and its objects (then the restore recreates them owned by
+//!   it, exactly as they were); left unset, it is the `os_user`'s role too, and
+//!   a superuser restores every object with its recorded owner.
+//!
+//! Without `os_user`, everything runs as the agent's own user and
+//! connects as `user`, which then needs `CREATEDB` and ownership of the
+//! database to administer it.
+//!
+//! # Dumps
+//!
+//! A dump is `pg_dump --format=custom --compress=0` compressed by the agent
+//! with multi-threaded zstd (with a content checksum, so that damage is
+//! detected when it is read back), never written uncompressed to disk.
+//!
+//! # Limits
+//!
+//! A restore goes into a new database created like the live one (owner,
+//! encoding, collation, ctype; libc locale provider). Settings attached to the
+//! database itself (`ALTER DATABASE ... SET`, its comment and privileges) are
+//! not part of such a dump: they stay with the renamed old database.
+
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+
+/// The database that administrative statements connect to.
+const MAINTENANCE_DB: &str = "postgres";
+/// PostgreSQL's NAMEDATALEN - 1: longer identifiers are silently truncated.
+const MAX_NAME_LEN: usize = 63;
+/// Programs a usable bindir must hold.
+const CLIENT_PROGRAMS: [&str; 3] = ["pg_dump", "pg_restore", "psql"];
+const PG_CONFIG_TIMEOUT: Duration = Duration::from_secs(10);
+const ZSTD_LEVEL: i32 = 3;
+/// Size of the chunks handed between the async side and the (de)compressor.
+const CHUNK: usize = 256 * 1024;
+/// Chunks in flight between the two sides: bounds memory, keeps both busy.
+const PIPELINE_DEPTH: usize = 8;
+/// Stderr kept from one program; a runaway one must not fill memory.
+const STDERR_CAP: usize = 64 * 1024;
+/// How often a dump looks at its cancel flag.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
+/// Attempts at the final rename when sessions keep coming back to the live db.
+const SWAP_ATTEMPTS: u32 = 3;
+const SWAP_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// SQLSTATE object_in_use: "database ... is being accessed by other users".
+const OBJECT_IN_USE: &str = "55006";
+
+/// Where and how to reach an app's database (from its config: dbname, host =
+/// socket dir or hostname, port, user = DB role, os_user = system user that
+/// runs the client programs).
+#[derive(Debug, Clone)]
+pub struct PgTarget {
+    pub dbname: String,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub os_user: Option<String>,
+    pub bindir: PathBuf,
+}
+
+impl PgTarget {
+    /// bindir: `pg_config --bindir` if it runs (and that directory has the
+    /// client programs), else the highest /usr/lib/postgresql/*/bin
+    /// containing pg_dump. Blocks for at most 10 s (pg_config).
+    pub fn discover_bindir() -> Result<PathBuf, DbError> {
+        if let Some(dir) = pg_config_bindir()
+            && has_client_programs(&dir)
+        {
+            return Ok(dir);
+        }
+        newest_debian_bindir().ok_or(DbError::NoClientPrograms)
+    }
+
+    /// The same server and identities, another database.
+    fn on_db(&self, dbname: &str) -> PgTarget {
+        PgTarget {
+            dbname: dbname.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// The role for data: `user`, else libpq's default (the OS user's name).
+    fn data_role(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// The role for administration: see the module documentation.
+    fn admin_role(&self) -> Option<&str> {
+        self.os_user.as_deref().or(self.user.as_deref())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(
+        "no PostgreSQL client programs (pg_dump, pg_restore, psql): neither `pg_config --bindir` \
+         nor /usr/lib/postgresql/*/bin has them (install the Debian package postgresql-client)"
+    )]
+    NoClientPrograms,
+    #[error("PostgreSQL bindir {} is not an absolute path", .0.display())]
+    RelativeBindir(PathBuf),
+    #[error("invalid {what} {name:?}: {reason}")]
+    InvalidName {
+        what: &'static str,
+        name: String,
+        reason: String,
+    },
+    #[error("system user {0:?} (os_user of the database config) does not exist")]
+    UnknownOsUser(String),
+    #[error("could not start {} as {user}: {source}", program.display())]
+    Spawn {
+        program: PathBuf,
+        user: String,
+        source: io::Error,
+    },
+    #[error("{program} failed ({status}): {stderr}")]
+    Tool {
+        program: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+    #[error("{program} did not finish within {}: it was killed", humantime::format_duration(*after))]
+    Timeout { program: String, after: Duration },
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+    #[error("dump {} is damaged or truncated: {source}", path.display())]
+    CorruptDump { path: PathBuf, source: io::Error },
+    #[error("unexpected output from {program}: {detail}")]
+    UnexpectedOutput { program: String, detail: String },
+    #[error("database {0:?} does not exist")]
+    NoSuchDatabase(String),
+    #[error(
+        "database {0:?} already exists: drop it (if it is a kept copy that is no longer needed) \
+         or use another restore id"
+    )]
+    AlreadyExists(String),
+    #[error(
+        "restored table {table} has {got} rows but the backup recorded {expected}: \
+         the dump does not match its manifest"
+    )]
+    CountMismatch {
+        table: String,
+        expected: u64,
+        got: u64,
+    },
+    #[error(
+        "table {table} (with {expected} rows in the backup) is missing from the restored database"
+    )]
+    MissingTable { table: String, expected: u64 },
+    #[error("canceled")]
+    Canceled,
+    #[error(
+        "{source}; moreover the partial database {leftover:?} could not be dropped ({cleanup}): \
+         drop it by hand"
+    )]
+    Leftover {
+        source: Box<DbError>,
+        leftover: String,
+        cleanup: Box<DbError>,
+    },
+}
+
+impl DbError {
+    fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> DbError {
+        let context = context.into();
+        move |source| DbError::Io { context, source }
+    }
+}
+
+/// What a dump wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DumpStats {
+    /// Bytes pg_dump produced (its custom format, uncompressed).
+    pub uncompressed_bytes: u64,
+    /// Size of the zstd file.
+    pub compressed_bytes: u64,
+    /// pg_dump's stderr (warnings, if any) although it succeeded.
+    pub stderr: String,
+}
+
+/// What a restore left behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreOutcome {
+    /// The name the previously live database now has (`{dbname}_before_{id}`).
+    pub kept_as: String,
+}
+
+// ---------------------------------------------------------------------------
+// Public operations
+
+/// `SHOW server_version` via psql -X -A -t.
+pub async fn server_version(t: &PgTarget, timeout: Duration) -> Result<String, DbError> {
+    validate_name("database name", &t.dbname)?;
+    let out = psql(t, t.data_role(), &t.dbname, "SHOW server_version;", timeout).await?;
+    let version = out.trim();
+    if version.is_empty() {
+        return Err(unexpected("psql", "empty server_version"));
+    }
+    Ok(version.to_owned())
+}
+
+/// Exact row counts of every ordinary table in non-system schemas, keyed
+/// "schema.table" (count(*) each, in one psql run; identifiers quoted
+/// safely). All counts come from one snapshot.
+pub async fn row_counts(t: &PgTarget, timeout: Duration) -> Result<BTreeMap<String, u64>, DbError> {
+    validate_name("database name", &t.dbname)?;
+    // `\gexec` runs one generated count per table. Each prints a JSON array,
+    // on one line whatever characters the names hold.
+    let script = "\
+BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
+SELECT format('SELECT json_build_array(%L, %L, count(*)) FROM %I.%I',
+              n.nspname, c.relname, n.nspname, c.relname)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+ ORDER BY n.nspname, c.relname
+\\gexec
+COMMIT;
+";
+    let out = psql(t, t.data_role(), &t.dbname, script, timeout).await?;
+    parse_counts(&out)
+}
+
+/// pg_dump -Fc -Z0 (uncompressed custom format) streamed from its stdout into
+/// a multi-threaded zstd encoder (all cores, level 3) writing `dest`
+/// (created, mode 0600, never overwritten; fsynced at the end); no temp copy.
+/// on_bytes(uncompressed bytes so far). Fails (and removes dest) on non-zero
+/// exit, with stderr in the error, on timeout and when `cancel` is set.
+pub async fn dump(
+    t: &PgTarget,
+    dest: &Path,
+    timeout: Duration,
+    on_bytes: &(dyn Fn(u64) + Send + Sync),
+    cancel: &AtomicBool,
+) -> Result<DumpStats, DbError> {
+    validate_name("database name", &t.dbname)?;
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dest)
+        .map_err(DbError::io(format!("create dump file {}", dest.display())))?;
+    let dumped = tokio::select! {
+        dumped = within("pg_dump", timeout, dump_into(t, file, dest, on_bytes)) => dumped,
+        () = canceled(cancel) => Err(DbError::Canceled),
+    };
+    if dumped.is_err() {
+        // Ours since create_new: an incomplete dump must not pass for a backup.
+        if let Err(e) = std::fs::remove_file(dest) {
+            tracing::warn!("could not remove incomplete dump {}: {e}", dest.display());
+        }
+    }
+    dumped
+}
+
+/// Decompresses the dump and feeds it to `pg_restore --list` (via stdin);
+/// returns the TOC lines. Fails on a corrupt dump: the whole file is
+/// decompressed and its checksum verified, although pg_restore only reads
+/// the table of contents.
+pub async fn list_dump(
+    t: &PgTarget,
+    dump: &Path,
+    timeout: Duration,
+) -> Result<Vec<String>, DbError> {
+    let mut pg_restore = Program::new(t, "pg_restore")?;
+    pg_restore.cmd.arg("--list");
+    let out = run_fed(pg_restore, dump, true, timeout).await?;
+    Ok(out.lines().map(str::to_owned).collect())
+}
+
+/// Verifies the dump (see [`list_dump`]), then restores into a NEW database
+/// `{dbname}_restore_{restore_id}` (created like
+/// the live one, owned by its owner) with `pg_restore --exit-on-error
+/// --single-transaction` connected as `user`, keeping the recorded owners;
+/// checks exact row counts against `expected` (every table in `expected` must
+/// match), then swaps names in one transaction on the `postgres` database:
+/// ends the other sessions on the live db, renames live ->
+/// `{dbname}_before_{restore_id}` and new -> `{dbname}`. If anything fails
+/// before the swap, drops the new database and leaves the live one untouched.
+/// `timeout` applies to each program run.
+pub async fn restore_swap(
+    t: &PgTarget,
+    dump: &Path,
+    restore_id: &str,
+    expected: &BTreeMap<String, u64>,
+    timeout: Duration,
+) -> Result<RestoreOutcome, DbError> {
+    let names = SwapNames::new(&t.dbname, restore_id)?;
+    // A whole decompression pass first: a damaged dump is reported as such
+    // before the server is touched, not as whatever pg_restore makes of it.
+    list_dump(t, dump, timeout).await?;
+    let live = prepare_restore(t, &names, timeout).await?;
+    create_like(t, &names.fresh, &live, timeout).await?;
+    let restored = async {
+        fill(t, dump, &names.fresh, timeout).await?;
+        check_counts(
+            expected,
+            &row_counts(&t.on_db(&names.fresh), timeout).await?,
+        )?;
+        swap(t, &names, timeout).await
+    }
+    .await;
+    let outcome = RestoreOutcome {
+        kept_as: names.kept.clone(),
+    };
+    let Err(error) = restored else {
+        return Ok(outcome);
+    };
+    if swap_committed(t, &names, timeout).await {
+        // psql was killed (timeout) after it had sent COMMIT, which went through.
+        tracing::warn!("the swap to {} committed although: {error}", names.live);
+        return Ok(outcome);
+    }
+    Err(discard(t, &names.fresh, error, timeout).await)
+}
+
+/// Drops a kept database (`{dbname}_before_{id}`, as restore_swap names it);
+/// refuses names not of that form. Nothing to do if it is already gone.
+pub async fn drop_kept(t: &PgTarget, kept: &str, timeout: Duration) -> Result<(), DbError> {
+    validate_name("database name", &t.dbname)?;
+    let id = kept
+        .strip_prefix(&t.dbname)
+        .and_then(|rest| rest.strip_prefix("_before_"))
+        .ok_or_else(|| DbError::InvalidName {
+            what: "kept database",
+            name: kept.to_owned(),
+            reason: format!("not of the form {}_before_<restore id>", t.dbname),
+        })?;
+    validate_name("restore id", id)?;
+    validate_name("kept database", kept)?;
+    let sql = format!("DROP DATABASE IF EXISTS {};", quote_ident(kept));
+    admin_psql(t, &sql, timeout).await.map(drop)
+}
+
+// ---------------------------------------------------------------------------
+// Names and quoting
+
+/// The three names of one restore.
+struct SwapNames {
+    live: String,
+    fresh: String,
+    kept: String,
+}
+
+impl SwapNames {
+    fn new(dbname: &str, restore_id: &str) -> Result<SwapNames, DbError> {
+        validate_name("database name", dbname)?;
+        validate_name("restore id", restore_id)?;
+        let names = SwapNames {
+            live: dbname.to_owned(),
+            fresh: format!("{dbname}_restore_{restore_id}"),
+            kept: format!("{dbname}_before_{restore_id}"),
+        };
+        validate_name("restore database name", &names.fresh)?;
+        validate_name("kept database name", &names.kept)?;
+        Ok(names)
+    }
+}
+
+/// Only `[A-Za-z0-9_]`, 1 to 63 bytes: such names need no thought in SQL,
+/// in conninfo strings (`-d`) or in log lines, and PostgreSQL keeps them
+/// whole.
+fn validate_name(what: &'static str, name: &str) -> Result<(), DbError> {
+    let reason = if name.is_empty() {
+        "empty".to_owned()
+    } else if name.len() > MAX_NAME_LEN {
+        format!(
+            "{} bytes long, PostgreSQL keeps only {MAX_NAME_LEN}",
+            name.len()
+        )
+    } else if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_'))
+    {
+        format!("{c:?} is not allowed (only letters, digits and _)")
+    } else {
+        return Ok(());
+    };
+    Err(DbError::InvalidName {
+        what,
+        name: name.to_owned(),
+        reason,
+    })
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A string literal (standard_conforming_strings, the default since 9.1).
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+// ---------------------------------------------------------------------------
+// Restore steps
+
+/// The live database as pg_database describes it.
+#[derive(Debug, serde::Deserialize)]
+struct DbInfo {
+    name: String,
+    owner: String,
+    encoding: String,
+    collate: String,
+    ctype: String,
+}
+
+/// Checks that the live db exists and the kept name is free; drops a
+/// `_restore_` database left by an interrupted attempt with the same id (the
+/// name is ours: nothing else creates it).
+async fn prepare_restore(
+    t: &PgTarget,
+    names: &SwapNames,
+    timeout: Duration,
+) -> Result<DbInfo, DbError> {
+    let mut found = databases(t, &[&names.live, &names.fresh, &names.kept], timeout).await?;
+    if found.iter().any(|db| db.name == names.kept) {
+        return Err(DbError::AlreadyExists(names.kept.clone()));
+    }
+    if found.iter().any(|db| db.name == names.fresh) {
+        tracing::warn!(
+            "dropping {}, left by an earlier restore with the same id",
+            names.fresh
+        );
+        drop_database(t, &names.fresh, timeout).await?;
+    }
+    let live = found.iter().position(|db| db.name == names.live);
+    live.map(|i| found.swap_remove(i))
+        .ok_or_else(|| DbError::NoSuchDatabase(names.live.clone()))
+}
+
+/// Those of `names` that exist.
+async fn databases(
+    t: &PgTarget,
+    names: &[&str],
+    timeout: Duration,
+) -> Result<Vec<DbInfo>, DbError> {
+    let list = names
+        .iter()
+        .map(|n| quote_literal(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT coalesce(json_agg(json_build_object(\
+           'name', datname, 'owner', pg_get_userbyid(datdba), \
+           'encoding', pg_encoding_to_char(encoding), \
+           'collate', datcollate, 'ctype', datctype)), '[]') \
+         FROM pg_database WHERE datname IN ({list});"
+    );
+    let out = admin_psql(t, &sql, timeout).await?;
+    serde_json::from_str(out.trim()).map_err(|e| unexpected("psql", format!("pg_database: {e}")))
+}
+
+/// An empty database that can take a dump of `like`.
+async fn create_like(
+    t: &PgTarget,
+    name: &str,
+    like: &DbInfo,
+    timeout: Duration,
+) -> Result<(), DbError> {
+    // template0: template1 may hold objects that would clash with the dump's.
+    let sql = format!(
+        "CREATE DATABASE {} OWNER {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {};",
+        quote_ident(name),
+        quote_ident(&like.owner),
+        quote_literal(&like.encoding),
+        quote_literal(&like.collate),
+        quote_literal(&like.ctype),
+    );
+    admin_psql(t, &sql, timeout).await.map(drop)
+}
+
+/// pg_restore of the dump into `db`, as the data role, all or nothing.
+async fn fill(t: &PgTarget, dump: &Path, db: &str, timeout: Duration) -> Result<(), DbError> {
+    let mut pg_restore = Program::new(t, "pg_restore")?;
+    // No --no-owner: objects get their recorded owners back (a no-op when
+    // the data role is that owner). Custom format reads fine from a pipe for
+    // a serial restore; only --jobs needs a seekable file.
+    pg_restore
+        .cmd
+        .args(["--exit-on-error", "--single-transaction", "--no-password"])
+        .args(connection_args(t, t.data_role(), db));
+    run_fed(pg_restore, dump, false, timeout).await.map(drop)
+}
+
+/// Every table of `expected` must be in `got` with the same count. Tables
+/// only in `got` are fine: a dump holds what it holds, the manifest may
+/// predate a table that is empty or not tracked.
+fn check_counts(
+    expected: &BTreeMap<String, u64>,
+    got: &BTreeMap<String, u64>,
+) -> Result<(), DbError> {
+    for (table, &want) in expected {
+        match got.get(table) {
+            None => {
+                return Err(DbError::MissingTable {
+                    table: table.clone(),
+                    expected: want,
+                });
+            }
+            Some(&n) if n != want => {
+                return Err(DbError::CountMismatch {
+                    table: table.clone(),
+                    expected: want,
+                    got: n,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Both renames in one transaction: either the restored db is live and the
+/// old one kept, or nothing changed. Sessions on the live db are ended first;
+/// one that reconnects in between makes the rename fail (object_in_use), so
+/// that is retried a few times.
+async fn swap(t: &PgTarget, names: &SwapNames, timeout: Duration) -> Result<(), DbError> {
+    let sql = format!(
+        "BEGIN;\n\
+         SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+           WHERE datname = {live_lit} AND pid <> pg_backend_pid();\n\
+         ALTER DATABASE {live} RENAME TO {kept};\n\
+         ALTER DATABASE {fresh} RENAME TO {live};\n\
+         COMMIT;\n",
+        live_lit = quote_literal(&names.live),
+        live = quote_ident(&names.live),
+        kept = quote_ident(&names.kept),
+        fresh = quote_ident(&names.fresh),
+    );
+    let mut attempt = 1;
+    loop {
+        match admin_psql(t, &sql, timeout).await {
+            Err(DbError::Tool { stderr, .. })
+                if stderr.contains(OBJECT_IN_USE) && attempt < SWAP_ATTEMPTS =>
+            {
+                tracing::warn!("{} still in use, renaming again: {stderr}", names.live);
+                attempt += 1;
+                tokio::time::sleep(SWAP_RETRY_DELAY).await;
+            }
+            other => return other.map(drop),
+        }
+    }
+}
+
+/// Whether the renames happened: the new name is gone, the kept one exists.
+async fn swap_committed(t: &PgTarget, names: &SwapNames, timeout: Duration) -> bool {
+    databases(t, &[&names.fresh, &names.kept], timeout)
+        .await
+        .is_ok_and(|found| found.len() == 1 && found[0].name == names.kept)
+}
+
+/// Drops the new database after `error`; a failure to do so is reported
+/// with it.
+async fn discard(t: &PgTarget, fresh: &str, error: DbError, timeout: Duration) -> DbError {
+    match drop_database(t, fresh, timeout).await {
+        Ok(()) => error,
+        Err(cleanup) => DbError::Leftover {
+            source: Box::new(error),
+            leftover: fresh.to_owned(),
+            cleanup: Box::new(cleanup),
+        },
+    }
+}
+
+/// Drops a database we created, ending sessions pg_restore may have left.
+async fn drop_database(t: &PgTarget, name: &str, timeout: Duration) -> Result<(), DbError> {
+    let sql = format!(
+        "DROP DATABASE IF EXISTS {} WITH (FORCE);",
+        quote_ident(name)
+    );
+    admin_psql(t, &sql, timeout).await.map(drop)
+}
+
+// ---------------------------------------------------------------------------
+// psql
+
+/// Runs a script (`-f -`, from stdin) on the maintenance database as the
+/// admin role.
+async fn admin_psql(t: &PgTarget, script: &str, timeout: Duration) -> Result<String, DbError> {
+    psql(t, t.admin_role(), MAINTENANCE_DB, script, timeout).await
+}
+
+/// Runs a script with `psql -X -v ON_ERROR_STOP=1 -A -t -q`; its stdout.
+async fn psql(
+    t: &PgTarget,
+    role: Option<&str>,
+    db: &str,
+    script: &str,
+    timeout: Duration,
+) -> Result<String, DbError> {
+    let mut psql = Program::new(t, "psql")?;
+    psql.cmd
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-A",
+            "-t",
+            "-q",
+            "--no-password",
+        ])
+        // SQLSTATEs in messages: swap() recognizes "in use" by its code.
+        .args(["-v", "VERBOSITY=verbose", "-f", "-"])
+        .args(connection_args(t, role, db))
+        // Names and counts are parsed as UTF-8, whatever the agent's locale.
+        .env("PGCLIENTENCODING", "UTF8");
+    run(psql, script.as_bytes(), timeout).await
+}
+
+fn parse_counts(out: &str) -> Result<BTreeMap<String, u64>, DbError> {
+    out.lines()
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            let (schema, table, count): (String, String, u64) = serde_json::from_str(line)
+                .map_err(|e| unexpected("psql", format!("row count {line:?}: {e}")))?;
+            Ok((format!("{schema}.{table}"), count))
+        })
+        .collect()
+}
+
+fn unexpected(program: &str, detail: impl Into<String>) -> DbError {
+    DbError::UnexpectedOutput {
+        program: program.to_owned(),
+        detail: detail.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Dump pipeline: pg_dump stdout -> channel -> zstd on a blocking thread.
+
+async fn dump_into(
+    t: &PgTarget,
+    file: File,
+    dest: &Path,
+    on_bytes: &(dyn Fn(u64) + Send + Sync),
+) -> Result<DumpStats, DbError> {
+    let mut pg_dump = Program::new(t, "pg_dump")?;
+    pg_dump
+        .cmd
+        .args(["--format=custom", "--compress=0", "--no-password"])
+        .args(connection_args(t, t.data_role(), &t.dbname));
+    let mut child = pg_dump.spawn()?;
+    let (stdout, stderr) = (take(child.stdout.take())?, take(child.stderr.take())?);
+    let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
+    let compressor = tokio::task::spawn_blocking(move || compress(file, rx));
+    let (pumped, stderr) = tokio::join!(pump(stdout, tx, on_bytes), read_capped(stderr));
+    let status = child
+        .wait()
+        .await
+        .map_err(DbError::io("wait for pg_dump"))?;
+    // The compressor's error first: when it fails (disk full) pg_dump dies of
+    // a broken pipe, which would hide the cause.
+    let compressed_bytes = compressor
+        .await
+        .map_err(|e| DbError::io("zstd compressor")(io::Error::other(e)))?
+        .map_err(DbError::io(format!("write {}", dest.display())))?;
+    check_status("pg_dump", status, &stderr)?;
+    let uncompressed_bytes = pumped.map_err(DbError::io("read pg_dump output"))?;
+    sync_parent(dest)?;
+    Ok(DumpStats {
+        uncompressed_bytes,
+        compressed_bytes,
+        stderr,
+    })
+}
+
+/// Copies `from` to the channel in CHUNK-sized pieces; the byte count.
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    to: mpsc::Sender<Vec<u8>>,
+    on_bytes: &(dyn Fn(u64) + Send + Sync),
+) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        while chunk.len() < CHUNK {
+            if from.read_buf(&mut chunk).await? == 0 {
+                break;
+            }
+        }
+        if chunk.is_empty() {
+            return Ok(total);
+        }
+        total += chunk.len() as u64;
+        to.send(chunk)
+            .await
+            .map_err(|_| io::Error::other("the compressor stopped"))?;
+        on_bytes(total);
+    }
+}
+
+/// zstd level 3 on all cores, with a content checksum; fsyncs. Ends when the
+/// sender is dropped. Returns the compressed size.
+fn compress(file: File, mut chunks: mpsc::Receiver<Vec<u8>>) -> io::Result<u64> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut encoder = zstd::Encoder::new(file, ZSTD_LEVEL)?;
+    encoder.include_checksum(true)?;
+    encoder.multithread(u32::try_from(workers).unwrap_or(1))?;
+    while let Some(chunk) = chunks.blocking_recv() {
+        encoder.write_all(&chunk)?;
+    }
+    let file = encoder.finish()?;
+    file.sync_all()?;
+    Ok(file.metadata()?.len())
+}
+
+/// Makes the new directory entry durable too.
+fn sync_parent(path: &Path) -> Result<(), DbError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)
+        .and_then(|dir| dir.sync_all())
+        .map_err(DbError::io(format!("fsync directory {}", parent.display())))
+}
+
+/// Resolves once `flag` is set.
+async fn canceled(flag: &AtomicBool) {
+    while !flag.load(Ordering::Relaxed) {
+        tokio::time::sleep(CANCEL_POLL).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Restore pipeline: zstd on a blocking thread -> channel -> program's stdin.
+
+/// Runs a program with the decompressed dump on its stdin; its stdout.
+/// `to_end`: keep decompressing after the program stopped reading, so that
+/// damage anywhere in the file is detected.
+async fn run_fed(
+    mut prog: Program,
+    dump: &Path,
+    to_end: bool,
+    timeout: Duration,
+) -> Result<String, DbError> {
+    let program = prog.name;
+    prog.cmd.stdin(Stdio::piped());
+    let work = async {
+        let mut child = prog.spawn()?;
+        let stdin = take(child.stdin.take())?;
+        let (stdout, stderr) = (take(child.stdout.take())?, take(child.stderr.take())?);
+        let (fed, out, err) = tokio::join!(
+            feed(dump, stdin, to_end),
+            read_all(stdout),
+            read_capped(stderr)
+        );
+        let status = child
+            .wait()
+            .await
+            .map_err(DbError::io(format!("wait for {program}")))?;
+        // A damaged dump explains whatever the program made of it.
+        fed?;
+        check_status(program, status, &err)?;
+        out.map_err(DbError::io(format!("read {program} output")))
+    };
+    within(program, timeout, work).await
+}
+
+/// Writes the decompressed dump to `stdin`, then closes it.
+async fn feed(dump: &Path, stdin: ChildStdin, to_end: bool) -> Result<(), DbError> {
+    let file = File::open(dump).map_err(DbError::io(format!("open dump {}", dump.display())))?;
+    let (tx, mut rx) = mpsc::channel(PIPELINE_DEPTH);
+    let path = dump.to_owned();
+    let decompressor = tokio::task::spawn_blocking(move || decompress(file, &path, tx));
+    let mut stdin = Some(stdin);
+    while let Some(chunk) = rx.recv().await {
+        let Some(pipe) = stdin.as_mut() else {
+            continue; // draining, to verify the rest
+        };
+        match pipe.write_all(&chunk).await {
+            Ok(()) => {}
+            // The program has read all it wanted; its exit status tells how
+            // that went.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                stdin = None;
+                if !to_end {
+                    break;
+                }
+            }
+            Err(e) => return Err(DbError::io("write to pg_restore")(e)),
+        }
+    }
+    drop(stdin);
+    drop(rx);
+    decompressor
+        .await
+        .map_err(|e| DbError::io("zstd decompressor")(io::Error::other(e)))?
+}
+
+/// Sends the decompressed dump in chunks; stops quietly when the receiver
+/// goes away.
+fn decompress(file: File, path: &Path, to: mpsc::Sender<Vec<u8>>) -> Result<(), DbError> {
+    let corrupt = |source| DbError::CorruptDump {
+        path: path.to_owned(),
+        source,
+    };
+    let mut decoder = zstd::Decoder::new(file).map_err(corrupt)?;
+    loop {
+        let mut chunk = vec![0; CHUNK];
+        let n = read_full(&mut decoder, &mut chunk).map_err(corrupt)?;
+        if n == 0 {
+            return Ok(());
+        }
+        chunk.truncate(n);
+        if to.blocking_send(chunk).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Fills `buf` unless the reader ends first; the count read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// A client program ready to run, with what its messages need.
+struct Program {
+    cmd: Command,
+    name: &'static str,
+    /// The os_user it runs as, if any.
+    as_user: Option<String>,
+}
+
+impl Program {
+    /// `name` from the bindir, run as the os_user (if any) from `/`, its
+    /// stdin closed and its output piped, killed when dropped.
+    ///
+    /// Switching user uses the spawn's own setgid/setuid (`CommandExt::uid`,
+    /// `gid`) rather than `runuser`: no PAM session, no extra process between
+    /// us and the program, so a kill on timeout reaches the program itself.
+    /// std also drops root's supplementary groups when it switches user.
+    fn new(t: &PgTarget, name: &'static str) -> Result<Program, DbError> {
+        if !t.bindir.is_absolute() {
+            return Err(DbError::RelativeBindir(t.bindir.clone()));
+        }
+        let mut cmd = Command::new(t.bindir.join(name));
+        cmd.current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(user) = &t.os_user {
+            let account = lookup_account(user)?;
+            // SAFETY: geteuid(2) has no preconditions.
+            if account.uid != unsafe { libc::geteuid() } {
+                cmd.uid(account.uid).gid(account.gid);
+            }
+            // libpq finds ~/.pgpass and ~/.pg_service.conf there, not in root's.
+            cmd.env("HOME", account.home);
+        }
+        Ok(Program {
+            cmd,
+            name,
+            as_user: t.os_user.clone(),
+        })
+    }
+
+    fn spawn(mut self) -> Result<Child, DbError> {
+        self.cmd.spawn().map_err(|source| DbError::Spawn {
+            program: PathBuf::from(self.cmd.as_std().get_program()),
+            user: self
+                .as_user
+                .unwrap_or_else(|| "the agent's own user".to_owned()),
+            source,
+        })
+    }
+}
+
+/// `-h -p -U -d`, those that are set.
+fn connection_args(t: &PgTarget, role: Option<&str>, db: &str) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    if let Some(host) = &t.host {
+        args.extend(["-h".into(), host.into()]);
+    }
+    if let Some(port) = t.port {
+        args.extend(["-p".into(), port.to_string().into()]);
+    }
+    if let Some(role) = role {
+        args.extend(["-U".into(), role.into()]);
+    }
+    args.extend(["-d".into(), db.into()]);
+    args
+}
+
+/// Runs a program to completion with `input` on its stdin; its stdout.
+async fn run(mut prog: Program, input: &[u8], timeout: Duration) -> Result<String, DbError> {
+    let program = prog.name;
+    prog.cmd.stdin(Stdio::piped());
+    let work = async {
+        let mut child = prog.spawn()?;
+        let mut stdin = take(child.stdin.take())?;
+        let (stdout, stderr) = (take(child.stdout.take())?, take(child.stderr.take())?);
+        let write = async {
+            let written = stdin.write_all(input).await;
+            drop(stdin);
+            written
+        };
+        let (written, out, err) = tokio::join!(write, read_all(stdout), read_capped(stderr));
+        let status = child
+            .wait()
+            .await
+            .map_err(DbError::io(format!("wait for {program}")))?;
+        check_status(program, status, &err)?;
+        // A program that succeeded without reading all its input (broken
+        // pipe) is still a success.
+        if let Err(e) = written
+            && e.kind() != io::ErrorKind::BrokenPipe
+        {
+            return Err(DbError::io(format!("write to {program}"))(e));
+        }
+        out.map_err(DbError::io(format!("read {program} output")))
+    };
+    within(program, timeout, work).await
+}
+
+/// A piped stdio handle: only missing if we forgot to ask for it.
+fn take<T>(pipe: Option<T>) -> Result<T, DbError> {
+    pipe.ok_or_else(|| DbError::io("child process")(io::Error::other("stdio pipe missing")))
+}
+
+/// `fut`, or a Timeout error after `limit` (dropping `fut` kills its child).
+async fn within<T>(
+    program: &str,
+    limit: Duration,
+    fut: impl Future<Output = Result<T, DbError>>,
+) -> Result<T, DbError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| DbError::Timeout {
+            program: program.to_owned(),
+            after: limit,
+        })?
+}
+
+fn check_status(program: &str, status: ExitStatus, stderr: &str) -> Result<(), DbError> {
+    if status.success() {
+        return Ok(());
+    }
+    let stderr = stderr.trim();
+    Err(DbError::Tool {
+        program: program.to_owned(),
+        status,
+        stderr: if stderr.is_empty() {
+            "(no error output)".to_owned()
+        } else {
+            stderr.to_owned()
+        },
+    })
+}
+
+async fn read_all(mut r: impl AsyncRead + Unpin) -> io::Result<String> {
+    let mut buf = Vec::new();
+    r.read_to_end(&mut buf).await?;
+    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// All of `r` is read (so the writer never blocks), the first STDERR_CAP
+/// bytes kept.
+async fn read_capped(mut r: impl AsyncRead + Unpin) -> String {
+    let mut kept = Vec::new();
+    let mut dropped = 0usize;
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let room = STDERR_CAP.saturating_sub(kept.len()).min(n);
+        kept.extend_from_slice(&buf[..room]);
+        dropped += n - room;
+    }
+    let mut text = String::from_utf8_lossy(&kept).into_owned();
+    if dropped > 0 {
+        text.push_str(&format!("\n[{dropped} more bytes not kept]"));
+    }
+    text
+}
+
+// ---------------------------------------------------------------------------
+// System lookups
+
+struct Account {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    home: PathBuf,
+}
+
+/// The passwd entry of `name` (getpwnam_r: the agent is multi-threaded).
+fn lookup_account(name: &str) -> Result<Account, DbError> {
+    let unknown = || DbError::UnknownOsUser(name.to_owned());
+    let cname = CString::new(name).map_err(|_| unknown())?;
+    let mut buf: Vec<libc::c_char> = vec![0; 16 * 1024];
+    loop {
+        // SAFETY: all-zero is a valid passwd (null pointers, zero ids).
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call; buf outlives entry's use.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                cname.as_ptr(),
+                &mut entry,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < 1024 * 1024 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 {
+            return Err(DbError::io(format!("look up system user {name:?}"))(
+                io::Error::from_raw_os_error(rc),
+            ));
+        }
+        if found.is_null() {
+            return Err(unknown());
+        }
+        // SAFETY: on success pw_dir points to a NUL-terminated string in buf.
+        let home = unsafe { CStr::from_ptr(entry.pw_dir) };
+        return Ok(Account {
+            uid: entry.pw_uid,
+            gid: entry.pw_gid,
+            home: PathBuf::from(OsStr::from_bytes(home.to_bytes())),
+        });
+    }
+}
+
+fn has_client_programs(dir: &Path) -> bool {
+    CLIENT_PROGRAMS.iter().all(|p| dir.join(p).is_file())
+}
+
+/// `pg_config --bindir`, pg_config found on PATH (absolute entries only).
+fn pg_config_bindir() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    let pg_config = std::env::split_paths(&path)
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join("pg_config"))
+        .find(|p| p.is_file())?;
+    let out = run_briefly(&pg_config, &["--bindir"], PG_CONFIG_TIMEOUT)?;
+    let dir = PathBuf::from(out.trim());
+    dir.is_absolute().then_some(dir)
+}
+
+/// The newest /usr/lib/postgresql/<major>/bin with the client programs.
+fn newest_debian_bindir() -> Option<PathBuf> {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let major: u32 = e.file_name().to_str()?.parse().ok()?;
+            Some((major, e.path().join("bin")))
+        })
+        .filter(|(_, bin)| has_client_programs(bin))
+        .max()
+        .map(|(_, bin)| bin)
+}
+
+/// A short synchronous run: stdout if the program exits 0 within `limit`.
+fn run_briefly(program: &Path, args: &[&str], limit: Duration) -> Option<String> {
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => {
+                let mut out = String::new();
+                child.stdout.take()?.read_to_string(&mut out).ok()?;
+                return Some(out);
+            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(Some(_)) => return None,
+            Ok(None) | Err(_) => {
+                tracing::warn!("{} did not answer within {limit:?}", program.display());
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}

@@ -15,7 +15,16 @@ pub struct HostInfo {
 }
 
 impl HostInfo {
-    /// Reads the host's identity now (uptime changes; the rest rarely does).
+    /// The host's identity: read once (it changes only with a reboot or a
+    /// rename, which restarts or is rare), with the uptime of now.
+    pub fn current() -> HostInfo {
+        static STATIC: std::sync::OnceLock<HostInfo> = std::sync::OnceLock::new();
+        let mut info = STATIC.get_or_init(HostInfo::read).clone();
+        info.uptime = Duration::from_secs(sysinfo::System::uptime().unwrap_or(0));
+        info
+    }
+
+    /// Reads the host's identity now.
     pub fn read() -> HostInfo {
         HostInfo {
             hostname: sysinfo::System::host_name().unwrap_or_default(),

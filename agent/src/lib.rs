@@ -7,14 +7,17 @@
 
 pub mod api;
 pub mod audit;
-pub mod backup;
-pub mod db;
 pub mod authz;
+pub mod backup;
 pub mod config;
+pub mod db;
 pub mod identity;
 pub mod info;
+pub mod journal;
 pub mod logs;
 pub mod metrics;
+pub mod ops;
+pub mod packages;
 pub mod probes;
 pub mod server;
 pub mod systemd;

@@ -11,7 +11,9 @@ use anyhow::Context as _;
 use covet_proto::v1 as pb;
 use tokio::net::TcpListener;
 
-use crate::api::{AgentState, InfoApi, LogApi, MetricsApi, NotYet, ProbeApi, UnitApi};
+use crate::api::{
+    AgentState, BackupApi, InfoApi, LogApi, MetricsApi, NotYet, OperationApi, ProbeApi, UnitApi,
+};
 use crate::audit::AuditLog;
 use crate::authz::{AuditLayer, AuthzLayer};
 use crate::config::Config;
@@ -31,6 +33,8 @@ impl Agent {
     /// here are configuration errors an operator must fix.
     pub async fn bind(config: Config) -> anyhow::Result<Agent> {
         crate::info::agent_started();
+        // Read the host's identity now, off the request path.
+        crate::info::HostInfo::current();
         create_private_dir(&config.state_dir)?;
         let audit_path = config.state_dir.join("audit.log");
         let audit = AuditLog::open(&audit_path)
@@ -50,8 +54,19 @@ impl Agent {
             ),
             None => None,
         };
+        let journal_path = config.state_dir.join("operations.redb");
+        let journal = Arc::new(crate::journal::Journal::open(&journal_path).with_context(
+            || {
+                format!(
+                    "cannot open the operation journal {}",
+                    journal_path.display()
+                )
+            },
+        )?);
+        let state = AgentState::new(Arc::new(config), journal);
+        recover(&state);
         Ok(Agent {
-            state: AgentState::new(Arc::new(config)),
+            state,
             audit,
             tls,
             listener,
@@ -145,9 +160,11 @@ impl Agent {
                 state.clone(),
             )))
             .add_service(pb::operation_service_server::OperationServiceServer::new(
-                NotYet,
+                OperationApi(state.clone()),
             ))
-            .add_service(pb::backup_service_server::BackupServiceServer::new(NotYet))
+            .add_service(pb::backup_service_server::BackupServiceServer::new(
+                BackupApi(state.clone()),
+            ))
             .add_service(pb::upgrade_service_server::UpgradeServiceServer::new(
                 NotYet,
             ))
@@ -156,6 +173,40 @@ impl Agent {
             })
             .await
             .context("gRPC server failed")
+    }
+}
+
+/// Ends operations that were running when the agent died: their work is
+/// gone with the old process, so the journal must not show them running.
+fn recover(state: &AgentState) {
+    let unfinished = match state.ops.recover_unfinished() {
+        Ok(ops) => ops,
+        Err(e) => {
+            tracing::error!("cannot read the operation journal: {e}");
+            return;
+        }
+    };
+    let apps: Vec<&str> = state.config.apps.iter().map(|a| a.name.as_str()).collect();
+    state.backups.sweep_partial(&apps);
+    let journal = state.ops.journal();
+    for op in unfinished {
+        tracing::warn!(op = %op.id, "operation was interrupted by an agent restart");
+        let _ = journal.append(
+            &op.id,
+            crate::journal::EventBody::Note {
+                text: "the agent restarted while this operation ran; it was not finished".into(),
+            },
+        );
+        let _ = journal.append(
+            &op.id,
+            crate::journal::EventBody::StateChanged {
+                state: crate::journal::OpState::Failed,
+                cause: format!(
+                    "interrupted by an agent restart during step {:?}",
+                    op.current_step
+                ),
+            },
+        );
     }
 }
 

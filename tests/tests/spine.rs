@@ -743,7 +743,8 @@ async fn mutating_calls_are_audited_with_target_and_outcome() {
         .await;
     assert_eq!(record["caller_cn"], "operator");
     assert_eq!(record["role"], "operator");
-    assert_eq!(record["outcome"], "Unimplemented");
+    assert_eq!(record["outcome"], "NotFound");
+    assert_eq!(record["target"], "operation=op-1");
     // Reads are not audited.
     let mut info = pb::info_service_client::InfoServiceClient::new(agent.channel("reader").await);
     info.get_info(pb::GetInfoRequest {}).await.unwrap();

@@ -1,0 +1,491 @@
+//! The operation journal: every long-running operation and every event of it,
+//! in an embedded store (redb) under `state_dir`, written before the agent
+//! acts and after each step ends, so a crash can be resumed or rolled back and
+//! a client can resume watching from any sequence number.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+const OPERATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("operations");
+const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("operation journal {path}: {message}")]
+    Store { path: String, message: String },
+    #[error("no operation {0}")]
+    NotFound(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    BackupCreate,
+    BackupVerify,
+    BackupRestore,
+    BackupPrune,
+    Upgrade,
+    Rollback,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpState {
+    Pending,
+    Running,
+    RollingBack,
+    Succeeded,
+    Failed,
+    RolledBack,
+    NeedsHuman,
+    Canceled,
+}
+
+impl OpState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            OpState::Succeeded
+                | OpState::Failed
+                | OpState::RolledBack
+                | OpState::NeedsHuman
+                | OpState::Canceled
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepOutcome {
+    Running,
+    Succeeded,
+    Failed,
+    Skipped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Caller {
+    pub common_name: String,
+    pub serial: String,
+    pub role: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub name: String,
+    pub outcome: StepOutcome,
+    pub started: SystemTime,
+    pub finished: Option<SystemTime>,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationRecord {
+    pub id: String,
+    pub kind: OpKind,
+    pub app: String,
+    pub state: OpState,
+    pub created: SystemTime,
+    pub updated: SystemTime,
+    pub finished: Option<SystemTime>,
+    pub requested_by: Caller,
+    pub cause: String,
+    pub needs_human: String,
+    pub backup_id: String,
+    pub current_step: String,
+    pub last_sequence: u64,
+    pub params: BTreeMap<String, String>,
+    pub steps: Vec<StepRecord>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum EventBody {
+    StepStarted {
+        step: String,
+        description: String,
+    },
+    StepFinished {
+        step: String,
+        outcome: StepOutcome,
+        detail: String,
+    },
+    Output {
+        step: String,
+        stream: OutputStream,
+        line: String,
+    },
+    Progress {
+        step: String,
+        done: u64,
+        total: u64,
+        unit: String,
+    },
+    StateChanged {
+        state: OpState,
+        cause: String,
+    },
+    Note {
+        text: String,
+    },
+}
+
+impl EventBody {
+    /// Events that must survive a crash; progress and output lines may be
+    /// lost with the last second before a crash without losing the story.
+    fn is_durable(&self) -> bool {
+        !matches!(self, EventBody::Progress { .. } | EventBody::Output { .. })
+    }
+
+    /// Applies the event to the operation's summary record.
+    fn apply(&self, op: &mut OperationRecord, time: SystemTime) {
+        match self {
+            EventBody::StepStarted { step, .. } => {
+                op.current_step = step.clone();
+                op.steps.push(StepRecord {
+                    name: step.clone(),
+                    outcome: StepOutcome::Running,
+                    started: time,
+                    finished: None,
+                    detail: String::new(),
+                });
+            }
+            EventBody::StepFinished {
+                step,
+                outcome,
+                detail,
+            } => {
+                if let Some(s) = op.steps.iter_mut().rev().find(|s| &s.name == step) {
+                    s.outcome = *outcome;
+                    s.finished = Some(time);
+                    s.detail = detail.clone();
+                }
+            }
+            EventBody::StateChanged { state, cause } => {
+                op.state = *state;
+                if !cause.is_empty() {
+                    op.cause = cause.clone();
+                }
+                if state.is_final() {
+                    op.finished = Some(time);
+                }
+            }
+            EventBody::Output { .. } | EventBody::Progress { .. } | EventBody::Note { .. } => {}
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub operation_id: String,
+    pub sequence: u64,
+    pub time: SystemTime,
+    pub body: EventBody,
+}
+
+/// The journal. Writes are serialized by redb; watchers get live events.
+pub struct Journal {
+    db: Database,
+    path: String,
+    watchers: Mutex<HashMap<String, broadcast::Sender<EventRecord>>>,
+}
+
+impl Journal {
+    pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        let store_err = |e: &dyn std::fmt::Display| JournalError::Store {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let db = Database::create(path).map_err(|e| store_err(&e))?;
+        // Create the tables up front so readers never meet a missing table.
+        let txn = db.begin_write().map_err(|e| store_err(&e))?;
+        txn.open_table(OPERATIONS).map_err(|e| store_err(&e))?;
+        txn.open_table(EVENTS).map_err(|e| store_err(&e))?;
+        txn.commit().map_err(|e| store_err(&e))?;
+        Ok(Journal {
+            db,
+            path: path.display().to_string(),
+            watchers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> JournalError {
+        JournalError::Store {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Records a new operation (durably) before anything is done for it.
+    pub fn create(&self, op: &OperationRecord) -> Result<(), JournalError> {
+        let bytes = serde_json::to_vec(op).map_err(|e| self.err(e))?;
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = txn.open_table(OPERATIONS).map_err(|e| self.err(e))?;
+            table
+                .insert(op.id.as_str(), bytes.as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Appends an event and updates the operation's record in one
+    /// transaction; returns the event with its sequence number.
+    pub fn append(&self, id: &str, body: EventBody) -> Result<EventRecord, JournalError> {
+        let time = SystemTime::now();
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        if !body.is_durable() {
+            txn.set_durability(Durability::None)
+                .map_err(|e| self.err(e))?;
+        }
+        let event = {
+            let mut ops = txn.open_table(OPERATIONS).map_err(|e| self.err(e))?;
+            let mut op: OperationRecord = match ops.get(id).map_err(|e| self.err(e))? {
+                Some(v) => serde_json::from_slice(v.value()).map_err(|e| self.err(e))?,
+                None => return Err(JournalError::NotFound(id.to_owned())),
+            };
+            op.last_sequence += 1;
+            op.updated = time;
+            body.apply(&mut op, time);
+            let event = EventRecord {
+                operation_id: id.to_owned(),
+                sequence: op.last_sequence,
+                time,
+                body,
+            };
+            let op_bytes = serde_json::to_vec(&op).map_err(|e| self.err(e))?;
+            ops.insert(id, op_bytes.as_slice())
+                .map_err(|e| self.err(e))?;
+            let ev_bytes = serde_json::to_vec(&event).map_err(|e| self.err(e))?;
+            let mut events = txn.open_table(EVENTS).map_err(|e| self.err(e))?;
+            events
+                .insert((id, event.sequence), ev_bytes.as_slice())
+                .map_err(|e| self.err(e))?;
+            event
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        self.notify(&event);
+        Ok(event)
+    }
+
+    /// Changes fields of the record that are not events (backup id, params).
+    pub fn update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut OperationRecord),
+    ) -> Result<OperationRecord, JournalError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let op = {
+            let mut ops = txn.open_table(OPERATIONS).map_err(|e| self.err(e))?;
+            let mut op: OperationRecord = match ops.get(id).map_err(|e| self.err(e))? {
+                Some(v) => serde_json::from_slice(v.value()).map_err(|e| self.err(e))?,
+                None => return Err(JournalError::NotFound(id.to_owned())),
+            };
+            change(&mut op);
+            op.updated = SystemTime::now();
+            let bytes = serde_json::to_vec(&op).map_err(|e| self.err(e))?;
+            ops.insert(id, bytes.as_slice()).map_err(|e| self.err(e))?;
+            op
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(op)
+    }
+
+    pub fn get(&self, id: &str) -> Result<OperationRecord, JournalError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let ops = txn.open_table(OPERATIONS).map_err(|e| self.err(e))?;
+        match ops.get(id).map_err(|e| self.err(e))? {
+            Some(v) => serde_json::from_slice(v.value()).map_err(|e| self.err(e)),
+            None => Err(JournalError::NotFound(id.to_owned())),
+        }
+    }
+
+    /// Every operation, newest first.
+    pub fn list(&self) -> Result<Vec<OperationRecord>, JournalError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let ops = txn.open_table(OPERATIONS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in ops.iter().map_err(|e| self.err(e))? {
+            let (_, v) = entry.map_err(|e| self.err(e))?;
+            out.push(
+                serde_json::from_slice::<OperationRecord>(v.value()).map_err(|e| self.err(e))?,
+            );
+        }
+        out.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
+        Ok(out)
+    }
+
+    /// Events of `id` with sequence >= `from`.
+    pub fn events_from(&self, id: &str, from: u64) -> Result<Vec<EventRecord>, JournalError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let events = txn.open_table(EVENTS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in events
+            .range((id, from)..=(id, u64::MAX))
+            .map_err(|e| self.err(e))?
+        {
+            let (_, v) = entry.map_err(|e| self.err(e))?;
+            out.push(serde_json::from_slice(v.value()).map_err(|e| self.err(e))?);
+        }
+        Ok(out)
+    }
+
+    /// Live events of `id` from now on.
+    pub fn subscribe(&self, id: &str) -> broadcast::Receiver<EventRecord> {
+        let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        watchers
+            .entry(id.to_owned())
+            .or_insert_with(|| broadcast::channel(256).0)
+            .subscribe()
+    }
+
+    fn notify(&self, event: &EventRecord) {
+        let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = watchers.get(&event.operation_id) {
+            let _ = tx.send(event.clone());
+            let ended =
+                matches!(&event.body, EventBody::StateChanged { state, .. } if state.is_final());
+            if ended || tx.receiver_count() == 0 {
+                watchers.remove(&event.operation_id);
+            }
+        }
+    }
+}
+
+/// A new operation id: `op-YYYYMMDD-HHMMSS-xxxxxx`, sortable and unique.
+pub fn new_id(prefix: &str) -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let mut random = [0u8; 3];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random);
+    format!(
+        "{prefix}-{:04}{:02}{:02}-{:02}{:02}{:02}-{}",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        hex::encode(random)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(id: &str) -> OperationRecord {
+        let now = SystemTime::now();
+        OperationRecord {
+            id: id.into(),
+            kind: OpKind::BackupCreate,
+            app: "covet".into(),
+            state: OpState::Pending,
+            created: now,
+            updated: now,
+            finished: None,
+            requested_by: Caller::default(),
+            cause: String::new(),
+            needs_human: String::new(),
+            backup_id: String::new(),
+            current_step: String::new(),
+            last_sequence: 0,
+            params: BTreeMap::new(),
+            steps: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn events_are_sequenced_applied_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.redb");
+        {
+            let j = Journal::open(&path).unwrap();
+            j.create(&op("op-1")).unwrap();
+            j.create(&op("op-2")).unwrap();
+            let e = j
+                .append(
+                    "op-1",
+                    EventBody::StepStarted {
+                        step: "backup".into(),
+                        description: String::new(),
+                    },
+                )
+                .unwrap();
+            assert_eq!(e.sequence, 1);
+            j.append(
+                "op-1",
+                EventBody::Progress {
+                    step: "backup".into(),
+                    done: 5,
+                    total: 10,
+                    unit: "bytes".into(),
+                },
+            )
+            .unwrap();
+            j.append(
+                "op-2",
+                EventBody::Note {
+                    text: "other".into(),
+                },
+            )
+            .unwrap();
+            j.append(
+                "op-1",
+                EventBody::StepFinished {
+                    step: "backup".into(),
+                    outcome: StepOutcome::Succeeded,
+                    detail: "ok".into(),
+                },
+            )
+            .unwrap();
+            j.append(
+                "op-1",
+                EventBody::StateChanged {
+                    state: OpState::Succeeded,
+                    cause: String::new(),
+                },
+            )
+            .unwrap();
+        }
+        let j = Journal::open(&path).unwrap();
+        let rec = j.get("op-1").unwrap();
+        assert_eq!(rec.state, OpState::Succeeded);
+        assert_eq!(rec.last_sequence, 4);
+        assert!(rec.finished.is_some());
+        assert_eq!(rec.steps[0].outcome, StepOutcome::Succeeded);
+        let seqs: Vec<u64> = j
+            .events_from("op-1", 2)
+            .unwrap()
+            .iter()
+            .map(|e| e.sequence)
+            .collect();
+        assert_eq!(seqs, vec![2, 3, 4]);
+        assert_eq!(j.events_from("op-2", 0).unwrap().len(), 1);
+        assert!(matches!(j.get("nope"), Err(JournalError::NotFound(_))));
+        assert_eq!(j.list().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn watchers_see_live_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.redb")).unwrap();
+        j.create(&op("op-1")).unwrap();
+        let mut rx = j.subscribe("op-1");
+        j.append("op-1", EventBody::Note { text: "hi".into() })
+            .unwrap();
+        assert_eq!(rx.recv().await.unwrap().sequence, 1);
+    }
+}

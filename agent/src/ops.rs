@@ -1,0 +1,326 @@
+//! Running long operations: one mutating operation per app at a time (the
+//! app's lock), journaled before it acts, cancellable, and independent of the
+//! client that asked for it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::journal::{
+    Caller, EventBody, Journal, JournalError, OpKind, OpState, OperationRecord, OutputStream,
+    StepOutcome,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("app {app} is busy: operation {holder} holds its lock; wait for it or cancel it")]
+    Locked { app: String, holder: String },
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+/// How an operation's work ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Failed(String),
+    RolledBack(String),
+    NeedsHuman { cause: String, what_is_left: String },
+    Canceled(String),
+}
+
+/// Which operation holds which app.
+#[derive(Default)]
+struct AppLocks {
+    held: Mutex<HashMap<String, String>>,
+}
+
+impl AppLocks {
+    fn take(&self, app: &str, op: &str) -> Result<(), OpError> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(holder) = held.get(app) {
+            return Err(OpError::Locked {
+                app: app.to_owned(),
+                holder: holder.clone(),
+            });
+        }
+        held.insert(app.to_owned(), op.to_owned());
+        Ok(())
+    }
+
+    fn release(&self, app: &str, op: &str) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.get(app).is_some_and(|h| h == op) {
+            held.remove(app);
+        }
+    }
+}
+
+/// Releases the app's lock however the operation's task ends (panics too).
+struct LockGuard {
+    ops: Arc<Inner>,
+    app: String,
+    id: String,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.ops.locks.release(&self.app, &self.id);
+        self.ops
+            .cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+struct Inner {
+    journal: Arc<Journal>,
+    locks: AppLocks,
+    cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
+}
+
+/// The operations of this agent.
+#[derive(Clone)]
+pub struct Operations {
+    inner: Arc<Inner>,
+}
+
+/// What a new operation is.
+pub struct OpSpec {
+    pub kind: OpKind,
+    pub app: String,
+    pub caller: Caller,
+    pub params: BTreeMap<String, String>,
+    /// Take the app's lock (every operation that changes the app does).
+    pub exclusive: bool,
+}
+
+impl Operations {
+    pub fn new(journal: Arc<Journal>) -> Operations {
+        Operations {
+            inner: Arc::new(Inner {
+                journal,
+                locks: AppLocks::default(),
+                cancels: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.inner.journal
+    }
+
+    /// Journals a new operation, takes the app's lock, and runs `work` in the
+    /// background. Returns the record as accepted.
+    pub fn start<F, Fut>(&self, spec: OpSpec, work: F) -> Result<OperationRecord, OpError>
+    where
+        F: FnOnce(OpContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        let prefix = match spec.kind {
+            OpKind::Upgrade => "up",
+            OpKind::Rollback => "rb",
+            _ => "bk",
+        };
+        let id = crate::journal::new_id(prefix);
+        if spec.exclusive {
+            self.inner.locks.take(&spec.app, &id)?;
+        }
+        let guard = LockGuard {
+            ops: self.inner.clone(),
+            app: if spec.exclusive {
+                spec.app.clone()
+            } else {
+                String::new()
+            },
+            id: id.clone(),
+        };
+        let now = SystemTime::now();
+        let record = OperationRecord {
+            id: id.clone(),
+            kind: spec.kind,
+            app: spec.app,
+            state: OpState::Pending,
+            created: now,
+            updated: now,
+            finished: None,
+            requested_by: spec.caller,
+            cause: String::new(),
+            needs_human: String::new(),
+            backup_id: String::new(),
+            current_step: String::new(),
+            last_sequence: 0,
+            params: spec.params,
+            steps: Vec::new(),
+        };
+        self.inner.journal.create(&record)?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.inner
+            .cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), cancel.clone());
+        let ctx = OpContext {
+            id: id.clone(),
+            journal: self.inner.journal.clone(),
+            cancel,
+            last_progress: Arc::new(Mutex::new(None)),
+        };
+        ctx.state(OpState::Running, "");
+        let runner = ctx.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let outcome = work(runner.clone()).await;
+            runner.finish(outcome);
+        });
+        Ok(record)
+    }
+
+    /// Asks a running operation to stop. Returns false when it is not running here.
+    pub fn cancel(&self, id: &str) -> bool {
+        let cancels = self.inner.cancels.lock().unwrap_or_else(|p| p.into_inner());
+        match cancels.get(id) {
+            Some(flag) => {
+                flag.store(true, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Operations the journal shows as unfinished: the agent died while they
+    /// ran. Each is ended as failed with an explanation, unless `resume`
+    /// takes it over (upgrades roll back; see the workflow).
+    pub fn recover_unfinished(&self) -> Result<Vec<OperationRecord>, JournalError> {
+        let unfinished: Vec<OperationRecord> = self
+            .inner
+            .journal
+            .list()?
+            .into_iter()
+            .filter(|op| !op.state.is_final())
+            .collect();
+        Ok(unfinished)
+    }
+
+    /// The app's lock holder, if any.
+    pub fn holder(&self, app: &str) -> Option<String> {
+        self.inner
+            .locks
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(app)
+            .cloned()
+    }
+}
+
+/// What an operation's work uses to report and to notice cancellation.
+#[derive(Clone)]
+pub struct OpContext {
+    pub id: String,
+    journal: Arc<Journal>,
+    cancel: Arc<AtomicBool>,
+    last_progress: Arc<Mutex<Option<(String, Instant)>>>,
+}
+
+/// Progress events are throttled to this interval per step.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+impl OpContext {
+    fn append(&self, body: EventBody) {
+        // A journal write that fails must not go unnoticed, but the work's own
+        // outcome is still reported by the caller; log loudly.
+        if let Err(e) = self.journal.append(&self.id, body) {
+            tracing::error!(op = %self.id, "cannot journal event: {e}");
+        }
+    }
+
+    pub fn canceled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
+    }
+
+    pub fn step_started(&self, step: &str, description: impl Into<String>) {
+        self.append(EventBody::StepStarted {
+            step: step.to_owned(),
+            description: description.into(),
+        });
+    }
+
+    pub fn step_finished(&self, step: &str, outcome: StepOutcome, detail: impl Into<String>) {
+        self.append(EventBody::StepFinished {
+            step: step.to_owned(),
+            outcome,
+            detail: detail.into(),
+        });
+    }
+
+    pub fn note(&self, text: impl Into<String>) {
+        self.append(EventBody::Note { text: text.into() });
+    }
+
+    pub fn output(&self, step: &str, stream: OutputStream, line: impl Into<String>) {
+        self.append(EventBody::Output {
+            step: step.to_owned(),
+            stream,
+            line: line.into(),
+        });
+    }
+
+    /// Reports progress, at most every 250 ms per step (and always at the end).
+    pub fn progress(&self, step: &str, done: u64, total: u64, unit: &str) {
+        {
+            let mut last = self.last_progress.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let due = match last.as_ref() {
+                Some((s, at)) if s == step => now.duration_since(*at) >= PROGRESS_EVERY,
+                _ => true,
+            };
+            if !due && done < total {
+                return;
+            }
+            *last = Some((step.to_owned(), now));
+        }
+        self.append(EventBody::Progress {
+            step: step.to_owned(),
+            done,
+            total,
+            unit: unit.to_owned(),
+        });
+    }
+
+    pub fn state(&self, state: OpState, cause: &str) {
+        self.append(EventBody::StateChanged {
+            state,
+            cause: cause.to_owned(),
+        });
+    }
+
+    pub fn update(&self, change: impl FnOnce(&mut OperationRecord)) {
+        if let Err(e) = self.journal.update(&self.id, change) {
+            tracing::error!(op = %self.id, "cannot update operation record: {e}");
+        }
+    }
+
+    fn finish(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::Succeeded => self.state(OpState::Succeeded, ""),
+            Outcome::Failed(cause) => self.state(OpState::Failed, &cause),
+            Outcome::RolledBack(cause) => self.state(OpState::RolledBack, &cause),
+            Outcome::Canceled(cause) => self.state(OpState::Canceled, &cause),
+            Outcome::NeedsHuman {
+                cause,
+                what_is_left,
+            } => {
+                self.update(|op| op.needs_human = what_is_left);
+                self.state(OpState::NeedsHuman, &cause);
+            }
+        }
+    }
+}
