@@ -1541,9 +1541,9 @@ fn stream_tar(
             use std::io::Write;
             w.flush()
         });
-    if let Err(e) = result {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            let _ = tx.blocking_send(Err(Status::internal(format!("streaming backup {id}: {e}"))));
-        }
+    if let Err(e) = result
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        let _ = tx.blocking_send(Err(Status::internal(format!("streaming backup {id}: {e}"))));
     }
 }

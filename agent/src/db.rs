@@ -421,7 +421,7 @@ fn quote_literal(text: &str) -> String {
 // ---------------------------------------------------------------------------
 // Restore steps
 
-/// The live database as pg_database describes it.
+/// A database as pg_database describes it.
 #[derive(Debug, serde::Deserialize)]
 struct DbInfo {
     name: String,
@@ -1122,5 +1122,265 @@ fn run_briefly(program: &Path, args: &[&str], limit: Duration) -> Option<String>
                 return None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        pairs.iter().map(|&(k, v)| (k.to_owned(), v)).collect()
+    }
+
+    /// A target whose "client programs" are the system's coreutils.
+    fn coreutils() -> PgTarget {
+        PgTarget {
+            dbname: "app".into(),
+            host: None,
+            port: None,
+            user: None,
+            os_user: None,
+            bindir: PathBuf::from("/usr/bin"),
+        }
+    }
+
+    #[test]
+    fn names_are_plain_identifiers_of_at_most_63_bytes() {
+        for ok in ["a", "covet_production", "R2_d2", &"x".repeat(63)] {
+            assert!(validate_name("name", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a-b", "a b", "a\"b", "é", "a;b", &"x".repeat(64)] {
+            assert!(
+                matches!(validate_name("name", bad), Err(DbError::InvalidName { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn derived_names_must_fit_too() {
+        let names = SwapNames::new("app", "42").unwrap();
+        assert_eq!(
+            (
+                names.live.as_str(),
+                names.fresh.as_str(),
+                names.kept.as_str()
+            ),
+            ("app", "app_restore_42", "app_before_42")
+        );
+        let long = "d".repeat(50);
+        let err = SwapNames::new(&long, "01234").err().unwrap();
+        assert!(err.to_string().contains("restore database name"), "{err}");
+        assert!(SwapNames::new("app", "").is_err());
+        assert!(SwapNames::new("app", "x-y").is_err());
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("Weird \"Name\""), "\"Weird \"\"Name\"\"\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn counts_must_match_for_every_expected_table() {
+        let got = counts(&[("public.a", 3), ("public.b", 0), ("s.extra", 9)]);
+        assert!(check_counts(&counts(&[("public.a", 3), ("public.b", 0)]), &got).is_ok());
+        match check_counts(&counts(&[("public.a", 4)]), &got) {
+            Err(DbError::CountMismatch {
+                table,
+                expected: 4,
+                got: 3,
+            }) => assert_eq!(table, "public.a"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            check_counts(&counts(&[("public.gone", 0)]), &got),
+            Err(DbError::MissingTable { expected: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn row_count_lines_are_json() {
+        let out = "[\"public\", \"users\", 500]\n[\"billing\", \"Weird \\\"Name\\\"\\n\", 3]\n\n";
+        assert_eq!(
+            parse_counts(out).unwrap(),
+            counts(&[("public.users", 500), ("billing.Weird \"Name\"\n", 3)])
+        );
+        assert!(matches!(
+            parse_counts("public|users|3"),
+            Err(DbError::UnexpectedOutput { .. })
+        ));
+    }
+
+    #[test]
+    fn connection_args_only_what_is_set() {
+        let mut t = coreutils();
+        assert_eq!(connection_args(&t, None, "app"), ["-d", "app"]);
+        t.host = Some("/run/postgresql".into());
+        t.port = Some(5433);
+        assert_eq!(
+            connection_args(&t, Some("covet_app"), "postgres"),
+            [
+                "-h",
+                "/run/postgresql",
+                "-p",
+                "5433",
+                "-U",
+                "covet_app",
+                "-d",
+                "postgres"
+            ]
+        );
+    }
+
+    #[test]
+    fn roles() {
+        let mut t = coreutils();
+        t.user = Some("covet_app".into());
+        assert_eq!(
+            (t.data_role(), t.admin_role()),
+            (Some("covet_app"), Some("covet_app"))
+        );
+        t.os_user = Some("postgres".into());
+        assert_eq!(
+            (t.data_role(), t.admin_role()),
+            (Some("covet_app"), Some("postgres"))
+        );
+    }
+
+    /// Runs `compress` like `dump` does, on `data`.
+    fn compress_to(path: &Path, data: &[u8]) -> u64 {
+        let file = File::create(path).unwrap();
+        let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
+        let compressor = std::thread::spawn(move || compress(file, rx));
+        for chunk in data.chunks(CHUNK) {
+            tx.blocking_send(chunk.to_vec()).unwrap();
+        }
+        drop(tx);
+        compressor.join().unwrap().unwrap()
+    }
+
+    fn decompress_from(path: &Path) -> Result<Vec<u8>, DbError> {
+        let file = File::open(path).unwrap();
+        let (tx, mut rx) = mpsc::channel(PIPELINE_DEPTH);
+        let owned = path.to_owned();
+        let decompressor = std::thread::spawn(move || decompress(file, &owned, tx));
+        let mut out = Vec::new();
+        while let Some(chunk) = rx.blocking_recv() {
+            out.extend_from_slice(&chunk);
+        }
+        decompressor.join().unwrap().map(|()| out)
+    }
+
+    #[test]
+    fn zstd_round_trip_and_damage_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.zst");
+        let data: Vec<u8> = (0..3 * CHUNK as u32 + 17)
+            .map(|i| (i % 251) as u8 ^ (i / 7919) as u8)
+            .collect();
+        let size = compress_to(&path, &data);
+        assert_eq!(size, std::fs::metadata(&path).unwrap().len());
+        assert!(size < data.len() as u64);
+        assert_eq!(decompress_from(&path).unwrap(), data);
+
+        let whole = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &whole[..whole.len() - 1]).unwrap();
+        assert!(matches!(
+            decompress_from(&path),
+            Err(DbError::CorruptDump { .. })
+        ));
+        let mut flipped = whole.clone();
+        let last = flipped.len() - 2;
+        flipped[last] ^= 1; // inside the content checksum
+        std::fs::write(&path, &flipped).unwrap();
+        assert!(matches!(
+            decompress_from(&path),
+            Err(DbError::CorruptDump { .. })
+        ));
+    }
+
+    #[test]
+    fn accounts() {
+        let root = lookup_account("root").unwrap();
+        assert_eq!((root.uid, root.gid), (0, 0));
+        assert!(root.home.is_absolute());
+        assert!(matches!(
+            lookup_account("no-such-user-covet"),
+            Err(DbError::UnknownOsUser(_))
+        ));
+    }
+
+    #[test]
+    fn discovered_bindir_has_the_client_programs() {
+        match PgTarget::discover_bindir() {
+            Ok(dir) => assert!(has_client_programs(&dir), "{}", dir.display()),
+            Err(e) => assert!(matches!(e, DbError::NoClientPrograms), "{e}"),
+        }
+    }
+
+    #[test]
+    fn a_relative_bindir_is_refused() {
+        let mut t = coreutils();
+        t.bindir = PathBuf::from("bin");
+        assert!(matches!(
+            Program::new(&t, "psql"),
+            Err(DbError::RelativeBindir(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn failures_keep_stderr_and_timeouts_kill() {
+        let t = coreutils();
+        let mut ls = Program::new(&t, "ls").unwrap();
+        ls.cmd.arg("/no/such/covet/path");
+        match run(ls, b"", Duration::from_secs(10)).await {
+            Err(e @ DbError::Tool { .. }) => {
+                let text = e.to_string();
+                assert!(text.starts_with("ls failed (exit status: "), "{text}");
+                assert!(text.contains("/no/such/covet/path"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let mut sleep = Program::new(&t, "sleep").unwrap();
+        sleep.cmd.arg("30");
+        let started = Instant::now();
+        let late = run(sleep, b"", Duration::from_millis(200)).await;
+        assert!(started.elapsed() < Duration::from_secs(5));
+        match late {
+            Err(e @ DbError::Timeout { .. }) => {
+                assert_eq!(
+                    e.to_string(),
+                    "sleep did not finish within 200ms: it was killed"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let missing = Program::new(&t, "no-such-covet-program").unwrap();
+        assert!(matches!(
+            run(missing, b"", Duration::from_secs(5)).await,
+            Err(DbError::Spawn { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn stdin_is_fed_and_stdout_returned() {
+        let cat = Program::new(&coreutils(), "cat").unwrap();
+        let out = run(cat, b"hello\n", Duration::from_secs(10)).await.unwrap();
+        assert_eq!(out, "hello\n");
+    }
+
+    #[tokio::test]
+    async fn stderr_is_capped() {
+        let big = vec![b'e'; STDERR_CAP + 100];
+        let text = read_capped(&big[..]).await;
+        assert!(
+            text.ends_with("[100 more bytes not kept]"),
+            "{}",
+            &text[STDERR_CAP..]
+        );
     }
 }

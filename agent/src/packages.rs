@@ -57,10 +57,10 @@ fn pip_version(pkg: &PackageConfig) -> Option<String> {
             let Some(stem) = file.strip_suffix(".dist-info") else {
                 continue;
             };
-            if let Some((name, version)) = stem.rsplit_once('-') {
-                if normalize(name) == want {
-                    return Some(version.to_owned());
-                }
+            if let Some((name, version)) = stem.rsplit_once('-')
+                && normalize(name) == want
+            {
+                return Some(version.to_owned());
             }
         }
     }

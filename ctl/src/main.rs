@@ -1,6 +1,8 @@
 //! covetctl: the command-line client of covet-agent.
 
+mod backups;
 mod nodes;
+mod operations;
 mod output;
 mod pki_cmd;
 mod services;
@@ -80,6 +82,12 @@ enum Command {
     /// systemd units: status, start, stop, restart, reload.
     #[command(subcommand)]
     Service(services::ServiceCommand),
+    /// Backups of apps: create, list, verify, prune, delete, download, restore.
+    #[command(subcommand)]
+    Backup(backups::BackupCommand),
+    /// Long-running operations: list, show, watch, cancel.
+    #[command(subcommand)]
+    Ops(operations::OpsCommand),
     /// A unit's journal: the last lines, or follow it.
     Logs {
         unit: String,
@@ -128,6 +136,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Health { app, smoke } => nodes::health(g, &app, smoke).await,
         Command::Probe(cmd) => nodes::probe(g, cmd).await,
         Command::Service(cmd) => services::service(g, cmd).await,
+        Command::Backup(cmd) => backups::backup(g, cmd).await,
+        Command::Ops(cmd) => operations::ops(g, cmd).await,
         Command::Logs {
             unit,
             lines,

@@ -76,16 +76,7 @@ min_version = "{min_tls}"
         toml.push_str(&options.extra_toml);
         let config_path = dir.join("agent.toml");
         std::fs::write(&config_path, toml).expect("write agent config");
-        let log = std::fs::File::create(dir.join("agent.log")).expect("agent log");
-        let child = Command::new(crate::bin("covet-agent"))
-            .arg("--config")
-            .arg(&config_path)
-            .env("COVET_LOG", "info,covet_agent=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn covet-agent");
+        let child = spawn_agent(dir, &config_path);
         let mut agent = TestAgent {
             dir: dir.to_owned(),
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -96,6 +87,19 @@ min_version = "{min_tls}"
         };
         agent.addr = agent.wait_for_addr(&state.join("agent.addr")).await;
         agent
+    }
+
+    /// Starts the agent again with the same configuration and state (after
+    /// it was killed, say), and waits until it listens.
+    pub async fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let addr_file = self.dir.join("state/agent.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        self.child = spawn_agent(&self.dir, &self.config_path);
+        self.addr = self.wait_for_addr(&addr_file).await;
+        // covetctl contexts name the old port.
+        let _ = std::fs::remove_file(self.dir.join("covetctl.toml"));
     }
 
     async fn wait_for_addr(&mut self, path: &Path) -> SocketAddr {
@@ -205,6 +209,25 @@ min_version = "{min_tls}"
         }
         run_ctl(&config, Some(context), args)
     }
+}
+
+fn spawn_agent(dir: &Path, config_path: &Path) -> Child {
+    use std::io::Write;
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))
+        .expect("agent log");
+    let _ = writeln!(log, "--- covet-agent starting");
+    Command::new(crate::bin("covet-agent"))
+        .arg("--config")
+        .arg(config_path)
+        .env("COVET_LOG", "info,covet_agent=debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log fd"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn covet-agent")
 }
 
 /// What a covetctl run printed and how it ended.

@@ -39,6 +39,15 @@ INSERT INTO billing."Weird Name" VALUES ('x', 1), ('y|z', 2), (NULL, 3), (E'new\
 CREATE TABLE public.empty_one (x int);
 "#;
 
+/// Owners after a restore: the database's and its tables'.
+const APP_OWNED: [&str; 5] = [
+    "database=covet_app",
+    "billing.Weird Name=covet_app",
+    "billing.invoices=covet_app",
+    "public.empty_one=covet_app",
+    "public.users=covet_app",
+];
+
 fn expected_counts() -> BTreeMap<String, u64> {
     [
         ("billing.Weird Name", 4),
@@ -262,14 +271,7 @@ async fn backup_change_restore_swap_and_drop_kept() {
         changed,
         "the old db is kept"
     );
-    let app_owned = [
-        "database=covet_app",
-        "billing.Weird Name=covet_app",
-        "billing.invoices=covet_app",
-        "public.empty_one=covet_app",
-        "public.users=covet_app",
-    ];
-    assert_eq!(owners(&pg, APP_DB), app_owned);
+    assert_eq!(owners(&pg, APP_DB), APP_OWNED);
     assert_eq!(
         databases(&pg),
         ["covet_production", "covet_production_before_r1", "postgres"]
@@ -304,12 +306,9 @@ async fn superuser_restore_keeps_the_recorded_owners() {
         .await
         .unwrap();
     assert_eq!(contents(&pg, APP_DB), before);
-    assert_eq!(owners(&pg, APP_DB), owners(&pg, &outcome.kept_as));
-    assert!(
-        owners(&pg, APP_DB)
-            .iter()
-            .all(|o| o.ends_with("=covet_app"))
-    );
+    // Created by postgres, then given back to covet_app by pg_restore.
+    assert_eq!(owners(&pg, APP_DB), APP_OWNED);
+    assert_eq!(outcome.kept_as, "covet_production_before_su");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -494,5 +493,37 @@ async fn names_are_validated() {
             "{id:?}: {refused:?}"
         );
     }
+    assert_eq!(databases(&pg), ["covet_production", "postgres"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_pg_restore_leaves_the_live_db_alone() {
+    let dir = sandbox_dir("db-restorefail");
+    let Some(pg) = app_cluster(dir.path()) else {
+        return;
+    };
+    // A table the app role may not give to its owner: restoring as covet_app fails.
+    pg.psql(
+        APP_DB,
+        "CREATE ROLE covet_other; CREATE TABLE public.foreign_owned (z int); \
+         ALTER TABLE public.foreign_owned OWNER TO covet_other;",
+    )
+    .unwrap();
+    let dest = dump_path(dir.path());
+    take_dump(&target(&pg, APP_DB, None), &dest).await;
+    change_data(&pg);
+    let live = contents(&pg, APP_DB);
+
+    let restored = db::restore_swap(&app_target(&pg), &dest, "f1", &expected_counts(), LIMIT).await;
+    match restored {
+        Err(DbError::Tool {
+            program, stderr, ..
+        }) => {
+            assert_eq!(program, "pg_restore");
+            assert!(stderr.contains("covet_other"), "{stderr}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(contents(&pg, APP_DB), live);
     assert_eq!(databases(&pg), ["covet_production", "postgres"]);
 }

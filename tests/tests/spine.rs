@@ -720,10 +720,10 @@ async fn grpc_health_and_both_reflection_versions_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unimplemented_capabilities_say_so() {
     let (_dir, agent) = agent(AgentOptions::default()).await;
-    let mut ops =
-        pb::operation_service_client::OperationServiceClient::new(agent.channel("admin").await);
-    let status = ops
-        .list_operations(pb::ListOperationsRequest::default())
+    let mut upgrades =
+        pb::upgrade_service_client::UpgradeServiceClient::new(agent.channel("admin").await);
+    let status = upgrades
+        .upgrade(pb::UpgradeRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);

@@ -184,7 +184,8 @@ pub fn test_read(
 ///
 /// Symlink chains are resolved too (`a -> ..` plus `b/c -> ../a/..`), and
 /// checked again once all links exist. On error `staging` holds a partial
-/// tree: the caller removes it.
+/// tree: the caller removes it. A full restore disk is an `Io` error (the
+/// `NoSpace` message names the backup disk).
 pub fn extract(
     archive: &Path,
     compression: Compression,
@@ -761,6 +762,7 @@ unsafe fn owned_name(name: *const libc::c_char) -> Option<String> {
 // ---------------------------------------------------------------------------
 
 type ArchiveReader = Box<dyn Read>;
+type ArchiveEntry<'a> = tar::Entry<'a, ArchiveReader>;
 
 fn open_archive(archive: &Path, compression: Compression) -> Result<ArchiveReader, ArchiveError> {
     let file = File::open(archive).map_err(io_at(archive))?;
@@ -786,7 +788,7 @@ fn for_each_entry(
     archive: &Path,
     compression: Compression,
     progress: &Progress,
-    visit: &mut dyn FnMut(&mut tar::Entry<ArchiveReader>, &mut Meter) -> Result<(), ArchiveError>,
+    visit: &mut dyn FnMut(&mut ArchiveEntry, &mut Meter) -> Result<(), ArchiveError>,
 ) -> Result<ArchiveStats, ArchiveError> {
     let mut meter = Meter::new(progress);
     let mut tar = tar::Archive::new(open_archive(archive, compression)?);
@@ -813,14 +815,14 @@ fn check_end_of_archive(archive: &Path, rest: &mut dyn Read) -> Result<(), Archi
     Ok(())
 }
 
-fn entry_name(entry: &tar::Entry<ArchiveReader>) -> String {
+fn entry_name(entry: &ArchiveEntry) -> String {
     String::from_utf8_lossy(&entry.path_bytes()).into_owned()
 }
 
 /// Copies an entry's contents to `out` (at `out_path`), counting progress,
 /// and checks that the archive held as many bytes as the header promised.
 fn copy_entry_body(
-    entry: &mut tar::Entry<ArchiveReader>,
+    entry: &mut ArchiveEntry,
     out: &mut dyn Write,
     buf: &mut [u8],
     meter: &mut Meter,
@@ -910,7 +912,7 @@ impl<'x> Extractor<'x> {
 
     fn extract_entry(
         &mut self,
-        entry: &mut tar::Entry<ArchiveReader>,
+        entry: &mut ArchiveEntry,
         meter: &mut Meter,
     ) -> Result<(), ArchiveError> {
         let name = entry_name(entry);
@@ -982,7 +984,7 @@ impl<'x> Extractor<'x> {
 
     fn extract_file(
         &mut self,
-        entry: &mut tar::Entry<ArchiveReader>,
+        entry: &mut ArchiveEntry,
         meter: &mut Meter,
         rel: &Path,
         attrs: Attrs,
@@ -1129,11 +1131,7 @@ fn refuse_on_unsafe(name: &str) -> impl FnOnce(LinkError) -> ArchiveError + '_ {
     }
 }
 
-fn link_target(
-    entry: &tar::Entry<ArchiveReader>,
-    archive: &Path,
-    name: &str,
-) -> Result<PathBuf, ArchiveError> {
+fn link_target(entry: &ArchiveEntry, archive: &Path, name: &str) -> Result<PathBuf, ArchiveError> {
     match entry.link_name_bytes() {
         Some(target) if !target.is_empty() => {
             Ok(PathBuf::from(std::ffi::OsStr::from_bytes(&target)))

@@ -92,7 +92,8 @@ pub struct Manifest {
     pub app: String,
     /// RFC 3339, UTC.
     pub created: String,
-    pub created_unix: i64,
+    /// Milliseconds since the epoch: orders backups made within one second.
+    pub created_unix_ms: i64,
     pub agent_version: String,
     pub package_version: String,
     pub compression: String,
@@ -103,7 +104,7 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn created_time(&self) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(self.created_unix).unwrap_or(0))
+        SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(self.created_unix_ms).unwrap_or(0))
     }
 }
 
@@ -179,14 +180,15 @@ impl BackupStore {
                 if name.starts_with('.') {
                     continue;
                 }
-                if let Ok(m) = read_manifest(&entry.path()) {
-                    if m.id == name && m.app == *app {
-                        out.push(m);
-                    }
+                if let Ok(m) = read_manifest(&entry.path())
+                    && m.id == name
+                    && m.app == *app
+                {
+                    out.push(m);
                 }
             }
         }
-        out.sort_by(|a, b| b.created_unix.cmp(&a.created_unix).then(b.id.cmp(&a.id)));
+        out.sort_by(|a, b| b.created_unix_ms.cmp(&a.created_unix_ms).then(b.id.cmp(&a.id)));
         out
     }
 
@@ -195,10 +197,10 @@ impl BackupStore {
         validate_id(id)?;
         for app in apps {
             let dir = self.app_dir(app).join(id);
-            if let Ok(m) = read_manifest(&dir) {
-                if m.id == id {
-                    return Ok((dir, m));
-                }
+            if let Ok(m) = read_manifest(&dir)
+                && m.id == id
+            {
+                return Ok((dir, m));
             }
         }
         Err(BackupError::NotFound(id.to_owned()))
@@ -288,7 +290,7 @@ impl BackupStore {
             created: created
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
-            created_unix: created.unix_timestamp(),
+            created_unix_ms: i64::try_from(created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             package_version: crate::packages::installed_version(app)
                 .await
@@ -350,25 +352,25 @@ impl BackupStore {
                 });
             }
         }
-        if opts.database {
-            if let Some(pg) = pg_target(app)? {
-                let step = "dump database";
-                ctx.step_started(step, format!("pg_dump -Fc of {} through zstd", pg.dbname));
-                let result = self.dump(ctx, step, &pg, dir, done.clone(), estimate).await;
-                match result {
-                    Ok((file, db)) => {
-                        ctx.step_finished(
-                            step,
-                            crate::journal::StepOutcome::Succeeded,
-                            format!("{} tables, {} bytes", db.row_counts.len(), file.size),
-                        );
-                        manifest.files.push(file);
-                        manifest.database = Some(db);
-                    }
-                    Err(e) => {
-                        ctx.step_finished(step, crate::journal::StepOutcome::Failed, e.to_string());
-                        return Err(e);
-                    }
+        if opts.database
+            && let Some(pg) = pg_target(app)?
+        {
+            let step = "dump database";
+            ctx.step_started(step, format!("pg_dump -Fc of {} through zstd", pg.dbname));
+            let result = self.dump(ctx, step, &pg, dir, done.clone(), estimate).await;
+            match result {
+                Ok((file, db)) => {
+                    ctx.step_finished(
+                        step,
+                        crate::journal::StepOutcome::Succeeded,
+                        format!("{} tables, {} bytes", db.row_counts.len(), file.size),
+                    );
+                    manifest.files.push(file);
+                    manifest.database = Some(db);
+                }
+                Err(e) => {
+                    ctx.step_finished(step, crate::journal::StepOutcome::Failed, e.to_string());
+                    return Err(e);
                 }
             }
         }
@@ -656,39 +658,39 @@ impl BackupStore {
                 }
             }
         }
-        if opts.database {
-            if let (Some(dbm), Some(pg)) = (&manifest.database, pg_target(app)?) {
-                let step = "restore database";
-                ctx.step_started(
-                    step,
-                    format!(
-                        "pg_restore into a new database, check row counts, swap with {}",
-                        pg.dbname
-                    ),
-                );
-                let db_rid = rid.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
-                match db::restore_swap(
-                    &pg,
-                    &dir.join(DUMP_FILE),
-                    &db_rid,
-                    &dbm.row_counts,
-                    DB_TIMEOUT,
-                )
-                .await
-                {
-                    Ok(outcome) => {
-                        ctx.step_finished(
-                            step,
-                            crate::journal::StepOutcome::Succeeded,
-                            format!("previous database kept as {}", outcome.kept_as),
-                        );
-                        report.database_kept_as = Some(outcome.kept_as);
-                    }
-                    Err(e) => {
-                        ctx.step_finished(step, crate::journal::StepOutcome::Failed, e.to_string());
-                        undo_swaps(&swapped);
-                        return Err(e.into());
-                    }
+        if opts.database
+            && let (Some(dbm), Some(pg)) = (&manifest.database, pg_target(app)?)
+        {
+            let step = "restore database";
+            ctx.step_started(
+                step,
+                format!(
+                    "pg_restore into a new database, check row counts, swap with {}",
+                    pg.dbname
+                ),
+            );
+            let db_rid = rid.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+            match db::restore_swap(
+                &pg,
+                &dir.join(DUMP_FILE),
+                &db_rid,
+                &dbm.row_counts,
+                DB_TIMEOUT,
+            )
+            .await
+            {
+                Ok(outcome) => {
+                    ctx.step_finished(
+                        step,
+                        crate::journal::StepOutcome::Succeeded,
+                        format!("previous database kept as {}", outcome.kept_as),
+                    );
+                    report.database_kept_as = Some(outcome.kept_as);
+                }
+                Err(e) => {
+                    ctx.step_finished(step, crate::journal::StepOutcome::Failed, e.to_string());
+                    undo_swaps(&swapped);
+                    return Err(e.into());
                 }
             }
         }
@@ -846,10 +848,10 @@ async fn stage_and_swap(
 fn undo_swaps(swapped: &[SwappedPath]) {
     for s in swapped.iter().rev() {
         let _ = remove_path(&s.target);
-        if let Some(old) = &s.previous {
-            if let Err(e) = std::fs::rename(old, &s.target) {
-                tracing::error!(target = %s.target.display(), "cannot put back {}: {e}", old.display());
-            }
+        if let Some(old) = &s.previous
+            && let Err(e) = std::fs::rename(old, &s.target)
+        {
+            tracing::error!(target = %s.target.display(), "cannot put back {}: {e}", old.display());
         }
         let _ = std::fs::remove_dir_all(&s.staging);
     }
@@ -917,7 +919,7 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(u64::from(s.f_bavail) * u64::from(s.f_frsize))
+    Ok(s.f_bavail * s.f_frsize)
 }
 
 /// A cancel flag that is never set, for callers without an operation.

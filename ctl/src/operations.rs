@@ -1,0 +1,434 @@
+//! Following long operations: events as they happen (progress bars on a
+//! terminal, plain lines otherwise), the final state as the exit code, and
+//! `covetctl ops …`.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Subcommand;
+use covet_proto::v1 as pb;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::nodes::{Node, connect_node};
+use crate::output;
+use crate::{Global, Output};
+
+/// Exit codes of commands that run operations.
+pub const EXIT_ROLLED_BACK: u8 = 3;
+pub const EXIT_NEEDS_HUMAN: u8 = 4;
+
+pub fn state_name(state: i32) -> String {
+    pb::OperationState::try_from(state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("OPERATION_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn kind_name(kind: i32) -> String {
+    pb::OperationKind::try_from(kind)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("OPERATION_KIND_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn outcome_name(o: i32) -> String {
+    pb::StepOutcome::try_from(o)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("STEP_OUTCOME_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+pub fn exit_code(op: &pb::Operation) -> ExitCode {
+    match pb::OperationState::try_from(op.state) {
+        Ok(pb::OperationState::Succeeded) => ExitCode::SUCCESS,
+        Ok(pb::OperationState::RolledBack) => ExitCode::from(EXIT_ROLLED_BACK),
+        Ok(pb::OperationState::NeedsHuman) => ExitCode::from(EXIT_NEEDS_HUMAN),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+pub fn operation_json(op: &pb::Operation) -> serde_json::Value {
+    let by = op.requested_by.clone().unwrap_or_default();
+    json!({
+        "id": op.id,
+        "kind": kind_name(op.kind),
+        "app": op.app,
+        "state": state_name(op.state),
+        "created": output::timestamp(op.created.as_ref()),
+        "updated": output::timestamp(op.updated.as_ref()),
+        "finished": output::timestamp(op.finished.as_ref()),
+        "requested_by": by.common_name,
+        "cause": op.cause,
+        "needs_human": op.needs_human,
+        "backup_id": op.backup_id,
+        "current_step": op.current_step,
+        "last_sequence": op.last_sequence,
+        "params": op.params,
+        "steps": op.steps.iter().map(|s| json!({
+            "name": s.name,
+            "outcome": outcome_name(s.outcome),
+            "started": output::timestamp(s.started.as_ref()),
+            "finished": output::timestamp(s.finished.as_ref()),
+            "detail": s.detail,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn print_operation(op: &pb::Operation) {
+    output::fields(&[
+        ("operation", op.id.clone()),
+        ("kind", kind_name(op.kind)),
+        ("app", op.app.clone()),
+        ("state", state_name(op.state)),
+        (
+            "requested by",
+            op.requested_by.clone().unwrap_or_default().common_name,
+        ),
+        ("created", output::timestamp(op.created.as_ref())),
+        ("finished", output::timestamp(op.finished.as_ref())),
+        ("backup", op.backup_id.clone()),
+    ]);
+    if !op.cause.is_empty() {
+        println!("cause: {}", op.cause);
+    }
+    if !op.needs_human.is_empty() {
+        println!("NEEDS A HUMAN: {}", op.needs_human);
+    }
+    if !op.steps.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = op
+            .steps
+            .iter()
+            .map(|s| vec![s.name.clone(), outcome_name(s.outcome), s.detail.clone()])
+            .collect();
+        output::table(&["STEP", "OUTCOME", "DETAIL"], &rows);
+    }
+}
+
+/// Renders events for a person: bars on a terminal, lines otherwise.
+struct Renderer {
+    tty: bool,
+    bar: Option<(String, ProgressBar)>,
+    last_plain: Option<Instant>,
+}
+
+impl Renderer {
+    fn new() -> Renderer {
+        Renderer {
+            tty: std::io::stderr().is_terminal(),
+            bar: None,
+            last_plain: None,
+        }
+    }
+
+    fn line(&mut self, text: String) {
+        match &self.bar {
+            Some((_, bar)) => bar.println(text),
+            None => println!("{text}"),
+        }
+    }
+
+    fn end_bar(&mut self) {
+        if let Some((_, bar)) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+
+    fn event(&mut self, e: &pb::OperationEvent) {
+        use pb::operation_event::Event;
+        let Some(event) = &e.event else { return };
+        match event {
+            Event::StepStarted(s) => {
+                self.end_bar();
+                self.line(format!(
+                    "==> {}{}",
+                    s.step,
+                    if s.description.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", s.description)
+                    }
+                ));
+            }
+            Event::StepFinished(s) => {
+                self.end_bar();
+                let mark = if outcome_name(s.outcome) == "succeeded" {
+                    "ok"
+                } else {
+                    "FAILED"
+                };
+                self.line(format!(
+                    "    {mark} {}{}",
+                    s.step,
+                    if s.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", s.detail)
+                    }
+                ));
+            }
+            Event::Output(o) => self.line(format!("    | {}", o.line)),
+            Event::Progress(p) => self.progress(p),
+            Event::StateChanged(s) => {
+                self.end_bar();
+                let state = state_name(s.state);
+                if state != "running" {
+                    self.line(format!(
+                        "state: {state}{}",
+                        if s.cause.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", s.cause)
+                        }
+                    ));
+                }
+            }
+            Event::Note(n) => self.line(format!("    note: {}", n.text)),
+        }
+    }
+
+    fn progress(&mut self, p: &pb::Progress) {
+        if self.tty {
+            let bar = match &self.bar {
+                Some((step, bar)) if *step == p.step => bar.clone(),
+                _ => {
+                    self.end_bar();
+                    let bar = ProgressBar::new(p.total.max(1));
+                    let style = ProgressStyle::with_template(
+                        "    {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar());
+                    bar.set_style(style);
+                    self.bar = Some((p.step.clone(), bar.clone()));
+                    bar
+                }
+            };
+            if p.total > 0 {
+                bar.set_length(p.total);
+            }
+            bar.set_position(p.done);
+            return;
+        }
+        // Plain output: a line every few seconds at most.
+        let due = self
+            .last_plain
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
+        if due || (p.total > 0 && p.done >= p.total) {
+            self.last_plain = Some(Instant::now());
+            let pct = if p.total > 0 {
+                format!(" ({:.0}%)", p.done as f64 * 100.0 / p.total as f64)
+            } else {
+                String::new()
+            };
+            self.line(format!(
+                "    {}: {} of {}{pct}",
+                p.step,
+                output::bytes(p.done),
+                if p.total > 0 {
+                    output::bytes(p.total)
+                } else {
+                    "?".into()
+                }
+            ));
+        }
+    }
+}
+
+/// Follows an operation to its end, resuming the event stream if it breaks,
+/// then prints the final operation and returns its exit code.
+pub async fn follow(
+    g: &Global,
+    node: &Node,
+    op: pb::Operation,
+    from: u64,
+) -> anyhow::Result<ExitCode> {
+    let mut client =
+        pb::operation_service_client::OperationServiceClient::new(node.channel.clone());
+    let mut renderer = Renderer::new();
+    let quiet = g.output == Output::Json;
+    if !quiet {
+        println!("operation {} ({} of {})", op.id, kind_name(op.kind), op.app);
+    }
+    let mut next = from.max(1);
+    let mut failures = 0;
+    loop {
+        let request = pb::WatchOperationRequest {
+            id: op.id.clone(),
+            from_sequence: next,
+        };
+        let mut stream = match client.watch_operation(request).await {
+            Ok(s) => s.into_inner(),
+            Err(status) if failures < 5 && status.code() == tonic::Code::Unavailable => {
+                failures += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(status) => return Err(node.fail(status)),
+        };
+        let ended = loop {
+            match stream.message().await {
+                Ok(Some(e)) => {
+                    next = e.sequence + 1;
+                    if !quiet {
+                        renderer.event(&e);
+                    }
+                }
+                Ok(None) => break true,
+                Err(status) if failures < 5 => {
+                    failures += 1;
+                    tracing_note(
+                        quiet,
+                        &format!(
+                            "event stream broke ({}); resuming from event {next}",
+                            status.message()
+                        ),
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    break false;
+                }
+                Err(status) => return Err(node.fail(status)),
+            }
+        };
+        if ended {
+            break;
+        }
+    }
+    renderer.end_bar();
+    let final_op = client
+        .get_operation(pb::GetOperationRequest { id: op.id.clone() })
+        .await
+        .map_err(|s| node.fail(s))?
+        .into_inner();
+    if quiet {
+        output::json(&operation_json(&final_op));
+    } else {
+        println!();
+        print_operation(&final_op);
+    }
+    Ok(exit_code(&final_op))
+}
+
+fn tracing_note(quiet: bool, text: &str) {
+    if !quiet {
+        eprintln!("covetctl: {text}");
+    }
+}
+
+#[derive(Subcommand)]
+pub enum OpsCommand {
+    /// Operations, newest first.
+    List {
+        /// Only this app's.
+        #[arg(long)]
+        app: Option<String>,
+        /// Only those not over yet.
+        #[arg(long)]
+        active: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// One operation, with its steps.
+    Show { id: String },
+    /// Follow an operation's events until it ends (resume with --from).
+    Watch {
+        id: String,
+        /// First event sequence number to show.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+    },
+    /// Cancel a running operation (an upgrade then rolls back).
+    Cancel { id: String },
+}
+
+pub async fn ops(g: &Global, cmd: OpsCommand) -> anyhow::Result<ExitCode> {
+    let node = connect_node(g).await?;
+    let mut client =
+        pb::operation_service_client::OperationServiceClient::new(node.channel.clone());
+    match cmd {
+        OpsCommand::List { app, active, limit } => {
+            let r = client
+                .list_operations(pb::ListOperationsRequest {
+                    app: app.unwrap_or_default(),
+                    active_only: active,
+                    limit,
+                })
+                .await
+                .map_err(|s| node.fail(s))?
+                .into_inner();
+            if g.output == Output::Json {
+                output::json(
+                    &json!({ "operations": r.operations.iter().map(operation_json).collect::<Vec<_>>() }),
+                );
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .operations
+                    .iter()
+                    .map(|o| {
+                        vec![
+                            o.id.clone(),
+                            kind_name(o.kind),
+                            o.app.clone(),
+                            state_name(o.state),
+                            output::timestamp(o.created.as_ref()),
+                            o.requested_by.clone().unwrap_or_default().common_name,
+                            o.cause.clone(),
+                        ]
+                    })
+                    .collect();
+                output::table(
+                    &["ID", "KIND", "APP", "STATE", "CREATED", "BY", "CAUSE"],
+                    &rows,
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        OpsCommand::Show { id } => {
+            let op = client
+                .get_operation(pb::GetOperationRequest { id })
+                .await
+                .map_err(|s| node.fail(s))?
+                .into_inner();
+            if g.output == Output::Json {
+                output::json(&operation_json(&op));
+            } else {
+                print_operation(&op);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        OpsCommand::Watch { id, from } => {
+            let op = client
+                .get_operation(pb::GetOperationRequest { id })
+                .await
+                .map_err(|s| node.fail(s))?
+                .into_inner();
+            follow(g, &node, op, from).await
+        }
+        OpsCommand::Cancel { id } => {
+            let op = client
+                .cancel_operation(pb::CancelOperationRequest { id })
+                .await
+                .map_err(|s| node.fail(s))?
+                .into_inner();
+            if g.output == Output::Json {
+                output::json(&operation_json(&op));
+            } else {
+                println!(
+                    "asked operation {} to stop; follow it with `covetctl ops watch {}`",
+                    op.id, op.id
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
