@@ -452,12 +452,6 @@ impl pb::probe_service_server::ProbeService for ProbeApi {
 
 // ------------------------------------------- capabilities of later issues
 
-/// Services whose capabilities are not built yet: every RPC answers
-/// UNIMPLEMENTED (the generated default stubs).
-pub struct NotYet;
-
-impl pb::upgrade_service_server::UpgradeService for NotYet {}
-
 // ---------------------------------------------------------------- units
 
 pub struct UnitApi(pub AgentState);
@@ -1546,4 +1540,283 @@ fn stream_tar(
     {
         let _ = tx.blocking_send(Err(Status::internal(format!("streaming backup {id}: {e}"))));
     }
+}
+
+// ---------------------------------------------------------------- upgrades
+
+pub struct UpgradeApi(pub AgentState);
+
+impl AgentState {
+    pub fn workflow_deps(&self) -> crate::workflow::Deps {
+        crate::workflow::Deps {
+            config: self.config.clone(),
+            systemd: self.systemd.clone(),
+            backups: self.backups.clone(),
+            probe_policy: self.probe_policy.clone(),
+        }
+    }
+}
+
+fn env_edits_from_pb(edits: Vec<pb::EnvEdit>) -> Result<Vec<crate::envfile::EnvEdit>, Status> {
+    use crate::envfile::EnvEdit;
+    use pb::env_edit::Edit;
+    edits
+        .into_iter()
+        .map(|e| match e.edit {
+            Some(Edit::Set(s)) => Ok(EnvEdit::Set {
+                key: s.key,
+                value: s.value,
+            }),
+            Some(Edit::Rename(r)) => Ok(EnvEdit::Rename {
+                from: r.from,
+                to: r.to,
+            }),
+            Some(Edit::Unset(u)) => Ok(EnvEdit::Unset { key: u.key }),
+            None => Err(Status::invalid_argument(
+                "an env edit must be set, rename or unset",
+            )),
+        })
+        .collect()
+}
+
+fn preflight_error(e: crate::workflow::PreflightError) -> Status {
+    match e {
+        crate::workflow::PreflightError::Invalid(m) => Status::invalid_argument(m),
+        crate::workflow::PreflightError::Precondition(m) => Status::failed_precondition(m),
+    }
+}
+
+impl UpgradeApi {
+    fn spec(
+        &self,
+        req: pb::UpgradeRequest,
+    ) -> Result<(crate::config::AppConfig, crate::workflow::UpgradeSpec), Status> {
+        let app = app_or_not_found(&self.0.config, &req.app)?.clone();
+        if req.to_version.is_empty() {
+            return Err(Status::invalid_argument("to_version is required"));
+        }
+        let watch = match req.watch {
+            Some(w) => Some(duration_arg(
+                "watch",
+                Some(w),
+                Duration::ZERO,
+                Duration::from_secs(1),
+                Duration::from_secs(24 * 3600),
+            )?)
+            .filter(|d| !d.is_zero()),
+            None => None,
+        };
+        let spec = crate::workflow::UpgradeSpec {
+            app: app.name.clone(),
+            to_version: req.to_version,
+            env_edits: env_edits_from_pb(req.env_edits)?,
+            no_rollback: req.no_rollback,
+            watch,
+            force: req.force,
+        };
+        Ok((app, spec))
+    }
+
+    fn busy(&self, app: &str) -> Result<(), Status> {
+        match self.0.ops.holder(app) {
+            Some(holder) => Err(Status::aborted(format!(
+                "app {app} is busy: operation {holder} holds its lock; wait for it or cancel it"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::upgrade_service_server::UpgradeService for UpgradeApi {
+    async fn upgrade(
+        &self,
+        request: Request<pb::UpgradeRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        set_target(
+            &request,
+            format!(
+                "app={} version={}",
+                request.get_ref().app,
+                request.get_ref().to_version
+            ),
+        );
+        let caller = caller_record(&request);
+        let (app, spec) = self.spec(request.into_inner())?;
+        self.busy(&app.name)?;
+        let deps = self.0.workflow_deps();
+        let pre = crate::workflow::preflight(&deps, &app, &spec)
+            .await
+            .map_err(preflight_error)?;
+        let mut params = spec.to_params();
+        params.insert("from_version".into(), pre.from_version.clone());
+        let op_spec = OpSpec {
+            kind: OpKind::Upgrade,
+            app: app.name.clone(),
+            caller,
+            params,
+            exclusive: true,
+        };
+        let op = self
+            .0
+            .ops
+            .start(op_spec, move |ctx| {
+                crate::workflow::run_upgrade(deps, ctx, app, spec, pre)
+            })
+            .map_err(op_error)?;
+        Ok(Response::new(operation_to_pb(op)))
+    }
+
+    async fn plan_upgrade(
+        &self,
+        request: Request<pb::UpgradeRequest>,
+    ) -> Result<Response<pb::UpgradePlan>, Status> {
+        set_target(
+            &request,
+            format!(
+                "app={} version={}",
+                request.get_ref().app,
+                request.get_ref().to_version
+            ),
+        );
+        let (app, spec) = self.spec(request.into_inner())?;
+        let deps = self.0.workflow_deps();
+        let mut plan = pb::UpgradePlan {
+            app: app.name.clone(),
+            to_version: spec.to_version.clone(),
+            ..Default::default()
+        };
+        if let Some(holder) = self.0.ops.holder(&app.name) {
+            plan.blockers
+                .push(format!("operation {holder} holds the app's lock"));
+        }
+        match crate::workflow::preflight(&deps, &app, &spec).await {
+            Ok(pre) => {
+                plan.from_version = pre.from_version;
+                plan.env_diff = pre
+                    .findings
+                    .iter()
+                    .filter_map(|f| f.strip_prefix("env: ").map(str::to_owned))
+                    .collect();
+            }
+            Err(crate::workflow::PreflightError::Invalid(m)) => {
+                return Err(Status::invalid_argument(m));
+            }
+            Err(crate::workflow::PreflightError::Precondition(m)) => plan.blockers.push(m),
+        }
+        plan.steps = upgrade_steps(&app, &spec);
+        plan.migration_dry_run = match crate::workflow::migration_dry_run(&deps, &app, &spec).await
+        {
+            Ok(lines) => lines,
+            Err(e) => {
+                plan.blockers
+                    .push(format!("the migration dry run failed: {e}"));
+                Vec::new()
+            }
+        };
+        Ok(Response::new(plan))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        set_target(&request, format!("app={}", request.get_ref().app));
+        let caller = caller_record(&request);
+        let req = request.into_inner();
+        let app = app_or_not_found(&self.0.config, &req.app)?.clone();
+        self.busy(&app.name)?;
+        let backup_id = if req.backup_id.is_empty() {
+            self.0
+                .ops
+                .journal()
+                .list()
+                .map_err(journal_error)?
+                .into_iter()
+                .find(|op| op.app == app.name && op.kind == OpKind::Upgrade && op.state == OpState::Succeeded && !op.backup_id.is_empty())
+                .map(|op| op.backup_id)
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "no successful upgrade of {} to roll back; name a backup with --to BACKUP_ID",
+                        app.name
+                    ))
+                })?
+        } else {
+            req.backup_id
+        };
+        let (dir, manifest) = self
+            .0
+            .backups
+            .find(&[app.name.as_str()], &backup_id)
+            .map_err(backup_error)?;
+        BackupStore::verify_checksums(&dir, &manifest)
+            .await
+            .map_err(|e| {
+                Status::failed_precondition(format!("{e}; refusing to roll back to it"))
+            })?;
+        let deps = self.0.workflow_deps();
+        let params = [("backup".to_owned(), backup_id.clone())].into();
+        let op_spec = OpSpec {
+            kind: OpKind::Rollback,
+            app: app.name.clone(),
+            caller,
+            params,
+            exclusive: true,
+        };
+        let op = self
+            .0
+            .ops
+            .start(op_spec, move |ctx| {
+                ctx.update(|op| op.backup_id = backup_id.clone());
+                crate::workflow::run_rollback(deps, ctx, app, backup_id)
+            })
+            .map_err(op_error)?;
+        Ok(Response::new(operation_to_pb(op)))
+    }
+}
+
+fn upgrade_steps(
+    app: &crate::config::AppConfig,
+    spec: &crate::workflow::UpgradeSpec,
+) -> Vec<String> {
+    let mut steps = vec![
+        "preflight: version available, unit loaded, app healthy, disk space".to_owned(),
+        format!(
+            "backup: {} path(s){}",
+            app.paths.len(),
+            if app.database.is_some() {
+                " and the database"
+            } else {
+                ""
+            }
+        ),
+        format!(
+            "package: install {} {}",
+            app.package.as_ref().map(|p| p.name.as_str()).unwrap_or("?"),
+            spec.to_version
+        ),
+    ];
+    if !spec.env_edits.is_empty() {
+        steps.push(format!(
+            "config: {} edit(s) of the env file",
+            spec.env_edits.len()
+        ));
+    }
+    if let Some(m) = &app.migrate {
+        steps.push(format!("migrate: {}", m.command.join(" ")));
+    }
+    steps.push(format!("restart: {}", app.unit));
+    if app.health.is_some() {
+        steps.push("health: the health probe must pass".into());
+    }
+    if !app.smoke.is_empty() {
+        steps.push(format!("smoke: {} check(s)", app.smoke.len()));
+    }
+    if let Some(w) = spec.watch {
+        steps.push(format!(
+            "watch: probe health for {}",
+            humantime::format_duration(w)
+        ));
+    }
+    steps
 }

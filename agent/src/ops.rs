@@ -179,6 +179,39 @@ impl Operations {
         Ok(record)
     }
 
+    /// Takes over an operation the journal shows unfinished (the agent died
+    /// while it ran): re-takes the app's lock and runs `work` under the same id.
+    pub fn resume<F, Fut>(&self, op: &OperationRecord, work: F) -> Result<(), OpError>
+    where
+        F: FnOnce(OpContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        self.inner.locks.take(&op.app, &op.id)?;
+        let guard = LockGuard {
+            ops: self.inner.clone(),
+            app: op.app.clone(),
+            id: op.id.clone(),
+        };
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.inner
+            .cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(op.id.clone(), cancel.clone());
+        let ctx = OpContext {
+            id: op.id.clone(),
+            journal: self.inner.journal.clone(),
+            cancel,
+            last_progress: Arc::new(Mutex::new(None)),
+        };
+        tokio::spawn(async move {
+            let _guard = guard;
+            let outcome = work(ctx.clone()).await;
+            ctx.finish(outcome);
+        });
+        Ok(())
+    }
+
     /// Asks a running operation to stop. Returns false when it is not running here.
     pub fn cancel(&self, id: &str) -> bool {
         let cancels = self.inner.cancels.lock().unwrap_or_else(|p| p.into_inner());
@@ -236,6 +269,11 @@ impl OpContext {
         if let Err(e) = self.journal.append(&self.id, body) {
             tracing::error!(op = %self.id, "cannot journal event: {e}");
         }
+    }
+
+    /// The operation's record as journaled now.
+    pub fn record(&self) -> Option<OperationRecord> {
+        self.journal.get(&self.id).ok()
     }
 
     pub fn canceled(&self) -> bool {

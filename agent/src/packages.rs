@@ -1,12 +1,225 @@
-//! The app's package: which version is installed (and, with the upgrade
-//! workflow, how to swap it).
+//! The app's package: which version is installed, whether a version is
+//! available, and how to swap one version for another and back.
+//!
+//! Every kind follows the same steps: [`check_available`] (preflight),
+//! [`prepare_restore_point`], [`install`], then [`restore`] on failure or
+//! [`discard`] on success. Each step is safe to run again after a crash.
+//!
+//! - pip: the virtualenv is copied aside, then pip installs in place from
+//!   local wheelhouses only (`--no-index`). Virtualenvs are not relocatable
+//!   (absolute shebangs), so the copy, renamed back, is the exact way back.
+//! - release: trees unpacked under `releases_dir/VERSION/`, with a `current`
+//!   symlink swapped atomically.
+//! - deb, rpm: not yet (packaging, issue 6).
 
-use std::path::Path;
+use std::collections::VecDeque;
+use std::ffi::{CString, OsString};
+use std::fs::{self, Permissions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+
+use crate::backup::archive::{self, ArchiveError, Compression, Progress};
 use crate::config::{AppConfig, PackageConfig, PackageKind};
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(20);
+const MAX_VERSION_LEN: usize = 64;
+const MAX_OP_ID_LEN: usize = 128;
+/// Lines of tool output kept for the error message when the tool fails.
+const OUTPUT_TAIL_LINES: usize = 30;
+/// Release artifacts, in the order they are looked for.
+const ARTIFACT_KINDS: [(&str, Compression); 3] = [
+    ("tar.gz", Compression::Gzip),
+    ("tar.zst", Compression::Zstd),
+    ("tar", Compression::None),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackageError {
+    #[error("{name} {version} is not available; searched: {searched}")]
+    VersionMissing {
+        name: String,
+        version: String,
+        searched: String,
+    },
+    #[error(
+        "invalid version {0:?}: use 1 to {MAX_VERSION_LEN} letters, digits and `. + ! - _`, not starting with `-` or `.`, without `..`"
+    )]
+    InvalidVersion(String),
+    #[error("invalid operation id {0:?}: use 1 to {MAX_OP_ID_LEN} letters, digits, `-` and `_`")]
+    InvalidOperationId(String),
+    #[error("package {name} (kind {kind}) needs `{field}` in the app's [package] configuration")]
+    NotConfigured {
+        name: String,
+        kind: &'static str,
+        field: &'static str,
+    },
+    #[error("{program} failed ({status}):\n{output}")]
+    Tool {
+        program: String,
+        status: String,
+        output: String,
+    },
+    #[error("{program} did not finish within {}", humantime::format_duration(*after))]
+    Timeout { program: String, after: Duration },
+    #[error("release artifact {} was not unpacked: {source}", artifact.display())]
+    Archive {
+        artifact: PathBuf,
+        source: ArchiveError,
+    },
+    #[error(
+        "not enough space in {} to copy the virtualenv: {needed} bytes needed, {available} available; free some space and retry",
+        dir.display()
+    )]
+    NoSpace {
+        dir: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+    #[error("cannot restore {}: {why}", path.display())]
+    CannotRestore { path: PathBuf, why: String },
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("app {0} declares no [package]")]
+    NoPackage(String),
+}
+
+/// What is needed to put the previous package back exactly.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RestorePoint {
+    /// `copy` is a complete copy of `venv` taken before the install;
+    /// `version` is what was installed then.
+    Pip {
+        venv: PathBuf,
+        copy: PathBuf,
+        version: Option<String>,
+    },
+    /// `current` pointed at `previous_target` (the link's text, as read).
+    Release {
+        current: PathBuf,
+        previous_target: PathBuf,
+    },
+    /// Nothing to put back.
+    None,
+}
+
+/// The app's package configuration, or why there is none.
+pub fn package_of(app: &AppConfig) -> Result<&PackageConfig, PackageError> {
+    app.package
+        .as_ref()
+        .ok_or_else(|| PackageError::NoPackage(app.name.clone()))
+}
+
+/// Validates a version string from the network: PEP 440 / semver characters
+/// only (`A-Za-z0-9.+!-_`), 1 to 64 of them, no leading `-` or `.`, no `..`
+/// — so a version is always a safe file name and never an option.
+pub fn validate_version(v: &str) -> Result<(), PackageError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '!' | '-' | '_');
+    let ok = (1..=MAX_VERSION_LEN).contains(&v.len())
+        && v.chars().all(allowed)
+        && !v.starts_with(['-', '.'])
+        && !v.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(PackageError::InvalidVersion(v.to_owned()))
+    }
+}
+
+/// Preflight: `version` exists in the configured source, without touching
+/// the network. pip: a wheel or sdist of `name==version` in a `find_links`
+/// directory. release: an artifact `NAME-VERSION.tar.gz|.tar.zst|.tar` in
+/// `repo_dir` or a `find_links` directory, or an unpacked
+/// `releases_dir/VERSION/`.
+pub async fn check_available(pkg: &PackageConfig, version: &str) -> Result<(), PackageError> {
+    validate_version(version)?;
+    match pkg.kind {
+        PackageKind::Pip => pip_check_available(pkg, version),
+        PackageKind::Release => release_source(pkg, version).map(|_| ()),
+        PackageKind::Deb | PackageKind::Rpm => Err(unsupported(pkg.kind)),
+    }
+}
+
+/// Records how to put the installed package back exactly; call before
+/// [`install`]. pip: copies the whole virtualenv to
+/// `VENV_PARENT/.VENV_NAME.before-OP_ID` (reused if a complete copy for this
+/// operation exists). release: records where `current` points.
+pub async fn prepare_restore_point(
+    pkg: &PackageConfig,
+    op_id: &str,
+) -> Result<RestorePoint, PackageError> {
+    validate_op_id(op_id)?;
+    match pkg.kind {
+        PackageKind::Pip => pip_prepare(pkg, op_id).await,
+        PackageKind::Release => release_prepare(pkg),
+        PackageKind::Deb | PackageKind::Rpm => Err(unsupported(pkg.kind)),
+    }
+}
+
+/// Installs exactly `version`, handing each line of tool output to
+/// `on_line(is_stderr, line)`. pip: `pip install --no-index --find-links ...
+/// NAME==VERSION` in the virtualenv, as the virtualenv's owner. release:
+/// unpacks the artifact to `releases_dir/VERSION/` (unless already there),
+/// then points `current` at it atomically.
+pub async fn install(
+    pkg: &PackageConfig,
+    version: &str,
+    op_id: &str,
+    timeout: Duration,
+    on_line: &(dyn Fn(bool, &str) + Send + Sync),
+) -> Result<(), PackageError> {
+    validate_version(version)?;
+    validate_op_id(op_id)?;
+    match pkg.kind {
+        PackageKind::Pip => pip_install(pkg, version, timeout, on_line).await,
+        PackageKind::Release => release_install(pkg, version, op_id, timeout).await,
+        PackageKind::Deb | PackageKind::Rpm => Err(unsupported(pkg.kind)),
+    }
+}
+
+/// Puts the package recorded in `rp` back exactly. pip: the live virtualenv
+/// is moved aside (`.VENV_NAME.failed-OP_ID`), the copy renamed into place,
+/// the aside tree removed. release: `current` is pointed back atomically.
+/// Safe to run again, e.g. after a crash half way.
+pub async fn restore(rp: &RestorePoint) -> Result<(), PackageError> {
+    match rp {
+        RestorePoint::Pip { venv, copy, .. } => {
+            let (venv, copy) = (venv.clone(), copy.clone());
+            blocking(move || pip_restore(&venv, &copy)).await
+        }
+        RestorePoint::Release {
+            current,
+            previous_target,
+        } => {
+            let (current, target) = (current.clone(), previous_target.clone());
+            blocking(move || point_symlink(&current, &target, "tmp-restore")).await
+        }
+        RestorePoint::None => Ok(()),
+    }
+}
+
+/// After a successful upgrade: removes the virtualenv copy. Releases keep
+/// their old tree (it is what a later rollback installs).
+pub async fn discard(rp: &RestorePoint) -> Result<(), PackageError> {
+    match rp {
+        RestorePoint::Pip { copy, .. } => {
+            let copy = copy.clone();
+            blocking(move || remove_tree(&copy)).await
+        }
+        RestorePoint::Release { .. } | RestorePoint::None => Ok(()),
+    }
+}
 
 /// The installed version of the app's package, when one is declared and found.
 pub async fn installed_version(app: &AppConfig) -> Option<String> {
@@ -23,6 +236,104 @@ pub async fn installed_version(app: &AppConfig) -> Option<String> {
             .await
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Shared helpers
+// ---------------------------------------------------------------------------
+
+/// Operation ids become parts of file names.
+fn validate_op_id(op_id: &str) -> Result<(), PackageError> {
+    let ok = (1..=MAX_OP_ID_LEN).contains(&op_id.len())
+        && op_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PackageError::InvalidOperationId(op_id.to_owned()))
+    }
+}
+
+fn unsupported(kind: PackageKind) -> PackageError {
+    PackageError::Unsupported(format!(
+        "{} packages arrive with packaging (issue 6)",
+        kind.as_str()
+    ))
+}
+
+fn required<'a>(
+    pkg: &PackageConfig,
+    field: &'static str,
+    value: Option<&'a Path>,
+) -> Result<&'a Path, PackageError> {
+    value.ok_or_else(|| PackageError::NotConfigured {
+        name: pkg.name.clone(),
+        kind: pkg.kind.as_str(),
+        field,
+    })
+}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> PackageError {
+    let context = context.into();
+    move |source| PackageError::Io { context, source }
+}
+
+/// Runs file-system work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, PackageError> + Send + 'static,
+) -> Result<T, PackageError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| PackageError::Io {
+            context: "file-system task failed".to_owned(),
+            source: io::Error::other(e),
+        })?
+}
+
+/// `DIR/.NAME.TAG-OP_ID`, next to `path` so renames stay on one file system.
+fn sibling(path: &Path, tag: &str, op_id: &str) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{name}.{tag}-{op_id}"))
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), PackageError> {
+    crate::backup::fsync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))
+}
+
+fn exists(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok()
+}
+
+/// Removes a file, symlink or tree; a missing path is fine (retries).
+fn remove_tree(path: &Path) -> Result<(), PackageError> {
+    let removed = match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    removed.map_err(io_error(format!("removing {}", path.display())))
+}
+
+fn rename(from: &Path, to: &Path) -> Result<(), PackageError> {
+    fs::rename(from, to).map_err(io_error(format!(
+        "renaming {} to {}",
+        from.display(),
+        to.display()
+    )))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// PEP 503 normalization, as wheel `.dist-info` directories compare.
@@ -43,13 +354,395 @@ fn normalize(name: &str) -> String {
     out
 }
 
+async fn query(program: &str, args: &[&str]) -> Option<String> {
+    let output = tokio::time::timeout(
+        QUERY_TIMEOUT,
+        Command::new(program).args(args).kill_on_drop(true).output(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let version = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    (output.status.success() && !version.is_empty()).then_some(version)
+}
+
+// ---------------------------------------------------------------------------
+// Running a tool
+// ---------------------------------------------------------------------------
+
+/// Runs `program` (absolute path) with `args`, streaming its output lines,
+/// killed when `timeout` passes. `owner` is the uid/gid to run as.
+async fn run_tool(
+    program: &Path,
+    args: &[OsString],
+    owner: Option<(u32, u32)>,
+    timeout: Duration,
+    on_line: &(dyn Fn(bool, &str) + Send + Sync),
+) -> Result<(), PackageError> {
+    let name = program.display().to_string();
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // The agent's own environment must not steer pip or Python.
+    for (key, _) in std::env::vars_os() {
+        let key_bytes = key.as_bytes();
+        if key_bytes.starts_with(b"PIP_") || key_bytes.starts_with(b"PYTHON") {
+            command.env_remove(&key);
+        }
+    }
+    if let Some((uid, gid)) = owner {
+        command.uid(uid).gid(gid);
+    }
+    let mut child = command
+        .spawn()
+        .map_err(io_error(format!("starting {name}")))?;
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let finished = tokio::time::timeout(timeout, async {
+        let (out_tail, err_tail) = tokio::join!(
+            stream_lines(stdout, false, on_line),
+            stream_lines(stderr, true, on_line)
+        );
+        (child.wait().await, out_tail, err_tail)
+    })
+    .await;
+    let Ok((status, out_tail, err_tail)) = finished else {
+        let _ = child.kill().await;
+        return Err(PackageError::Timeout {
+            program: name,
+            after: timeout,
+        });
+    };
+    let status = status.map_err(io_error(format!("waiting for {name}")))?;
+    if status.success() {
+        return Ok(());
+    }
+    let tail = if err_tail.is_empty() {
+        out_tail
+    } else {
+        err_tail
+    };
+    Err(PackageError::Tool {
+        program: name,
+        status: status.to_string(),
+        output: Vec::from(tail).join("\n"),
+    })
+}
+
+/// Hands each line to `on_line`; returns the last lines for error messages.
+async fn stream_lines(
+    stream: Option<impl AsyncRead + Unpin>,
+    is_stderr: bool,
+    on_line: &(dyn Fn(bool, &str) + Send + Sync),
+) -> VecDeque<String> {
+    let mut tail = VecDeque::new();
+    let Some(stream) = stream else { return tail };
+    let mut reader = BufReader::new(stream);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let line = String::from_utf8_lossy(&buf);
+        let line = line.trim_end_matches(['\n', '\r']);
+        on_line(is_stderr, line);
+        if tail.len() == OUTPUT_TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line.to_owned());
+    }
+    tail
+}
+
+// ---------------------------------------------------------------------------
+// pip
+// ---------------------------------------------------------------------------
+
+fn pip_check_available(pkg: &PackageConfig, version: &str) -> Result<(), PackageError> {
+    let mut searched = Vec::new();
+    for dir in &pkg.find_links {
+        match fs::read_dir(dir) {
+            Ok(entries) => {
+                let found = entries.flatten().any(|entry| {
+                    is_distribution_of(&entry.file_name().to_string_lossy(), &pkg.name, version)
+                });
+                if found {
+                    return Ok(());
+                }
+                searched.push(dir.display().to_string());
+            }
+            Err(e) => searched.push(format!("{} (unreadable: {e})", dir.display())),
+        }
+    }
+    if searched.is_empty() {
+        searched.push(
+            "nothing: no find_links directories are configured (package indexes are never used)"
+                .to_owned(),
+        );
+    }
+    Err(PackageError::VersionMissing {
+        name: pkg.name.clone(),
+        version: version.to_owned(),
+        searched: searched.join(", "),
+    })
+}
+
+/// Whether `file` is a wheel (`NAME-VERSION[-BUILD]-PY-ABI-PLATFORM.whl`,
+/// `-` escaped to `_` inside fields) or an sdist (`NAME-VERSION.tar.gz` or
+/// `.zip`) of `name` at `version`.
+fn is_distribution_of(file: &str, name: &str, version: &str) -> bool {
+    if let Some(stem) = file.strip_suffix(".whl") {
+        let fields: Vec<&str> = stem.split('-').collect();
+        return matches!(fields.len(), 5 | 6)
+            && normalize(fields[0]) == normalize(name)
+            && fields[1].eq_ignore_ascii_case(&version.replace('-', "_"));
+    }
+    [".tar.gz", ".zip"].iter().any(|ext| {
+        file.strip_suffix(ext)
+            .and_then(|stem| stem.strip_suffix(version))
+            .and_then(|rest| rest.strip_suffix('-'))
+            .is_some_and(|dist| normalize(dist) == normalize(name))
+    })
+}
+
+fn venv_of(pkg: &PackageConfig) -> Result<&Path, PackageError> {
+    required(pkg, "venv", pkg.venv.as_deref())
+}
+
+async fn pip_prepare(pkg: &PackageConfig, op_id: &str) -> Result<RestorePoint, PackageError> {
+    let venv = venv_of(pkg)?.to_owned();
+    let copy = sibling(&venv, "before", op_id);
+    let version = pip_version(pkg);
+    let (source, target) = (venv.clone(), copy.clone());
+    blocking(move || copy_venv(&source, &target)).await?;
+    Ok(RestorePoint::Pip {
+        venv,
+        copy,
+        version,
+    })
+}
+
+/// Copies `venv` to `copy` by way of `copy.partial`, so that only a complete
+/// copy ever carries the final name; an existing complete copy is reused.
+fn copy_venv(venv: &Path, copy: &Path) -> Result<(), PackageError> {
+    if copy.is_dir() {
+        return Ok(());
+    }
+    let mut partial = copy.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    remove_tree(&partial)?;
+    let parent = parent_of(copy);
+    ensure_space_for(venv, parent)?;
+    copy_tree(venv, &partial).map_err(io_error(format!(
+        "copying virtualenv {} to {}",
+        venv.display(),
+        partial.display()
+    )))?;
+    sync_file_system(&partial)?;
+    rename(&partial, copy)?;
+    fsync_dir(parent)
+}
+
+fn ensure_space_for(tree: &Path, dir: &Path) -> Result<(), PackageError> {
+    let stats = archive::measure(tree).map_err(|e| PackageError::Io {
+        context: format!("measuring {}", tree.display()),
+        source: io::Error::other(e),
+    })?;
+    // Every file takes at least a block.
+    let needed = stats.uncompressed_bytes + stats.files * 4096;
+    let available = crate::backup::free_bytes(dir).map_err(io_error(format!(
+        "checking free space in {}",
+        dir.display()
+    )))?;
+    if needed > available {
+        return Err(PackageError::NoSpace {
+            dir: dir.to_owned(),
+            needed,
+            available,
+        });
+    }
+    Ok(())
+}
+
+/// Flushes the copy's file system before the rename makes the copy count
+/// as complete.
+fn sync_file_system(path: &Path) -> Result<(), PackageError> {
+    let dir = fs::File::open(path).map_err(io_error(format!("opening {}", path.display())))?;
+    // SAFETY: `dir` is an open descriptor for the duration of the call.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(io_error(format!(
+            "syncing the file system of {}",
+            path.display()
+        ))(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Recursive copy keeping symlinks as symlinks, modes, times, and owners
+/// when running as root.
+fn copy_tree(source: &Path, target: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(source)?;
+    let file_type = meta.file_type();
+    if file_type.is_symlink() {
+        std::os::unix::fs::symlink(fs::read_link(source)?, target)?;
+    } else if file_type.is_dir() {
+        fs::create_dir(target)?;
+        // Writable while it fills, whatever the source's mode.
+        fs::set_permissions(target, Permissions::from_mode(0o700))?;
+        for entry in fs::read_dir(source)? {
+            let entry = entry?;
+            copy_tree(&entry.path(), &target.join(entry.file_name()))?;
+        }
+    } else if file_type.is_file() {
+        fs::copy(source, target)?;
+    } else {
+        return Err(io::Error::other(format!(
+            "{} is not a file, directory or symlink",
+            source.display()
+        )));
+    }
+    copy_attributes(target, &meta)
+}
+
+/// Owner first (chown clears setuid bits), then mode, then times last
+/// (a directory's mtime changes while it fills).
+fn copy_attributes(path: &Path, meta: &fs::Metadata) -> io::Result<()> {
+    if is_root() {
+        std::os::unix::fs::lchown(path, Some(meta.uid()), Some(meta.gid()))?;
+    }
+    if !meta.file_type().is_symlink() {
+        fs::set_permissions(path, Permissions::from_mode(meta.mode() & 0o7777))?;
+    }
+    set_times_nofollow(path, meta)
+}
+
+fn set_times_nofollow(path: &Path, meta: &fs::Metadata) -> io::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_bytes())?;
+    let times = [
+        libc::timespec {
+            tv_sec: meta.atime(),
+            tv_nsec: meta.atime_nsec(),
+        },
+        libc::timespec {
+            tv_sec: meta.mtime(),
+            tv_nsec: meta.mtime_nsec(),
+        },
+    ];
+    // SAFETY: `c_path` is NUL-terminated and `times` holds two timespecs.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+async fn pip_install(
+    pkg: &PackageConfig,
+    version: &str,
+    timeout: Duration,
+    on_line: &(dyn Fn(bool, &str) + Send + Sync),
+) -> Result<(), PackageError> {
+    let venv = venv_of(pkg)?;
+    // A clear "missing" beats pip's resolver output.
+    pip_check_available(pkg, version)?;
+    let python = venv.join("bin/python");
+    // No `--upgrade`: an exact pin makes pip replace whatever version is
+    // installed (up or down), while leaving satisfied dependencies alone.
+    let mut args: Vec<OsString> = [
+        "-m",
+        "pip",
+        "install",
+        "--no-input",
+        "--disable-pip-version-check",
+        "--no-cache-dir",
+        "--no-index",
+    ]
+    .map(OsString::from)
+    .to_vec();
+    for dir in &pkg.find_links {
+        args.push("--find-links".into());
+        args.push(dir.into());
+    }
+    args.push(format!("{}=={version}", pkg.name).into());
+    run_tool(&python, &args, venv_owner(venv)?, timeout, on_line).await?;
+    let installed = pip_version(pkg);
+    if !installed
+        .as_deref()
+        .is_some_and(|v| v.eq_ignore_ascii_case(version))
+    {
+        tracing::warn!(package = %pkg.name, wanted = version, ?installed, "pip reports success but the installed version differs");
+    }
+    Ok(())
+}
+
+/// Files pip writes must belong to whoever owns the virtualenv, not root.
+fn venv_owner(venv: &Path) -> Result<Option<(u32, u32)>, PackageError> {
+    let meta =
+        fs::metadata(venv).map_err(io_error(format!("reading virtualenv {}", venv.display())))?;
+    Ok((is_root() && meta.uid() != 0).then(|| (meta.uid(), meta.gid())))
+}
+
+/// Each state a crash can leave is resumed: (live, copy) → (aside, copy)
+/// → (live restored, aside) → (live restored).
+fn pip_restore(venv: &Path, copy: &Path) -> Result<(), PackageError> {
+    let aside = aside_of(venv, copy)?;
+    let parent = parent_of(venv);
+    if exists(copy) {
+        if exists(venv) {
+            // Any earlier aside tree is a failed install too.
+            remove_tree(&aside)?;
+            rename(venv, &aside)?;
+        }
+        rename(copy, venv)?;
+        fsync_dir(parent)?;
+    } else if !exists(venv) {
+        return Err(PackageError::CannotRestore {
+            path: venv.to_owned(),
+            why: format!(
+                "neither the virtualenv nor its copy {} exists",
+                copy.display()
+            ),
+        });
+    }
+    remove_tree(&aside)
+}
+
+/// `.NAME.failed-OP_ID` for a copy named `.NAME.before-OP_ID`.
+fn aside_of(venv: &Path, copy: &Path) -> Result<PathBuf, PackageError> {
+    let venv_name = venv.file_name().unwrap_or_default().to_string_lossy();
+    let copy_name = copy.file_name().unwrap_or_default().to_string_lossy();
+    copy_name
+        .strip_prefix(&format!(".{venv_name}.before-"))
+        .filter(|_| parent_of(copy) == parent_of(venv))
+        .map(|op_id| sibling(venv, "failed", op_id))
+        .ok_or_else(|| PackageError::CannotRestore {
+            path: venv.to_owned(),
+            why: format!("{} is not a copy made for it", copy.display()),
+        })
+}
+
 /// Reads the version from `venv/lib/python*/site-packages/NAME-VERSION.dist-info`.
 fn pip_version(pkg: &PackageConfig) -> Option<String> {
     let venv = pkg.venv.as_deref()?;
     let want = normalize(&pkg.name);
-    for lib in std::fs::read_dir(venv.join("lib")).ok()?.flatten() {
+    for lib in fs::read_dir(venv.join("lib")).ok()?.flatten() {
         let site = lib.path().join("site-packages");
-        let Ok(entries) = std::fs::read_dir(&site) else {
+        let Ok(entries) = fs::read_dir(&site) else {
             continue;
         };
         for entry in entries.flatten() {
@@ -67,37 +760,678 @@ fn pip_version(pkg: &PackageConfig) -> Option<String> {
     None
 }
 
+// ---------------------------------------------------------------------------
+// release
+// ---------------------------------------------------------------------------
+
+/// Where a release version comes from.
+enum ReleaseSource {
+    Unpacked(PathBuf),
+    Artifact(PathBuf, Compression),
+}
+
+fn releases_dir_of(pkg: &PackageConfig) -> Result<&Path, PackageError> {
+    required(pkg, "releases_dir", pkg.releases_dir.as_deref())
+}
+
+fn current_of(pkg: &PackageConfig) -> Result<&Path, PackageError> {
+    required(pkg, "current", pkg.current.as_deref())
+}
+
+fn release_source(pkg: &PackageConfig, version: &str) -> Result<ReleaseSource, PackageError> {
+    let releases_dir = releases_dir_of(pkg)?;
+    let unpacked = releases_dir.join(version);
+    if unpacked.is_dir() {
+        return Ok(ReleaseSource::Unpacked(unpacked));
+    }
+    let artifact_dirs: Vec<&Path> = pkg
+        .repo_dir
+        .iter()
+        .chain(&pkg.find_links)
+        .map(PathBuf::as_path)
+        .collect();
+    for dir in &artifact_dirs {
+        for (extension, compression) in ARTIFACT_KINDS {
+            let artifact = dir.join(format!("{}-{version}.{extension}", pkg.name));
+            if artifact.is_file() {
+                return Ok(ReleaseSource::Artifact(artifact, compression));
+            }
+        }
+    }
+    let searched = std::iter::once(releases_dir)
+        .chain(artifact_dirs)
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(PackageError::VersionMissing {
+        name: pkg.name.clone(),
+        version: version.to_owned(),
+        searched,
+    })
+}
+
+fn release_prepare(pkg: &PackageConfig) -> Result<RestorePoint, PackageError> {
+    let current = current_of(pkg)?;
+    let previous_target = fs::read_link(current).map_err(|e| PackageError::CannotRestore {
+        path: current.to_owned(),
+        why: format!(
+            "it must be a symlink to the live release, so that the upgrade can return to it ({e})"
+        ),
+    })?;
+    Ok(RestorePoint::Release {
+        current: current.to_owned(),
+        previous_target,
+    })
+}
+
+async fn release_install(
+    pkg: &PackageConfig,
+    version: &str,
+    op_id: &str,
+    timeout: Duration,
+) -> Result<(), PackageError> {
+    let current = current_of(pkg)?.to_owned();
+    let release = match release_source(pkg, version)? {
+        ReleaseSource::Unpacked(dir) => dir,
+        ReleaseSource::Artifact(artifact, compression) => {
+            let unpack = Unpack {
+                artifact,
+                compression,
+                releases_dir: releases_dir_of(pkg)?.to_owned(),
+                top_dir: format!("{}-{version}", pkg.name),
+                version: version.to_owned(),
+                op_id: op_id.to_owned(),
+            };
+            unpack.run(timeout).await?
+        }
+    };
+    let link_suffix = format!("tmp-{op_id}");
+    blocking(move || point_symlink(&current, &release, &link_suffix)).await
+}
+
+/// Unpacking one release artifact into `releases_dir/VERSION/`.
+struct Unpack {
+    artifact: PathBuf,
+    compression: Compression,
+    releases_dir: PathBuf,
+    /// Conventional single top directory (`NAME-VERSION/`), hoisted if present.
+    top_dir: String,
+    version: String,
+    op_id: String,
+}
+
+impl Unpack {
+    /// Extracts into a staging directory, then renames it into place, so a
+    /// `releases_dir/VERSION/` tree is always complete.
+    async fn run(self, timeout: Duration) -> Result<PathBuf, PackageError> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let canceled = cancel.clone();
+        let artifact = self.artifact.clone();
+        let mut task = tokio::task::spawn_blocking(move || self.unpack(&canceled));
+        let Ok(joined) = tokio::time::timeout(timeout, &mut task).await else {
+            cancel.store(true, Ordering::Relaxed);
+            // Let the extraction stop and clean up before reporting.
+            let _ = task.await;
+            return Err(PackageError::Timeout {
+                program: format!("unpacking {}", artifact.display()),
+                after: timeout,
+            });
+        };
+        joined.map_err(|e| PackageError::Io {
+            context: format!("unpacking {}", artifact.display()),
+            source: io::Error::other(e),
+        })?
+    }
+
+    fn unpack(&self, cancel: &AtomicBool) -> Result<PathBuf, PackageError> {
+        let target = self.releases_dir.join(&self.version);
+        let staging = self
+            .releases_dir
+            .join(format!(".{}.staging-{}", self.version, self.op_id));
+        remove_tree(&staging)?;
+        fs::create_dir(&staging).map_err(io_error(format!("creating {}", staging.display())))?;
+        let progress = Progress {
+            cancel,
+            ..Progress::silent()
+        };
+        let extracted = archive::extract(&self.artifact, self.compression, &staging, &progress)
+            .map_err(|source| PackageError::Archive {
+                artifact: self.artifact.clone(),
+                source,
+            })
+            .and_then(|_| self.move_into_place(&staging, &target));
+        if extracted.is_err() {
+            // Best effort: the error at hand says more than a cleanup failure.
+            let _ = remove_tree(&staging);
+        }
+        extracted?;
+        fsync_dir(&self.releases_dir)?;
+        Ok(target)
+    }
+
+    fn move_into_place(&self, staging: &Path, target: &Path) -> Result<(), PackageError> {
+        let top = staging.join(&self.top_dir);
+        if top.is_dir() && single_entry(staging)? {
+            rename(&top, target)?;
+            fs::remove_dir(staging).map_err(io_error(format!("removing {}", staging.display())))
+        } else {
+            rename(staging, target)
+        }
+    }
+}
+
+fn single_entry(dir: &Path) -> Result<bool, PackageError> {
+    let entries = fs::read_dir(dir).map_err(io_error(format!("listing {}", dir.display())))?;
+    Ok(entries.count() == 1)
+}
+
+/// Points `link` at `target` atomically: a new symlink `LINK.SUFFIX` is
+/// renamed over `link`, so readers see the old or the new target, never none.
+fn point_symlink(link: &Path, target: &Path, suffix: &str) -> Result<(), PackageError> {
+    if fs::read_link(link).is_ok_and(|t| t == target) {
+        return Ok(());
+    }
+    let mut temp = link.as_os_str().to_owned();
+    temp.push(format!(".{suffix}"));
+    let temp = PathBuf::from(temp);
+    remove_tree(&temp)?;
+    std::os::unix::fs::symlink(target, &temp).map_err(io_error(format!(
+        "creating symlink {} -> {}",
+        temp.display(),
+        target.display()
+    )))?;
+    if let Err(e) = rename(&temp, link) {
+        let _ = fs::remove_file(&temp);
+        return Err(e);
+    }
+    fsync_dir(parent_of(link))
+}
+
 /// The release the `current` symlink points at.
 fn release_version(pkg: &PackageConfig) -> Option<String> {
-    let target = std::fs::read_link(pkg.current.as_deref()?).ok()?;
+    let target = fs::read_link(pkg.current.as_deref()?).ok()?;
     Path::new(&target)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
 }
 
-async fn query(program: &str, args: &[&str]) -> Option<String> {
-    let output = tokio::time::timeout(
-        QUERY_TIMEOUT,
-        tokio::process::Command::new(program)
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let version = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    (output.status.success() && !version.is_empty()).then_some(version)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+    use std::process::Command as StdCommand;
+
+    const LONG: Duration = Duration::from_secs(120);
+
+    fn quiet(_: bool, _: &str) {}
+
+    fn package(kind: PackageKind, name: &str) -> PackageConfig {
+        PackageConfig {
+            kind,
+            name: name.to_owned(),
+            venv: None,
+            find_links: Vec::new(),
+            releases_dir: None,
+            current: None,
+            repo_dir: None,
+        }
+    }
+
+    fn run(program: &str, args: &[&str]) {
+        let status = StdCommand::new(program).args(args).status().unwrap();
+        assert!(status.success(), "{program} {args:?}: {status}");
+    }
 
     #[test]
     fn normalizes_like_pep_503() {
         assert_eq!(normalize("CovetPy"), "covetpy");
         assert_eq!(normalize("covet-py.core"), "covet_py_core");
         assert_eq!(normalize("a__b"), "a_b");
+    }
+
+    #[test]
+    fn validates_versions() {
+        for good in [
+            "0.2.0",
+            "1.0rc1",
+            "1!2.0",
+            "1.0+local.7",
+            "2.0.0-beta_1",
+            "v3",
+        ] {
+            assert!(validate_version(good).is_ok(), "{good:?}");
+        }
+        let too_long = "1".repeat(65);
+        for bad in [
+            "", "../x", "1.0/..", "-rf", ".1", "1..2", "1.0 ", "1 0", "a/b", "1;rm", "é", &too_long,
+        ] {
+            assert!(
+                matches!(validate_version(bad), Err(PackageError::InvalidVersion(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn recognizes_wheels_and_sdists() {
+        let yes = [
+            "covetpy-0.2.0-py3-none-any.whl",
+            "CovetPy-0.2.0-1-py3-none-any.whl",
+            "covetpy-0.2.0.tar.gz",
+            "covetpy-0.2.0.zip",
+        ];
+        for file in yes {
+            assert!(is_distribution_of(file, "covetpy", "0.2.0"), "{file}");
+        }
+        assert!(is_distribution_of(
+            "covet_py-1.0-py3-none-any.whl",
+            "covet-py",
+            "1.0"
+        ));
+        assert!(is_distribution_of("covet-py-1.0.tar.gz", "Covet.Py", "1.0"));
+        let no = [
+            "covetpy-0.2.01-py3-none-any.whl",
+            "covetpy-0.2.0.whl",
+            "covetpy_extra-0.2.0-py3-none-any.whl",
+            "covetpy-0.2.0.tar.bz",
+            "xcovetpy-0.2.0.tar.gz",
+        ];
+        for file in no {
+            assert!(!is_distribution_of(file, "covetpy", "0.2.0"), "{file}");
+        }
+    }
+
+    #[tokio::test]
+    async fn pip_availability_scans_find_links() {
+        let empty = tempfile::tempdir().unwrap();
+        let wheels = tempfile::tempdir().unwrap();
+        fs::write(wheels.path().join("covetpy-0.2.0-py3-none-any.whl"), "").unwrap();
+        let mut pkg = package(PackageKind::Pip, "CovetPy");
+        pkg.find_links = vec![empty.path().to_owned(), wheels.path().to_owned()];
+
+        check_available(&pkg, "0.2.0").await.unwrap();
+        let err = check_available(&pkg, "0.3.0").await.unwrap_err();
+        let PackageError::VersionMissing { searched, .. } = &err else {
+            panic!("{err}");
+        };
+        assert!(searched.contains(&*empty.path().to_string_lossy()), "{err}");
+        assert!(
+            searched.contains(&*wheels.path().to_string_lossy()),
+            "{err}"
+        );
+
+        pkg.find_links.clear();
+        let err = check_available(&pkg, "0.2.0").await.unwrap_err();
+        assert!(err.to_string().contains("no find_links"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn deb_and_rpm_are_not_supported_yet() {
+        let err = check_available(&package(PackageKind::Deb, "covet"), "1.0")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "deb packages arrive with packaging (issue 6)"
+        );
+        let err = prepare_restore_point(&package(PackageKind::Rpm, "covet"), "op-1")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PackageError::Unsupported(_)));
+    }
+
+    /// A release layout in a temp dir: artifacts, releases, `current`.
+    struct ReleaseFixture {
+        dir: tempfile::TempDir,
+        pkg: PackageConfig,
+    }
+
+    impl ReleaseFixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            for sub in ["artifacts", "releases", "src"] {
+                fs::create_dir(dir.path().join(sub)).unwrap();
+            }
+            let mut pkg = package(PackageKind::Release, "demo");
+            pkg.repo_dir = Some(dir.path().join("artifacts"));
+            pkg.releases_dir = Some(dir.path().join("releases"));
+            pkg.current = Some(dir.path().join("current"));
+            ReleaseFixture { dir, pkg }
+        }
+
+        fn path(&self, rel: &str) -> PathBuf {
+            self.dir.path().join(rel)
+        }
+
+        /// `demo-VERSION.tar.gz` with the files at the top level (`./VERSION`).
+        fn flat_artifact(&self, version: &str) {
+            let src = self.path(&format!("src/{version}"));
+            fs::create_dir_all(src.join("bin")).unwrap();
+            fs::write(src.join("VERSION"), version).unwrap();
+            fs::write(src.join("bin/app"), "#!/bin/true\n").unwrap();
+            let artifact = self.path(&format!("artifacts/demo-{version}.tar.gz"));
+            run(
+                "/usr/bin/tar",
+                &[
+                    "-czf",
+                    artifact.to_str().unwrap(),
+                    "-C",
+                    src.to_str().unwrap(),
+                    ".",
+                ],
+            );
+        }
+
+        /// `demo-VERSION.tar` with everything under `demo-VERSION/`.
+        fn nested_artifact(&self, version: &str) {
+            let top = format!("demo-{version}");
+            let src = self.path(&format!("src/{top}"));
+            fs::create_dir_all(&src).unwrap();
+            fs::write(src.join("VERSION"), version).unwrap();
+            let artifact = self.path(&format!("artifacts/{top}.tar"));
+            let parent = self.path("src");
+            run(
+                "/usr/bin/tar",
+                &[
+                    "-cf",
+                    artifact.to_str().unwrap(),
+                    "-C",
+                    parent.to_str().unwrap(),
+                    &top,
+                ],
+            );
+        }
+
+        fn current_target(&self) -> PathBuf {
+            fs::read_link(self.path("current")).unwrap()
+        }
+
+        fn live_version(&self) -> String {
+            fs::read_to_string(self.path("current/VERSION")).unwrap()
+        }
+    }
+
+    #[tokio::test]
+    async fn release_install_restore_end_to_end() {
+        let fx = ReleaseFixture::new();
+        fx.flat_artifact("1.0");
+        fx.nested_artifact("2.0");
+        check_available(&fx.pkg, "2.0").await.unwrap();
+        let err = check_available(&fx.pkg, "3.0").await.unwrap_err();
+        assert!(err.to_string().contains("artifacts"), "{err}");
+
+        install(&fx.pkg, "1.0", "op-1", LONG, &quiet).await.unwrap();
+        assert_eq!(fx.live_version(), "1.0");
+        assert!(fx.path("releases/1.0/bin/app").is_file());
+
+        let rp = prepare_restore_point(&fx.pkg, "op-2").await.unwrap();
+        install(&fx.pkg, "2.0", "op-2", LONG, &quiet).await.unwrap();
+        // A retry of the same step changes nothing.
+        install(&fx.pkg, "2.0", "op-2", LONG, &quiet).await.unwrap();
+        assert_eq!(fx.current_target(), fx.path("releases/2.0"));
+        assert_eq!(fx.live_version(), "2.0");
+        let app: AppConfig = toml::from_str(&format!(
+            "name = 'demo'\nunit = 'demo.service'\n[package]\nkind = 'release'\nname = 'demo'\ncurrent = '{}'",
+            fx.path("current").display()
+        ))
+        .unwrap();
+        assert_eq!(installed_version(&app).await.as_deref(), Some("2.0"));
+
+        restore(&rp).await.unwrap();
+        assert_eq!(fx.current_target(), fx.path("releases/1.0"));
+        restore(&rp).await.unwrap();
+        assert_eq!(fx.live_version(), "1.0");
+        discard(&rp).await.unwrap();
+
+        let mut names: Vec<_> = fs::read_dir(fx.path("releases"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["1.0", "2.0"], "no staging or temp leftovers");
+        assert!(!fx.path("current.tmp-op-2").exists());
+    }
+
+    #[tokio::test]
+    async fn hostile_release_is_refused_and_current_is_kept() {
+        let fx = ReleaseFixture::new();
+        fx.flat_artifact("1.0");
+        install(&fx.pkg, "1.0", "op-1", LONG, &quiet).await.unwrap();
+
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        let name = b"../evil";
+        header.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+        header.set_size(4);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        builder.append(&header, &b"pwnd"[..]).unwrap();
+        let evil = builder.into_inner().unwrap();
+        fs::write(fx.path("artifacts/demo-6.6.tar"), evil).unwrap();
+
+        let err = install(&fx.pkg, "6.6", "op-2", LONG, &quiet)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PackageError::Archive { .. }), "{err}");
+        assert_eq!(fx.current_target(), fx.path("releases/1.0"));
+        assert!(!fx.path("releases/evil").exists() && !fx.path("evil").exists());
+        assert!(!fx.path("releases/6.6").exists());
+        assert_eq!(fs::read_dir(fx.path("releases")).unwrap().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn release_restore_point_needs_a_current_symlink() {
+        let fx = ReleaseFixture::new();
+        let err = prepare_restore_point(&fx.pkg, "op-1").await.unwrap_err();
+        assert!(matches!(err, PackageError::CannotRestore { .. }), "{err}");
+        let err = prepare_restore_point(&fx.pkg, "../op").await.unwrap_err();
+        assert!(matches!(err, PackageError::InvalidOperationId(_)), "{err}");
+    }
+
+    const WHEEL_SCRIPT: &str = r#"
+import base64, hashlib, sys, zipfile
+
+def record_line(path, data):
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{path},sha256={digest},{len(data)}"
+
+out, version = sys.argv[1], sys.argv[2]
+info = f"demo_pkg-{version}.dist-info"
+files = {
+    "demo_pkg/__init__.py": f'VERSION = "{version}"\n'.encode(),
+    f"{info}/METADATA": f"Metadata-Version: 2.1\nName: demo-pkg\nVersion: {version}\n".encode(),
+    f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: covet-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+}
+record = "\n".join([record_line(p, d) for p, d in files.items()] + [f"{info}/RECORD,,", ""])
+with zipfile.ZipFile(f"{out}/demo_pkg-{version}-py3-none-any.whl", "w") as wheel:
+    for path, data in files.items():
+        wheel.writestr(path, data)
+    wheel.writestr(f"{info}/RECORD", record)
+"#;
+
+    /// Relative path -> (kind, mode, mtime, content digest or link target).
+    fn tree_listing(root: &Path) -> BTreeMap<PathBuf, String> {
+        fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
+            for entry in fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                let meta = fs::symlink_metadata(&path).unwrap();
+                let what = if meta.is_symlink() {
+                    format!("link {}", fs::read_link(&path).unwrap().display())
+                } else if meta.is_dir() {
+                    walk(root, &path, out);
+                    "dir".to_owned()
+                } else {
+                    let digest =
+                        ring::digest::digest(&ring::digest::SHA256, &fs::read(&path).unwrap());
+                    format!("file {}", hex::encode(digest))
+                };
+                let entry = format!(
+                    "{what} {:o} {}.{}",
+                    meta.mode(),
+                    meta.mtime(),
+                    meta.mtime_nsec()
+                );
+                out.insert(path.strip_prefix(root).unwrap().to_owned(), entry);
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(root, root, &mut out);
+        out
+    }
+
+    #[tokio::test]
+    async fn pip_install_restore_end_to_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let wheels = dir.path().join("wheels");
+        fs::create_dir(&wheels).unwrap();
+        let script = dir.path().join("make_wheel.py");
+        fs::write(&script, WHEEL_SCRIPT).unwrap();
+        for version in ["1.0", "2.0"] {
+            run(
+                "/usr/bin/python3",
+                &[script.to_str().unwrap(), wheels.to_str().unwrap(), version],
+            );
+        }
+        let venv = dir.path().join("venv");
+        run("/usr/bin/python3", &["-m", "venv", venv.to_str().unwrap()]);
+
+        let mut pkg = package(PackageKind::Pip, "demo-pkg");
+        pkg.venv = Some(venv.clone());
+        pkg.find_links = vec![wheels];
+        let app: AppConfig = toml::from_str(&format!(
+            "name = 'demo'\nunit = 'demo.service'\n[package]\nkind = 'pip'\nname = 'demo-pkg'\nvenv = '{}'",
+            venv.display()
+        ))
+        .unwrap();
+
+        let lines = std::sync::Mutex::new(Vec::new());
+        let collect = |_: bool, line: &str| lines.lock().unwrap().push(line.to_owned());
+        install(&pkg, "1.0", "op-1", LONG, &collect).await.unwrap();
+        assert!(
+            lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("Successfully installed demo-pkg-1.0")),
+            "{:?}",
+            lines.lock().unwrap()
+        );
+        assert_eq!(installed_version(&app).await.as_deref(), Some("1.0"));
+        let before = tree_listing(&venv);
+
+        let rp = prepare_restore_point(&pkg, "op-2").await.unwrap();
+        // A retry reuses the complete copy.
+        assert_eq!(prepare_restore_point(&pkg, "op-2").await.unwrap(), rp);
+        let RestorePoint::Pip { copy, version, .. } = &rp else {
+            panic!("{rp:?}");
+        };
+        assert_eq!(version.as_deref(), Some("1.0"));
+        assert_eq!(copy, &dir.path().join(".venv.before-op-2"));
+        assert_eq!(tree_listing(copy), before);
+
+        install(&pkg, "2.0", "op-2", LONG, &quiet).await.unwrap();
+        assert_eq!(installed_version(&app).await.as_deref(), Some("2.0"));
+        let err = install(&pkg, "3.0", "op-2", LONG, &quiet)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PackageError::VersionMissing { .. }), "{err}");
+
+        restore(&rp).await.unwrap();
+        restore(&rp).await.unwrap();
+        assert_eq!(installed_version(&app).await.as_deref(), Some("1.0"));
+        assert_eq!(tree_listing(&venv), before);
+        let output = StdCommand::new(venv.join("bin/python"))
+            .args(["-c", "import demo_pkg; print(demo_pkg.VERSION)"])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "1.0");
+
+        discard(&rp).await.unwrap();
+        assert!(!copy.exists());
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[tokio::test]
+    async fn pip_restore_resumes_after_a_crash_half_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let venv = dir.path().join("venv");
+        let copy = dir.path().join(".venv.before-op-1");
+        let aside = dir.path().join(".venv.failed-op-1");
+        fs::create_dir(&copy).unwrap();
+        fs::write(copy.join("marker"), "old").unwrap();
+        // Crashed after moving the live venv aside.
+        fs::create_dir(&aside).unwrap();
+        let rp = RestorePoint::Pip {
+            venv: venv.clone(),
+            copy: copy.clone(),
+            version: None,
+        };
+        restore(&rp).await.unwrap();
+        assert_eq!(fs::read_to_string(venv.join("marker")).unwrap(), "old");
+        assert!(!copy.exists() && !aside.exists());
+
+        let foreign = RestorePoint::Pip {
+            venv,
+            copy: dir.path().join("elsewhere"),
+            version: None,
+        };
+        assert!(matches!(
+            restore(&foreign).await,
+            Err(PackageError::CannotRestore { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn tool_failure_reports_status_and_last_error_lines() {
+        let seen = std::sync::Mutex::new(Vec::new());
+        let collect =
+            |is_stderr: bool, line: &str| seen.lock().unwrap().push((is_stderr, line.to_owned()));
+        let script =
+            "import sys; print('working'); print('ERROR: no luck', file=sys.stderr); sys.exit(3)";
+        let err = run_tool(
+            Path::new("/usr/bin/python3"),
+            &["-c".into(), script.into()],
+            None,
+            LONG,
+            &collect,
+        )
+        .await
+        .unwrap_err();
+        let PackageError::Tool { status, output, .. } = &err else {
+            panic!("{err}");
+        };
+        assert!(status.contains('3'), "{err}");
+        assert_eq!(output, "ERROR: no luck");
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                (false, "working".to_owned()),
+                (true, "ERROR: no luck".to_owned())
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn tool_timeout_kills_the_program() {
+        let started = std::time::Instant::now();
+        let err = run_tool(
+            Path::new("/bin/sleep"),
+            &["30".into()],
+            None,
+            Duration::from_millis(200),
+            &quiet,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, PackageError::Timeout { .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

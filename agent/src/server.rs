@@ -12,7 +12,7 @@ use covet_proto::v1 as pb;
 use tokio::net::TcpListener;
 
 use crate::api::{
-    AgentState, BackupApi, InfoApi, LogApi, MetricsApi, NotYet, OperationApi, ProbeApi, UnitApi,
+    AgentState, BackupApi, InfoApi, LogApi, MetricsApi, OperationApi, ProbeApi, UnitApi, UpgradeApi,
 };
 use crate::audit::AuditLog;
 use crate::authz::{AuditLayer, AuthzLayer};
@@ -166,7 +166,7 @@ impl Agent {
                 BackupApi(state.clone()),
             ))
             .add_service(pb::upgrade_service_server::UpgradeServiceServer::new(
-                NotYet,
+                UpgradeApi(state.clone()),
             ))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = rx.wait_for(|stop| *stop).await;
@@ -191,6 +191,9 @@ fn recover(state: &AgentState) {
     let journal = state.ops.journal();
     for op in unfinished {
         tracing::warn!(op = %op.id, "operation was interrupted by an agent restart");
+        if resume(state, &op) {
+            continue;
+        }
         let _ = journal.append(
             &op.id,
             crate::journal::EventBody::Note {
@@ -207,6 +210,53 @@ fn recover(state: &AgentState) {
                 ),
             },
         );
+    }
+}
+
+/// Upgrades and rollbacks interrupted by a crash are finished, by policy
+/// by rolling back: the steps that started are undone. Returns whether the
+/// operation was taken over.
+fn resume(state: &AgentState, op: &crate::journal::OperationRecord) -> bool {
+    use crate::journal::OpKind;
+    let Some(app) = state.config.app(&op.app).cloned() else {
+        return false;
+    };
+    let deps = state.workflow_deps();
+    let record = op.clone();
+    let note = "the agent restarted while this operation ran; finishing it by rolling back";
+    let result = match op.kind {
+        OpKind::Upgrade => state.ops.resume(op, move |ctx| async move {
+            ctx.note(note);
+            let started_anything = record.steps.iter().any(|s| {
+                s.name != crate::workflow::STEP_PREFLIGHT && s.name != crate::workflow::STEP_BACKUP
+            });
+            if !started_anything {
+                return crate::ops::Outcome::Failed(format!(
+                    "interrupted by an agent restart during step {:?}; nothing was changed",
+                    record.current_step
+                ));
+            }
+            let cause = format!(
+                "interrupted by an agent restart during step {:?}",
+                record.current_step
+            );
+            crate::workflow::rollback_after(&deps, &ctx, &app, Some(&record), &cause).await
+        }),
+        OpKind::Rollback if !op.backup_id.is_empty() => {
+            let backup = op.backup_id.clone();
+            state.ops.resume(op, move |ctx| async move {
+                ctx.note("the agent restarted during this rollback; running it again");
+                crate::workflow::run_rollback(deps, ctx, app, backup).await
+            })
+        }
+        _ => return false,
+    };
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(op = %op.id, "cannot resume: {e}");
+            false
+        }
     }
 }
 

@@ -125,6 +125,17 @@ pub async fn connect(
     server_name: Option<&str>,
     timeout: Duration,
 ) -> Result<Channel, ConnectError> {
+    connect_with(endpoint, tls, server_name, timeout, timeout).await
+}
+
+/// As [`connect`], with separate deadlines for connecting and for each call.
+pub async fn connect_with(
+    endpoint: &str,
+    tls: Arc<rustls::ClientConfig>,
+    server_name: Option<&str>,
+    timeout: Duration,
+    call_timeout: Duration,
+) -> Result<Channel, ConnectError> {
     let (host, _port) = split_endpoint(endpoint)?;
     let name = ServerName::try_from(server_name.unwrap_or(host).to_owned())
         .map_err(|_| ConnectError::Endpoint(endpoint.to_owned()))?;
@@ -143,7 +154,7 @@ pub async fn connect(
     Endpoint::from_shared(uri)
         .map_err(|_| ConnectError::Endpoint(endpoint.to_owned()))?
         .connect_timeout(timeout)
-        .timeout(timeout)
+        .timeout(call_timeout)
         .tcp_nodelay(true)
         .connect_with_connector(connector)
         .await

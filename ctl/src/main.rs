@@ -6,6 +6,7 @@ mod operations;
 mod output;
 mod pki_cmd;
 mod services;
+mod upgrades;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -82,6 +83,16 @@ enum Command {
     /// systemd units: status, start, stop, restart, reload.
     #[command(subcommand)]
     Service(services::ServiceCommand),
+    /// Upgrade an app: backup, package, config, migrate, restart, health; rolls back on failure.
+    /// Exit codes: 0 succeeded, 3 failed and rolled back cleanly, 4 needs a human, 1 refused or other error.
+    Upgrade(upgrades::UpgradeArgs),
+    /// Put an app back as it was before its last upgrade (or as in a backup).
+    Rollback {
+        app: String,
+        /// The backup to roll back to (default: the one of the last upgrade).
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Backups of apps: create, list, verify, prune, delete, download, restore.
     #[command(subcommand)]
     Backup(backups::BackupCommand),
@@ -137,6 +148,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Probe(cmd) => nodes::probe(g, cmd).await,
         Command::Service(cmd) => services::service(g, cmd).await,
         Command::Backup(cmd) => backups::backup(g, cmd).await,
+        Command::Upgrade(args) => upgrades::upgrade(g, args).await,
+        Command::Rollback { app, to } => upgrades::rollback(g, app, to).await,
         Command::Ops(cmd) => operations::ops(g, cmd).await,
         Command::Logs {
             unit,

@@ -44,8 +44,15 @@ impl Node {
     }
 }
 
-/// Connects to the agent named by `-e` or the context.
+/// Connects to the agent named by `-e` or the context; every call has
+/// `--timeout` as its deadline.
 pub async fn connect_node(g: &Global) -> anyhow::Result<Node> {
+    connect_node_with(g, g.timeout).await
+}
+
+/// As [`connect_node`], with a longer deadline for calls that wait on work
+/// (a unit's job, a migration's dry run).
+pub async fn connect_node_with(g: &Global, call_timeout: Duration) -> anyhow::Result<Node> {
     let path = match &g.config {
         Some(p) => p.clone(),
         None => covetctl::contexts::default_path()?,
@@ -82,7 +89,14 @@ pub async fn connect_node(g: &Global) -> anyhow::Result<Node> {
         cert: ctx.cert.clone(),
         key: ctx.key.clone(),
     })?;
-    let channel = connect::connect(&endpoint, tls, ctx.server_name.as_deref(), g.timeout).await?;
+    let channel = connect::connect_with(
+        &endpoint,
+        tls,
+        ctx.server_name.as_deref(),
+        g.timeout,
+        call_timeout,
+    )
+    .await?;
     Ok(Node { endpoint, channel })
 }
 

@@ -8,7 +8,7 @@ use clap::Subcommand;
 use covet_proto::v1 as pb;
 use serde_json::json;
 
-use crate::nodes::connect_node;
+use crate::nodes::{connect_node, connect_node_with};
 use crate::output;
 use crate::{Global, Output};
 
@@ -38,7 +38,15 @@ pub struct ActionArgs {
 }
 
 pub async fn service(g: &Global, cmd: ServiceCommand) -> anyhow::Result<ExitCode> {
-    let node = connect_node(g).await?;
+    let job_timeout = match &cmd {
+        ServiceCommand::Status { .. } => Duration::ZERO,
+        ServiceCommand::Start(a)
+        | ServiceCommand::Stop(a)
+        | ServiceCommand::Restart(a)
+        | ServiceCommand::Reload(a) => a.job_timeout.unwrap_or(Duration::from_secs(90)),
+    };
+    // The agent waits for the job (and the unit to settle) before answering.
+    let node = connect_node_with(g, g.timeout + job_timeout + Duration::from_secs(5)).await?;
     let mut client = pb::unit_service_client::UnitServiceClient::new(node.channel.clone());
     let (verb, args) = match cmd {
         ServiceCommand::Status { units } => {

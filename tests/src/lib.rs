@@ -9,6 +9,7 @@ pub mod agent;
 pub mod http;
 pub mod pki;
 pub mod postgres;
+pub mod sampleapp;
 pub mod sandbox;
 
 use std::path::PathBuf;

@@ -718,18 +718,6 @@ async fn grpc_health_and_both_reflection_versions_are_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unimplemented_capabilities_say_so() {
-    let (_dir, agent) = agent(AgentOptions::default()).await;
-    let mut upgrades =
-        pb::upgrade_service_client::UpgradeServiceClient::new(agent.channel("admin").await);
-    let status = upgrades
-        .upgrade(pb::UpgradeRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutating_calls_are_audited_with_target_and_outcome() {
     let (_dir, agent) = agent(AgentOptions::default()).await;
     let mut ops =

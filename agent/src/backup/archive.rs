@@ -33,8 +33,6 @@ const GZIP_LEVEL: u32 = 6;
 /// its own core; 1 MiB keeps the ratio within a fraction of a percent of a
 /// single stream while giving every core plenty of work.
 const GZIP_BLOCK: usize = 1 << 20;
-/// Linux's own limit on symlink hops (ELOOP).
-const MAX_SYMLINK_HOPS: u32 = 40;
 const TAR_BLOCK: u64 = 512;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,7 +178,7 @@ pub fn test_read(
     })
 }
 
-/// Extracts `archive` into `staging` (an empty directory the caller created next to the restore target), refusing — before writing anything outside `staging` and failing the whole extraction — any entry that: has an absolute path, contains `..` components, is a block/char device or FIFO, is a symlink or hard link whose target escapes `staging` (absolute targets, or relative targets that resolve outside after joining with the link's parent), or whose path goes through a symlink extracted earlier. Preserves modes (incl. setuid bits only when root), ownership when running as root (numeric uid/gid from the archive), mtimes, symlinks. Returns stats.
+/// Extracts `archive` into `staging` (an empty directory the caller created next to the restore target), refusing — before writing anything outside `staging` and failing the whole extraction — any entry that: has an absolute path, contains `..` components, is a block/char device or FIFO, is a hard link whose target escapes `staging`, or whose path goes through a symlink extracted earlier (symlinks themselves are restored verbatim, wherever they point: extraction never follows one). Preserves modes (incl. setuid bits only when root), ownership when running as root (numeric uid/gid from the archive), mtimes, symlinks. Returns stats.
 ///
 /// Symlink chains are resolved too (`a -> ..` plus `b/c -> ../a/..`), and
 /// checked again once all links exist. On error `staging` holds a partial
@@ -196,7 +194,6 @@ pub fn extract(
     let stats = for_each_entry(archive, compression, progress, &mut |entry, meter| {
         extractor.extract_entry(entry, meter)
     })?;
-    extractor.verify_symlinks()?;
     extractor.apply_dir_attrs()?;
     Ok(stats)
 }
@@ -968,18 +965,17 @@ impl<'x> Extractor<'x> {
         }
     }
 
-    fn check_symlink_target(&self, rel: &Path, target: &Path) -> Result<(), String> {
-        if target.is_absolute() {
-            return Err(format!("symlink target {} is absolute", target.display()));
+    /// Symlinks are restored as they were, wherever they point (a
+    /// virtualenv's `bin/python3 -> /usr/bin/python3` must come back): they
+    /// are inert here, because extraction never follows one. Every later
+    /// entry whose path goes through a symlink is refused, files are created
+    /// with `O_NOFOLLOW | O_EXCL`, and an earlier entry of the same name is
+    /// removed, never followed. Only an empty target is refused.
+    fn check_symlink_target(&self, _rel: &Path, target: &Path) -> Result<(), String> {
+        if target.as_os_str().is_empty() {
+            return Err("empty symlink target".into());
         }
-        let parent = rel.parent().unwrap_or(Path::new(""));
-        match resolve_inside(&self.symlinks, parent, target, &mut 0) {
-            Some(_) => Ok(()),
-            None => Err(format!(
-                "symlink target {} leads outside the restore",
-                target.display()
-            )),
-        }
+        Ok(())
     }
 
     fn extract_file(
@@ -1079,24 +1075,6 @@ impl<'x> Extractor<'x> {
         file.set_times(FileTimes::new().set_modified(attrs.mtime))
     }
 
-    /// Links are checked as they come, but a later link can change where an
-    /// earlier one leads: check them all again with the final set.
-    fn verify_symlinks(&self) -> Result<(), ArchiveError> {
-        for (link, target) in &self.symlinks {
-            let parent = link.parent().unwrap_or(Path::new(""));
-            if resolve_inside(&self.symlinks, parent, target, &mut 0).is_none() {
-                return Err(ArchiveError::Unsafe {
-                    entry: link.display().to_string(),
-                    why: format!(
-                        "symlink target {} leads outside the restore through other symlinks",
-                        target.display()
-                    ),
-                });
-            }
-        }
-        Ok(())
-    }
-
     fn apply_dir_attrs(&self) -> Result<(), ArchiveError> {
         // Deepest first, so a read-only parent never blocks a child.
         for (rel, attrs) in self.dirs.iter().rev() {
@@ -1156,41 +1134,6 @@ fn inside_path(raw: &[u8]) -> Result<PathBuf, String> {
         }
     }
     Ok(rel)
-}
-
-/// Where `target`, followed from the directory `base` (both relative to
-/// staging), ends up: `None` if it leaves staging, is absolute, or loops.
-/// Symlinks already extracted are followed, as the kernel would.
-fn resolve_inside(
-    links: &HashMap<PathBuf, PathBuf>,
-    base: &Path,
-    target: &Path,
-    hops: &mut u32,
-) -> Option<PathBuf> {
-    let mut at = base.to_path_buf();
-    for component in target.components() {
-        match component {
-            Component::Normal(part) => {
-                at.push(part);
-                if let Some(next) = links.get(&at) {
-                    *hops += 1;
-                    if *hops > MAX_SYMLINK_HOPS {
-                        return None;
-                    }
-                    let parent = at.parent().unwrap_or(Path::new("")).to_path_buf();
-                    at = resolve_inside(links, &parent, next, hops)?;
-                }
-            }
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if !at.pop() {
-                    return None;
-                }
-            }
-            Component::RootDir | Component::Prefix(_) => return None,
-        }
-    }
-    Some(at)
 }
 
 fn set_symlink_mtime(path: &Path, mtime: SystemTime) -> io::Result<()> {
@@ -1571,16 +1514,20 @@ mod tests {
 
     #[test]
     fn refuses_hostile_links() {
+        // A symlink out is restored as it is, but nothing goes through it.
         assert_refused(
-            &[raw("passwd", EntryType::Symlink, "/etc/passwd")],
-            "passwd",
+            &[
+                raw("etc", EntryType::Symlink, "/etc"),
+                raw("etc/evil", EntryType::Regular, ""),
+            ],
+            "etc/evil",
         );
         assert_refused(
             &[
                 raw("link", EntryType::Symlink, ".."),
                 raw("link/evil", EntryType::Regular, ""),
             ],
-            "link",
+            "link/evil",
         );
         assert_refused(
             &[
@@ -1595,32 +1542,47 @@ mod tests {
     }
 
     #[test]
-    fn refuses_symlink_chains_that_escape() {
+    fn restores_outward_symlinks_verbatim_and_never_follows_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let archive = tmp.path().join("venv.tar");
+        hostile_archive(
+            &archive,
+            &[
+                raw("venv/", EntryType::Directory, ""),
+                raw("venv/bin/", EntryType::Directory, ""),
+                raw("venv/bin/python3", EntryType::Symlink, "/usr/bin/python3"),
+                raw("venv/lib64", EntryType::Symlink, "../outside"),
+            ],
+        );
+        let staging = tmp.path().join("staging");
+        fs::create_dir(&staging).unwrap();
+        extract(&archive, Compression::None, &staging, &Progress::silent()).unwrap();
+        assert_eq!(
+            fs::read_link(staging.join("venv/bin/python3")).unwrap(),
+            Path::new("/usr/bin/python3")
+        );
+        assert_eq!(
+            fs::read_link(staging.join("venv/lib64")).unwrap(),
+            Path::new("../outside")
+        );
+        // A file of the same name later replaces the link; it is not written through it.
         assert_refused(
             &[
                 raw("d/", EntryType::Directory, ""),
                 raw("d/l1", EntryType::Symlink, ".."),
-                raw("d/l2", EntryType::Symlink, "l1/.."),
+                raw("d/l1/x", EntryType::Regular, ""),
             ],
-            "d/l2",
+            "d/l1/x",
         );
-        // Each looks fine when it arrives; together they escape.
-        assert_refused(
-            &[
-                raw("d/", EntryType::Directory, ""),
-                raw("d/l2", EntryType::Symlink, "l1/.."),
-                raw("d/l1", EntryType::Symlink, ".."),
-            ],
-            "d/l2",
-        );
-        // A hard link to a symlink is a symlink in another directory.
+        // A hard link to a symlink is a symlink, and as inert.
         assert_refused(
             &[
                 raw("a/b/", EntryType::Directory, ""),
-                raw("a/b/l", EntryType::Symlink, "../x"),
+                raw("a/b/l", EntryType::Symlink, "/etc"),
                 raw("l2", EntryType::Link, "a/b/l"),
+                raw("l2/passwd", EntryType::Regular, ""),
             ],
-            "l2",
+            "l2/passwd",
         );
     }
 

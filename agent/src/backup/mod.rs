@@ -104,7 +104,8 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn created_time(&self) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(self.created_unix_ms).unwrap_or(0))
+        SystemTime::UNIX_EPOCH
+            + Duration::from_millis(u64::try_from(self.created_unix_ms).unwrap_or(0))
     }
 }
 
@@ -188,7 +189,11 @@ impl BackupStore {
                 }
             }
         }
-        out.sort_by(|a, b| b.created_unix_ms.cmp(&a.created_unix_ms).then(b.id.cmp(&a.id)));
+        out.sort_by(|a, b| {
+            b.created_unix_ms
+                .cmp(&a.created_unix_ms)
+                .then(b.id.cmp(&a.id))
+        });
         out
     }
 

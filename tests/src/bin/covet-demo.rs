@@ -1,0 +1,271 @@
+//! `covet-demo`: a real upgrade and a real automatic rollback, end to end, in
+//! a throwaway sandbox (a systemd user manager with journald, a PostgreSQL
+//! cluster, a PKI, the agent, and the sample app at 0.1.9), narrated. It
+//! checks what it shows and exits non-zero if anything is not as promised.
+//! Everything is torn down at the end.
+
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use covet_tests::agent::{AgentOptions, TestAgent};
+use covet_tests::postgres::PostgresCluster;
+use covet_tests::sampleapp;
+use covet_tests::sandbox::SystemdSandbox;
+
+const UNIT: &str = "covet.service";
+
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("covet-demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(demo()) {
+        Ok(()) => {
+            println!("\n\x1b[1mdemo finished: every check passed; the sandbox is gone\x1b[0m");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("\ncovet-demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn say(text: &str) {
+    println!("\n\x1b[1m==> {text}\x1b[0m");
+}
+
+fn check(ok: bool, what: &str) -> anyhow::Result<()> {
+    ensure!(ok, "expected: {what}");
+    println!("    \x1b[32m✓\x1b[0m {what}");
+    Ok(())
+}
+
+/// Runs covetctl as `context`, showing its output as it comes.
+fn covetctl(agent: &TestAgent, context: &str, args: &[&str]) -> anyhow::Result<i32> {
+    println!("$ covetctl {}", args.join(" "));
+    let status = Command::new(covet_tests::bin("covetctl"))
+        .arg("--config")
+        .arg(agent.dir.join("covetctl.toml"))
+        .args(["--context", context])
+        .args(args)
+        .stdin(Stdio::null())
+        .status()
+        .context("run covetctl")?;
+    Ok(status.code().unwrap_or(-1))
+}
+
+fn health(port: u16) -> Option<(u16, serde_json::Value)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(b"GET /health HTTP/1.0\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        status,
+        serde_json::from_str(out.split("\r\n\r\n").nth(1)?).ok()?,
+    ))
+}
+
+async fn serving(port: u16, version: &str) -> bool {
+    for _ in 0..100 {
+        if let Some((200, body)) = health(port)
+            && body["version"] == version
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+struct DbState {
+    rows: String,
+    schema: String,
+}
+
+fn db_state(pg: &PostgresCluster, db: &str) -> anyhow::Result<DbState> {
+    Ok(DbState {
+        rows: pg.psql(db, "SELECT id, email FROM users ORDER BY id")?,
+        schema: pg.psql(db, "SELECT column_name FROM information_schema.columns WHERE table_name = 'users' ORDER BY 1")?,
+    })
+}
+
+async fn demo() -> anyhow::Result<()> {
+    if let Some(why) = SystemdSandbox::unavailable() {
+        bail!(
+            "this machine cannot run the sandbox: {why} (run as root on Debian 12 with systemd, dbus-user-session and util-linux)"
+        );
+    }
+    if let Some(why) = PostgresCluster::unavailable() {
+        bail!("this machine cannot run a throwaway PostgreSQL: {why}");
+    }
+    let dir = tempfile::Builder::new().prefix("covet-demo-").tempdir()?;
+    let root = dir.path();
+
+    say(
+        "A sandbox: a real systemd user manager with its own journald, and a throwaway PostgreSQL cluster",
+    );
+    let sandbox = SystemdSandbox::start(&root.join("systemd"))?;
+    println!("    systemd bus: {}", sandbox.bus_address());
+    let pg = PostgresCluster::start(&root.join("pg"))?;
+    println!(
+        "    PostgreSQL on {} port {}",
+        pg.socket_dir().display(),
+        pg.port()
+    );
+
+    say("The app: CovetPy 0.1.9 in a virtualenv, its database with 25 users, behind covet.service");
+    let app = sampleapp::install(&root.join("app"), &pg, 25)?;
+    sandbox.install_unit(
+        UNIT,
+        &sampleapp::unit_file(&app.venv, &app.env_file, app.port),
+    )?;
+    ensure!(
+        sandbox.systemctl(&["start", UNIT]).status.success(),
+        "cannot start {UNIT}"
+    );
+    check(
+        serving(app.port, "0.1.9").await,
+        "covet 0.1.9 answers /health",
+    )?;
+    println!(
+        "    env file {}:\n{}",
+        app.env_file.display(),
+        indent(&std::fs::read_to_string(&app.env_file)?)
+    );
+
+    say("A PKI and the agent, over mutual TLS, allowed to control covet.service only");
+    let toml = format!(
+        "\n[systemd]\nbus = \"{}\"\njournal_dir = \"{}\"\n{}\n",
+        sandbox.bus_address(),
+        sandbox.journal_dir().display(),
+        app.agent_toml(&pg)
+    );
+    let agent = TestAgent::start(
+        &root.join("agent"),
+        AgentOptions {
+            extra_toml: toml,
+            ..Default::default()
+        },
+    )
+    .await;
+    agent.ctl_config(&["operator", "reader", "admin"]);
+    println!("    agent listening on {}", agent.endpoint());
+    covetctl(&agent, "reader", &["info"])?;
+    covetctl(&agent, "reader", &["service", "status", UNIT])?;
+    covetctl(&agent, "reader", &["health", "covet", "--smoke"])?;
+
+    say("The plan first: a dry run changes nothing");
+    let code = covetctl(
+        &agent,
+        "operator",
+        &[
+            "upgrade",
+            "covet",
+            "--to",
+            "0.2.0",
+            "--env-rename",
+            "DATABASE_URI=DATABASE_URL",
+            "--dry-run",
+        ],
+    )?;
+    check(code == 0, "the dry run finds nothing blocking")?;
+
+    say(
+        "Upgrade to 0.2.0: backup, pip install, DATABASE_URI -> DATABASE_URL, migrate, restart, health, smoke",
+    );
+    let code = covetctl(
+        &agent,
+        "operator",
+        &[
+            "upgrade",
+            "covet",
+            "--to",
+            "0.2.0",
+            "--env-rename",
+            "DATABASE_URI=DATABASE_URL",
+        ],
+    )?;
+    check(code == 0, "covetctl upgrade exits 0 (succeeded)")?;
+    check(
+        serving(app.port, "0.2.0").await,
+        "covet 0.2.0 answers /health",
+    )?;
+    let env = std::fs::read_to_string(&app.env_file)?;
+    check(
+        env.contains("DATABASE_URL=") && !env.contains("DATABASE_URI="),
+        "the env file now names DATABASE_URL",
+    )?;
+    let before = db_state(&pg, &app.db)?;
+    check(
+        before.schema.contains("last_login"),
+        "the migration added users.last_login",
+    )?;
+
+    say("Upgrade to 0.2.1, a broken release: its migration succeeds, then /health fails");
+    let code = covetctl(&agent, "operator", &["upgrade", "covet", "--to", "0.2.1"])?;
+    check(
+        code == 3,
+        "covetctl upgrade exits 3: failed and rolled back cleanly",
+    )?;
+    check(
+        serving(app.port, "0.2.0").await,
+        "covet 0.2.0 is serving again",
+    )?;
+    let after = db_state(&pg, &app.db)?;
+    check(
+        after.rows == before.rows,
+        "the database has exactly the rows it had",
+    )?;
+    check(
+        after.schema == before.schema,
+        "the database has exactly the schema it had (no users.flags)",
+    )?;
+    check(
+        std::fs::read_to_string(&app.env_file)? == env,
+        "the env file is as before",
+    )?;
+
+    say("What happened, as the agent journaled and audited it");
+    covetctl(&agent, "reader", &["ops", "list"])?;
+    covetctl(&agent, "reader", &["backup", "list"])?;
+    covetctl(&agent, "reader", &["logs", UNIT, "-n", "8"])?;
+    println!(
+        "$ tail -n 4 {}",
+        agent.dir.join("state/audit.log").display()
+    );
+    let audit = std::fs::read_to_string(agent.dir.join("state/audit.log"))?;
+    for line in audit
+        .lines()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
+        println!("    {line}");
+    }
+    say("Tearing down: agent, unit, systemd, PostgreSQL, files");
+    drop(agent);
+    drop(sandbox);
+    drop(pg);
+    Ok(())
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("      {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -1,0 +1,721 @@
+//! The upgrade runbook end to end: a real agent upgrades a real app (a
+//! Python package in a virtualenv, served by a real systemd unit, on a real
+//! PostgreSQL database), and rolls it back when anything fails.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use covet_proto::v1 as pb;
+use covet_tests::agent::{AgentOptions, CtlOutput, TestAgent};
+use covet_tests::postgres::{PostgresCluster, postgres_or_skip};
+use covet_tests::sampleapp::{self, SampleApp};
+use covet_tests::sandbox::{SystemdSandbox, sandbox_or_skip};
+use covet_tests::sandbox_dir;
+use tonic::Code;
+
+struct World {
+    agent: TestAgent,
+    sandbox: SystemdSandbox,
+    pg: PostgresCluster,
+    app: SampleApp,
+    _dir: tempfile::TempDir,
+}
+
+const UNIT: &str = "covet.service";
+const RENAME: [&str; 2] = ["--env-rename", "DATABASE_URI=DATABASE_URL"];
+
+async fn world_with(extra_app_toml: &str) -> Option<World> {
+    let dir = sandbox_dir("upgrade");
+    let sandbox = sandbox_or_skip(&dir.path().join("systemd"))?;
+    let pg = postgres_or_skip(&dir.path().join("pg"))?;
+    let app = sampleapp::install(&dir.path().join("app"), &pg, 25).unwrap();
+    sandbox
+        .install_unit(
+            UNIT,
+            &sampleapp::unit_file(&app.venv, &app.env_file, app.port),
+        )
+        .unwrap();
+    let out = sandbox.systemctl(&["start", UNIT]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_healthy(app.port, "0.1.9").await;
+    let extra_app_toml = extra_app_toml.replace("PORT", &app.port.to_string());
+    let toml = format!(
+        "\n[systemd]\nbus = \"{}\"\njournal_dir = \"{}\"\nsettle = \"500ms\"\n{}\n{extra_app_toml}\n",
+        sandbox.bus_address(),
+        sandbox.journal_dir().display(),
+        app.agent_toml(&pg),
+    );
+    let agent = TestAgent::start(
+        &dir.path().join("agent"),
+        AgentOptions {
+            extra_toml: toml,
+            ..Default::default()
+        },
+    )
+    .await;
+    Some(World {
+        agent,
+        sandbox,
+        pg,
+        app,
+        _dir: dir,
+    })
+}
+
+async fn world() -> Option<World> {
+    world_with("").await
+}
+
+fn health(port: u16) -> Option<(u16, serde_json::Value)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(b"GET /health HTTP/1.0\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status: u16 = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split("\r\n\r\n").nth(1)?;
+    Some((status, serde_json::from_str(body).ok()?))
+}
+
+async fn wait_healthy(port: u16, version: &str) {
+    for _ in 0..100 {
+        if let Some((200, body)) = health(port)
+            && body["version"] == version
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "the app did not become healthy at {version}: {:?}",
+        health(port)
+    );
+}
+
+impl World {
+    fn upgrade(&self, version: &str, extra: &[&str]) -> CtlOutput {
+        let mut args = vec![
+            "-o",
+            "json",
+            "--timeout",
+            "30s",
+            "upgrade",
+            "covet",
+            "--to",
+            version,
+        ];
+        args.extend_from_slice(extra);
+        self.agent.ctl("operator", &args)
+    }
+
+    /// What a rollback must give back exactly.
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            rows: self.pg.psql(&self.app.db, "SELECT id, email FROM users ORDER BY id").unwrap(),
+            columns: self
+                .pg
+                .psql(&self.app.db, "SELECT column_name FROM information_schema.columns WHERE table_name = 'users' ORDER BY 1")
+                .unwrap(),
+            migrations: self.pg.psql(&self.app.db, "SELECT name FROM covet_migrations ORDER BY 1").unwrap(),
+            env: std::fs::read(&self.app.env_file).unwrap(),
+            version: covet_version(&self.app.venv),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    rows: String,
+    columns: String,
+    migrations: String,
+    env: Vec<u8>,
+    version: String,
+}
+
+fn covet_version(venv: &std::path::Path) -> String {
+    let site = std::fs::read_dir(venv.join("lib"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("site-packages");
+    std::fs::read_dir(site)
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("covetpy-")?
+                .strip_suffix(".dist-info")
+                .map(str::to_owned)
+        })
+        .next()
+        .unwrap_or_default()
+}
+
+fn step_names(op: &serde_json::Value) -> Vec<String> {
+    op["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_succeeds_then_a_broken_release_rolls_back_to_exactly_what_was_there() {
+    let Some(w) = world().await else { return };
+    let out = w.upgrade("0.2.0", &RENAME);
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    let op = out.json();
+    assert_eq!(op["state"], "succeeded");
+    let names = step_names(&op);
+    let main: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !n.starts_with("archive ") && *n != "dump database")
+        .collect();
+    assert_eq!(
+        main,
+        vec![
+            "preflight",
+            "backup",
+            "package",
+            "config",
+            "migrate",
+            "restart",
+            "health",
+            "smoke"
+        ]
+    );
+    assert!(names.iter().any(|n| n == "dump database"), "{names:?}");
+    assert_eq!(op["params"]["from_version"], "0.1.9");
+    assert!(!op["backup_id"].as_str().unwrap().is_empty());
+    wait_healthy(w.app.port, "0.2.0").await;
+    let env = std::fs::read_to_string(&w.app.env_file).unwrap();
+    assert!(
+        env.contains("DATABASE_URL=") && !env.contains("DATABASE_URI="),
+        "{env}"
+    );
+    assert!(w.snapshot().columns.contains("last_login"));
+    assert_eq!(covet_version(&w.app.venv), "0.2.0");
+
+    let before = w.snapshot();
+    let out = w.upgrade("0.2.1", &[]);
+    assert_eq!(
+        out.code, 3,
+        "a clean rollback exits 3:\n{}\n{}",
+        out.stdout, out.stderr
+    );
+    let op = out.json();
+    assert_eq!(op["state"], "rolled_back");
+    assert!(
+        op["cause"].as_str().unwrap().starts_with("health failed"),
+        "{op:#}"
+    );
+    let names = step_names(&op);
+    for s in [
+        "rollback: stop",
+        "rollback: package",
+        "rollback: database",
+        "rollback: start",
+        "rollback: health",
+    ] {
+        assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
+    }
+    wait_healthy(w.app.port, "0.2.0").await;
+    assert_eq!(
+        w.snapshot(),
+        before,
+        "code, env file and database are exactly as before"
+    );
+    let kept =
+        w.pg.psql(
+            "postgres",
+            "SELECT datname FROM pg_database WHERE datname LIKE '%_before_%'",
+        )
+        .unwrap();
+    assert!(
+        !kept.trim().is_empty(),
+        "the migrated database is kept for inspection"
+    );
+
+    // The event stream of a finished operation can be resumed from any point and ends.
+    let id = op["id"].as_str().unwrap();
+    let mut ops =
+        pb::operation_service_client::OperationServiceClient::new(w.agent.channel("reader").await);
+    let all: Vec<pb::OperationEvent> = collect(&mut ops, id, 1).await;
+    let tail: Vec<pb::OperationEvent> = collect(&mut ops, id, 10).await;
+    assert_eq!(tail.first().unwrap().sequence, 10);
+    assert_eq!(tail.len(), all.len() - 9);
+    assert!(
+        all.windows(2).all(|p| p[1].sequence == p[0].sequence + 1),
+        "no gaps"
+    );
+    let watch = w.agent.ctl("reader", &["ops", "watch", id, "--from", "5"]);
+    assert_eq!(watch.code, 3, "{}", watch.stdout);
+    assert!(
+        watch.stdout.contains("state: rolled_back"),
+        "{}",
+        watch.stdout
+    );
+
+    // And `covetctl rollback` takes the app back before its last upgrade.
+    let out = w
+        .agent
+        .ctl("operator", &["-o", "json", "rollback", "covet"]);
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    wait_healthy(w.app.port, "0.1.9").await;
+    assert!(!w.snapshot().columns.contains("last_login"));
+    assert!(
+        std::fs::read_to_string(&w.app.env_file)
+            .unwrap()
+            .contains("DATABASE_URI=")
+    );
+}
+
+async fn collect(
+    ops: &mut pb::operation_service_client::OperationServiceClient<tonic::transport::Channel>,
+    id: &str,
+    from: u64,
+) -> Vec<pb::OperationEvent> {
+    let mut stream = ops
+        .watch_operation(pb::WatchOperationRequest {
+            id: id.into(),
+            from_sequence: from,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(e) = stream.message().await.unwrap() {
+            out.push(e);
+        }
+    })
+    .await
+    .expect("the stream of a finished operation ends");
+    out
+}
+
+/// Runs an upgrade that must fail at `step` and roll back to the snapshot.
+async fn fails_and_rolls_back(
+    w: &World,
+    version: &str,
+    extra: &[&str],
+    step: &str,
+) -> serde_json::Value {
+    let before = w.snapshot();
+    let out = w.upgrade(version, extra);
+    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+    let op = out.json();
+    assert_eq!(op["state"], "rolled_back", "{op:#}");
+    assert!(
+        op["cause"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{step} failed")),
+        "{op:#}"
+    );
+    wait_healthy(w.app.port, "0.1.9").await;
+    assert_eq!(w.snapshot(), before);
+    op
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_package_is_refused_before_anything_changes() {
+    let Some(w) = world().await else { return };
+    let before = w.snapshot();
+    let out = w.upgrade("9.9.9", &[]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("9.9.9"), "{}", out.stderr);
+    let out = w.upgrade("../../etc", &[]);
+    assert_eq!(out.code, 1);
+    let mut client =
+        pb::upgrade_service_client::UpgradeServiceClient::new(w.agent.channel("operator").await);
+    let status = client
+        .upgrade(pb::UpgradeRequest {
+            app: "covet".into(),
+            to_version: "9.9.9".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let status = client
+        .upgrade(pb::UpgradeRequest {
+            app: "nope".into(),
+            to_version: "0.2.0".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = client
+        .upgrade(pb::UpgradeRequest {
+            app: "covet".into(),
+            to_version: "0.2.0/../x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(w.snapshot(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_prints_the_plan_and_changes_nothing() {
+    let Some(w) = world().await else { return };
+    let before = w.snapshot();
+    let out = w.agent.ctl(
+        "operator",
+        &[
+            "upgrade",
+            "covet",
+            "--to",
+            "0.2.0",
+            "--dry-run",
+            "--env-rename",
+            "DATABASE_URI=DATABASE_URL",
+        ],
+    );
+    out.assert_ok();
+    assert!(
+        out.stdout.contains("would apply 0002_add_users_last_login"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("- DATABASE_URI="), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("nothing blocks this upgrade"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(w.snapshot(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_migration_rolls_back() {
+    let Some(w) = world().await else { return };
+    // The column 0002 adds is already there: the migration fails.
+    w.pg.psql(
+        &w.app.db,
+        "ALTER TABLE users ADD COLUMN last_login timestamptz",
+    )
+    .unwrap();
+    let op = fails_and_rolls_back(&w, "0.2.0", &RENAME, "migrate").await;
+    assert!(step_names(&op).contains(&"rollback: database".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_that_does_not_start_rolls_back() {
+    let Some(w) = world().await else { return };
+    // The env file overrides the unit's Environment=: 0.2.0 cannot bind and exits.
+    let op = fails_and_rolls_back(
+        &w,
+        "0.2.0",
+        &[
+            "--env-rename",
+            "DATABASE_URI=DATABASE_URL",
+            "--env-set",
+            "COVET_BIND=256.0.0.1:1",
+        ],
+        "restart",
+    )
+    .await;
+    assert!(
+        op["cause"].as_str().unwrap().contains("after the restart"),
+        "{op:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_smoke_checks_roll_back() {
+    let Some(w) = world_with(
+        "[[app.smoke]]\nname = \"missing page\"\nurl = \"http://127.0.0.1:PORT/nope\"\n",
+    )
+    .await
+    else {
+        return;
+    };
+    let op = fails_and_rolls_back(&w, "0.2.0", &RENAME, "smoke").await;
+    assert!(
+        op["cause"].as_str().unwrap().contains("missing page"),
+        "{op:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_regression_in_the_watch_window_rolls_back() {
+    let Some(w) = world().await else { return };
+    let before = w.snapshot();
+    let mut client =
+        pb::upgrade_service_client::UpgradeServiceClient::new(w.agent.channel("operator").await);
+    let op = client
+        .upgrade(pb::UpgradeRequest {
+            app: "covet".into(),
+            to_version: "0.2.0".into(),
+            env_edits: vec![pb::EnvEdit {
+                edit: Some(pb::env_edit::Edit::Rename(pb::EnvRename {
+                    from: "DATABASE_URI".into(),
+                    to: "DATABASE_URL".into(),
+                })),
+            }],
+            watch: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for_step(&w.agent, &op.id, "watch").await;
+    // Someone breaks the app while it is watched.
+    w.sandbox.systemctl(&["stop", UNIT]);
+    let done = wait_done(&w.agent, &op.id).await;
+    assert_eq!(
+        pb::OperationState::try_from(done.state).unwrap(),
+        pb::OperationState::RolledBack,
+        "{done:?}"
+    );
+    assert!(done.cause.contains("watch failed"), "{}", done.cause);
+    wait_healthy(w.app.port, "0.1.9").await;
+    assert_eq!(w.snapshot(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_and_cancel() {
+    let Some(w) = world().await else { return };
+    let before = w.snapshot();
+    let mut client =
+        pb::upgrade_service_client::UpgradeServiceClient::new(w.agent.channel("operator").await);
+    let request = pb::UpgradeRequest {
+        app: "covet".into(),
+        to_version: "0.2.0".into(),
+        env_edits: vec![pb::EnvEdit {
+            edit: Some(pb::env_edit::Edit::Rename(pb::EnvRename {
+                from: "DATABASE_URI".into(),
+                to: "DATABASE_URL".into(),
+            })),
+        }],
+        watch: Some(prost_types::Duration {
+            seconds: 120,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let op = client.upgrade(request.clone()).await.unwrap().into_inner();
+    let status = client.upgrade(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::Aborted);
+    assert!(status.message().contains(&op.id), "{}", status.message());
+    let mut backups =
+        pb::backup_service_client::BackupServiceClient::new(w.agent.channel("operator").await);
+    let status = backups
+        .create_backup(pb::CreateBackupRequest {
+            app: "covet".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Aborted);
+
+    wait_for_step(&w.agent, &op.id, "watch").await;
+    w.agent
+        .ctl("operator", &["ops", "cancel", &op.id])
+        .assert_ok();
+    let done = wait_done(&w.agent, &op.id).await;
+    assert_eq!(
+        pb::OperationState::try_from(done.state).unwrap(),
+        pb::OperationState::RolledBack,
+        "{done:?}"
+    );
+    assert!(done.cause.contains("cancel"), "{}", done.cause);
+    wait_healthy(w.app.port, "0.1.9").await;
+    assert_eq!(w.snapshot(), before);
+    let status = pb::operation_service_client::OperationServiceClient::new(
+        w.agent.channel("operator").await,
+    )
+    .cancel_operation(pb::CancelOperationRequest { id: op.id.clone() })
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_that_cannot_complete_needs_a_human() {
+    let Some(w) = world().await else { return };
+    let out = w.upgrade("0.2.0", &RENAME);
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    let mut client =
+        pb::upgrade_service_client::UpgradeServiceClient::new(w.agent.channel("operator").await);
+    let op = client
+        .upgrade(pb::UpgradeRequest {
+            app: "covet".into(),
+            to_version: "0.2.1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Once the migration runs, the operation's dump disappears: the
+    // database cannot be put back.
+    wait_for_step(&w.agent, &op.id, "migrate").await;
+    let backup = wait_record(&w.agent, &op.id).await.backup_id;
+    let dump = w
+        .agent
+        .dir
+        .join("backups/covet")
+        .join(&backup)
+        .join("database.dump.zst");
+    std::fs::remove_file(&dump).unwrap();
+    let done = wait_done(&w.agent, &op.id).await;
+    assert_eq!(
+        pb::OperationState::try_from(done.state).unwrap(),
+        pb::OperationState::NeedsHuman,
+        "{done:?}"
+    );
+    assert!(
+        done.needs_human.contains("database"),
+        "{}",
+        done.needs_human
+    );
+    assert!(done.needs_human.contains(&backup), "{}", done.needs_human);
+    let out = w.agent.ctl("reader", &["ops", "watch", &op.id]);
+    assert_eq!(out.code, 4, "{}", out.stdout);
+    assert!(out.stdout.contains("NEEDS A HUMAN"), "{}", out.stdout);
+}
+
+async fn wait_record(agent: &TestAgent, id: &str) -> pb::Operation {
+    let mut ops =
+        pb::operation_service_client::OperationServiceClient::new(agent.channel("reader").await);
+    ops.get_operation(pb::GetOperationRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Waits until the operation journals the start of `step`.
+async fn wait_for_step(agent: &TestAgent, id: &str, step: &str) {
+    let mut ops =
+        pb::operation_service_client::OperationServiceClient::new(agent.channel("reader").await);
+    let mut stream = ops
+        .watch_operation(pb::WatchOperationRequest {
+            id: id.into(),
+            from_sequence: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(e) = stream.message().await.unwrap() {
+            if let Some(pb::operation_event::Event::StepStarted(s)) = e.event
+                && s.step == step
+            {
+                return;
+            }
+        }
+        panic!("operation {id} ended before step {step}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("step {step} did not start"));
+}
+
+async fn wait_done(agent: &TestAgent, id: &str) -> pb::Operation {
+    for _ in 0..1200 {
+        if let Ok(channel) = agent.connect(&agent.pki.client("reader")).await {
+            let mut ops = pb::operation_service_client::OperationServiceClient::new(channel);
+            if let Ok(op) = ops
+                .get_operation(pb::GetOperationRequest { id: id.into() })
+                .await
+            {
+                let op = op.into_inner();
+                if op.finished.is_some() {
+                    return op;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("operation {id} did not finish in 2 minutes");
+}
+
+/// kill -9 of the agent when `step` starts; on restart the agent finishes
+/// the operation by rolling back, and the app is as it was.
+async fn killed_at(step: &str) {
+    let Some(mut w) = world().await else { return };
+    let before = w.snapshot();
+    let mut client =
+        pb::upgrade_service_client::UpgradeServiceClient::new(w.agent.channel("operator").await);
+    let op = client
+        .upgrade(pb::UpgradeRequest {
+            app: "covet".into(),
+            to_version: "0.2.0".into(),
+            env_edits: vec![pb::EnvEdit {
+                edit: Some(pb::env_edit::Edit::Rename(pb::EnvRename {
+                    from: "DATABASE_URI".into(),
+                    to: "DATABASE_URL".into(),
+                })),
+            }],
+            watch: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for_step(&w.agent, &op.id, step).await;
+    w.agent.signal(libc::SIGKILL);
+    w.agent.restart().await;
+    let done = wait_done(&w.agent, &op.id).await;
+    let state = pb::OperationState::try_from(done.state).unwrap();
+    if step == "backup" {
+        assert_eq!(state, pb::OperationState::Failed, "{done:?}");
+        assert!(done.cause.contains("nothing was changed"), "{}", done.cause);
+    } else {
+        assert_eq!(state, pb::OperationState::RolledBack, "{done:?}");
+        assert!(
+            done.cause.contains("interrupted by an agent restart"),
+            "{}",
+            done.cause
+        );
+    }
+    // The app may have been stopped by the rollback or never touched.
+    let _ = w.sandbox.systemctl(&["start", UNIT]);
+    wait_healthy(w.app.port, "0.1.9").await;
+    assert_eq!(w.snapshot(), before);
+    let leftovers: Vec<PathBuf> = std::fs::read_dir(w.app.venv.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+macro_rules! kill_tests {
+    ($($name:ident => $step:literal),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            killed_at($step).await;
+        }
+    )*};
+}
+
+kill_tests! {
+    kill_9_at_backup => "backup",
+    kill_9_at_package => "package",
+    kill_9_at_config => "config",
+    kill_9_at_migrate => "migrate",
+    kill_9_at_restart => "restart",
+    kill_9_at_health => "health",
+    kill_9_at_smoke => "smoke",
+    kill_9_at_watch => "watch",
+}
