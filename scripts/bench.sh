@@ -15,3 +15,6 @@ target/release/covet-bench
 echo
 echo "== backups"
 target/release/covet-bench-backup "$@"
+echo
+echo "== agent overhead in an upgrade"
+target/release/covet-demo --bench 3

@@ -168,6 +168,7 @@ impl Operations {
             journal: self.inner.journal.clone(),
             cancel,
             last_progress: Arc::new(Mutex::new(None)),
+            waited: Arc::new(Mutex::new(Duration::ZERO)),
         };
         ctx.state(OpState::Running, "");
         let runner = ctx.clone();
@@ -203,6 +204,7 @@ impl Operations {
             journal: self.inner.journal.clone(),
             cancel,
             last_progress: Arc::new(Mutex::new(None)),
+            waited: Arc::new(Mutex::new(Duration::ZERO)),
         };
         tokio::spawn(async move {
             let _guard = guard;
@@ -257,6 +259,7 @@ pub struct OpContext {
     journal: Arc<Journal>,
     cancel: Arc<AtomicBool>,
     last_progress: Arc<Mutex<Option<(String, Instant)>>>,
+    waited: Arc<Mutex<Duration>>,
 }
 
 /// Progress events are throttled to this interval per step.
@@ -269,6 +272,20 @@ impl OpContext {
         if let Err(e) = self.journal.append(&self.id, body) {
             tracing::error!(op = %self.id, "cannot journal event: {e}");
         }
+    }
+
+    /// Runs `f`, counting its time as waiting on something outside the agent
+    /// (a program, systemd, the app): the rest is the agent's own overhead.
+    pub async fn waiting<T>(&self, f: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        let out = f.await;
+        *self.waited.lock().unwrap_or_else(|p| p.into_inner()) += started.elapsed();
+        out
+    }
+
+    /// Total time spent in [`OpContext::waiting`].
+    pub fn waited(&self) -> Duration {
+        *self.waited.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The operation's record as journaled now.

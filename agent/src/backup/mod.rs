@@ -397,10 +397,10 @@ impl BackupStore {
         done: std::sync::Arc<std::sync::atomic::AtomicU64>,
         estimate: u64,
     ) -> Result<(ManifestFile, ManifestDb), BackupError> {
-        let server_version = db::server_version(pg, QUERY_TIMEOUT).await?;
+        let server_version = ctx.waiting(db::server_version(pg, QUERY_TIMEOUT)).await?;
         // Counted before the dump: the app is expected to be quiet (it is
         // stopped or idle during an upgrade's backup).
-        let row_counts = db::row_counts(pg, QUERY_TIMEOUT).await?;
+        let row_counts = ctx.waiting(db::row_counts(pg, QUERY_TIMEOUT)).await?;
         let dest = dir.join(DUMP_FILE);
         let base = done.load(std::sync::atomic::Ordering::Relaxed);
         let progress_ctx = ctx.clone();
@@ -409,7 +409,9 @@ impl BackupStore {
             progress_ctx.progress(&step_name, base + n, estimate.max(base + n), "bytes");
         };
         let cancel = ctx.cancel_flag();
-        let stats = db::dump(pg, &dest, DB_TIMEOUT, &on_bytes, &cancel).await?;
+        let stats = ctx
+            .waiting(db::dump(pg, &dest, DB_TIMEOUT, &on_bytes, &cancel))
+            .await?;
         done.fetch_add(
             stats.uncompressed_bytes,
             std::sync::atomic::Ordering::Relaxed,

@@ -27,7 +27,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(demo()) {
+    let bench_rounds = std::env::args()
+        .skip_while(|a| a != "--bench")
+        .nth(1)
+        .and_then(|n| n.parse::<u32>().ok());
+    let result = match bench_rounds {
+        Some(rounds) => runtime.block_on(bench(rounds)),
+        None => runtime.block_on(demo()),
+    };
+    match result {
         Ok(()) => {
             println!("\n\x1b[1mdemo finished: every check passed; the sandbox is gone\x1b[0m");
             ExitCode::SUCCESS
@@ -260,6 +268,94 @@ async fn demo() -> anyhow::Result<()> {
     drop(agent);
     drop(sandbox);
     drop(pg);
+    Ok(())
+}
+
+/// `covet-demo --bench N`: the agent's own overhead in an upgrade (the
+/// operation's total time minus the time it waited on external programs,
+/// systemd and the app), over N upgrade + rollback rounds.
+async fn bench(rounds: u32) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("covet-bench-upgrade-")
+        .tempdir()?;
+    let root = dir.path();
+    let sandbox = SystemdSandbox::start(&root.join("systemd"))?;
+    let pg = PostgresCluster::start(&root.join("pg"))?;
+    let app = sampleapp::install(&root.join("app"), &pg, 1000)?;
+    sandbox.install_unit(
+        UNIT,
+        &sampleapp::unit_file(&app.venv, &app.env_file, app.port),
+    )?;
+    ensure!(
+        sandbox.systemctl(&["start", UNIT]).status.success(),
+        "cannot start {UNIT}"
+    );
+    ensure!(serving(app.port, "0.1.9").await, "the app does not serve");
+    let toml = format!(
+        "\n[systemd]\nbus = \"{}\"\njournal_dir = \"{}\"\n{}\n",
+        sandbox.bus_address(),
+        sandbox.journal_dir().display(),
+        app.agent_toml(&pg)
+    );
+    let agent = TestAgent::start(
+        &root.join("agent"),
+        AgentOptions {
+            extra_toml: toml,
+            ..Default::default()
+        },
+    )
+    .await;
+    agent.ctl_config(&["operator"]);
+    let mut samples = Vec::new();
+    for round in 1..=rounds {
+        let out = agent.ctl(
+            "operator",
+            &[
+                "-o",
+                "json",
+                "upgrade",
+                "covet",
+                "--to",
+                "0.2.0",
+                "--env-rename",
+                "DATABASE_URI=DATABASE_URL",
+            ],
+        );
+        ensure!(
+            out.code == 0,
+            "upgrade failed:\n{}\n{}",
+            out.stdout,
+            out.stderr
+        );
+        let op = out.json();
+        let ms = |k: &str| {
+            op["params"][k]
+                .as_str()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let (total, waited, overhead) = (ms("total_ms"), ms("waited_ms"), ms("overhead_ms"));
+        println!(
+            "round {round}: upgrade took {total} ms, waiting on programs/systemd/app {waited} ms, agent overhead {overhead} ms"
+        );
+        samples.push(overhead);
+        let back = agent.ctl("operator", &["-o", "json", "rollback", "covet"]);
+        ensure!(
+            back.code == 0,
+            "rollback failed:\n{}\n{}",
+            back.stdout,
+            back.stderr
+        );
+    }
+    samples.sort_unstable();
+    let median = samples[samples.len() / 2];
+    println!(
+        "\nagent overhead per upgrade (median of {rounds}): {median} ms; target < 300 ms; ratio to target {:.2}",
+        median as f64 / 300.0
+    );
+    println!(
+        "(overhead = total − waiting on pg_dump, pip, the migration, systemd jobs and probes; it includes archiving the app's paths)"
+    );
     Ok(())
 }
 
