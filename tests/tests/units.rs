@@ -399,3 +399,32 @@ async fn an_unreachable_bus_is_unavailable_with_the_reason() {
         status.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_reload_picks_up_a_changed_unit_file() {
+    let Some(w) = world().await else { return };
+    let mut admin = units(&w, "admin").await;
+    let before = admin
+        .get_unit_status(pb::GetUnitStatusRequest { units: vec![WEB.into()] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(before.units[0].description, "covet test web server");
+    // Write the new file directly: install_unit would reload by itself.
+    let path = w.sandbox.unit_dir().join(WEB);
+    let text = std::fs::read_to_string(&path).unwrap().replace("covet test web server", "covet test web server, edited");
+    std::fs::write(&path, text).unwrap();
+    admin.daemon_reload(pb::DaemonReloadRequest {}).await.unwrap();
+    let after = admin
+        .get_unit_status(pb::GetUnitStatusRequest { units: vec![WEB.into()] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.units[0].description, "covet test web server, edited");
+    let record = w
+        .agent
+        .wait_audit(|r| r["rpc"] == "/covet.agent.v1.UnitService/DaemonReload")
+        .await;
+    assert_eq!(record["outcome"], "ok");
+    assert_eq!(record["caller_cn"], "admin");
+}
