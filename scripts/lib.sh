@@ -28,4 +28,4 @@ ensure_cargo() {
 # The packages the agent's real parts need: C toolchain for ring, Python for
 # the sample app, systemd + dbus + journald (the test sandboxes), util-linux
 # (unshare, setpriv) and PostgreSQL.
-PROJECT_PACKAGES=(build-essential pkg-config ca-certificates python3 python3-venv systemd dbus dbus-user-session util-linux postgresql)
+PROJECT_PACKAGES=(build-essential ca-certificates zstd python3 python3-venv systemd dbus dbus-user-session util-linux postgresql)
