@@ -144,10 +144,16 @@ pub enum EventBody {
 }
 
 impl EventBody {
-    /// Events that must survive a crash; progress and output lines may be
-    /// lost with the last second before a crash without losing the story.
+    /// Events that are fsynced before the agent goes on: a step's start
+    /// (written before the step acts) and state changes. The others ride on
+    /// the next durable commit (redb makes earlier commits durable with it);
+    /// losing a "step finished" in a crash only makes recovery roll back a
+    /// step that had in fact finished, which is safe.
     fn is_durable(&self) -> bool {
-        !matches!(self, EventBody::Progress { .. } | EventBody::Output { .. })
+        matches!(
+            self,
+            EventBody::StepStarted { .. } | EventBody::StateChanged { .. }
+        )
     }
 
     /// Applies the event to the operation's summary record.

@@ -10,7 +10,11 @@
 //!   (absolute shebangs), so the copy, renamed back, is the exact way back.
 //! - release: trees unpacked under `releases_dir/VERSION/`, with a `current`
 //!   symlink swapped atomically.
-//! - deb, rpm: not yet (packaging, issue 6).
+//! - deb, rpm: package files in `repo_dir`, recognized by their control
+//!   fields (not their names), installed with `dpkg -i` / `rpm -U
+//!   --oldpackage`. Before the install, the installed version's package file
+//!   is copied to `REPO_PARENT/.REPO_NAME.before-OP_ID/`, so a rollback can
+//!   reinstall it even if the repository changes; no copy, no upgrade.
 
 use std::collections::VecDeque;
 use std::ffi::{CString, OsString};
@@ -32,6 +36,18 @@ use crate::backup::archive::{self, ArchiveError, Compression, Progress};
 use crate::config::{AppConfig, PackageConfig, PackageKind};
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(20);
+/// `restore` takes no timeout; reinstalling one package file gets this long.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
+/// dpkg and rpm run maintainer scripts and look for helpers (ldconfig,
+/// start-stop-daemon) in sbin, whatever the agent's own PATH is.
+const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const DPKG: &str = "/usr/bin/dpkg";
+const DPKG_DEB: &str = "/usr/bin/dpkg-deb";
+const DPKG_QUERY: &str = "/usr/bin/dpkg-query";
+const RPM: &str = "/usr/bin/rpm";
+/// Where apt leaves the .debs it downloaded: a second place to find the
+/// installed version's file.
+const APT_ARCHIVES: &str = "/var/cache/apt/archives";
 const MAX_VERSION_LEN: usize = 64;
 const MAX_OP_ID_LEN: usize = 128;
 /// Lines of tool output kept for the error message when the tool fails.
@@ -93,6 +109,26 @@ pub enum PackageError {
     Unsupported(String),
     #[error("app {0} declares no [package]")]
     NoPackage(String),
+    #[error(
+        "cannot keep {name} {version} for a rollback: no package file of it in {searched}; put the {kind} file of {name} {version} in repo_dir and retry (nothing was changed)"
+    )]
+    PreviousMissing {
+        name: String,
+        version: String,
+        kind: &'static str,
+        searched: String,
+    },
+    #[error(
+        "package {name} is in state {state:?}, not fully installed; repair it first (`dpkg --configure -a` or `apt-get -f install`; rpm: `rpm -V {name}`), then retry"
+    )]
+    Unsettled { name: String, state: String },
+    #[error("{program} succeeded but {name} is {found}, not {wanted}")]
+    WrongVersion {
+        program: String,
+        name: String,
+        wanted: String,
+        found: String,
+    },
 }
 
 /// What is needed to put the previous package back exactly.
@@ -109,6 +145,21 @@ pub enum RestorePoint {
     Release {
         current: PathBuf,
         previous_target: PathBuf,
+    },
+    /// deb: `name` was at `version` (None: not installed, so a restore
+    /// removes it); `kept` is the copy of that version's .deb in `keep_dir`.
+    Deb {
+        name: String,
+        version: Option<String>,
+        keep_dir: PathBuf,
+        kept: Option<PathBuf>,
+    },
+    /// rpm: as for deb; versions are `VERSION-RELEASE`.
+    Rpm {
+        name: String,
+        version: Option<String>,
+        keep_dir: PathBuf,
+        kept: Option<PathBuf>,
     },
     /// Nothing to put back.
     None,

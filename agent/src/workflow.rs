@@ -227,87 +227,91 @@ pub async fn migration_dry_run(
         None => Vec::new(),
     };
     apply_in_memory(&mut env, &spec.env_edits);
-    let never = std::sync::atomic::AtomicBool::new(false);
     let scratch = deps
         .config
         .state_dir
         .join("tmp")
         .join(crate::journal::new_id("plan"));
-    let mut argv = argv.clone();
-    let pip = app
+    let result = async {
+        let argv = target_argv(app, spec, argv, &scratch).await?;
+        let never = std::sync::atomic::AtomicBool::new(false);
+        crate::process::run(
+            &argv,
+            app.user.as_deref(),
+            &env,
+            m.timeout,
+            &never,
+            &|_, _| {},
+        )
+        .await
+        .map(|r| r.lines)
+        .map_err(|e| e.to_string())
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+/// The dry-run argv as the target version would run it: for pip, the
+/// version is installed into a scratch virtualenv at `scratch/venv` and a
+/// program of the app's venv is replaced by the same one from there.
+async fn target_argv(
+    app: &AppConfig,
+    spec: &UpgradeSpec,
+    argv: &[String],
+    scratch: &Path,
+) -> Result<Vec<String>, String> {
+    let mut argv = argv.to_vec();
+    let pkg = app
         .package
         .as_ref()
         .filter(|p| p.kind == crate::config::PackageKind::Pip);
-    if let (Some(pkg), Some(venv)) = (pip, pip.and_then(|p| p.venv.clone())) {
-        let scratch_venv = scratch.join("venv");
-        std::fs::create_dir_all(&scratch)
-            .map_err(|e| format!("cannot create {}: {e}", scratch.display()))?;
-        let result = async {
-            crate::process::run(
-                &[
-                    venv.join("bin/python").display().to_string(),
-                    "-m".into(),
-                    "venv".into(),
-                    scratch_venv.display().to_string(),
-                ],
-                None,
-                &[],
-                Duration::from_secs(120),
-                &never,
-                &|_, _| {},
-            )
-            .await
-            .map_err(|e| format!("cannot make a scratch virtualenv: {e}"))?;
-            let mut scratch_pkg = pkg.clone();
-            scratch_pkg.venv = Some(scratch_venv.clone());
-            packages::install(
-                &scratch_pkg,
-                &spec.to_version,
-                "plan",
-                PACKAGE_TIMEOUT,
-                &|_, _| {},
-            )
-            .await
-            .map_err(|e| {
-                format!(
-                    "cannot install {} {} into a scratch virtualenv: {e}",
-                    pkg.name, spec.to_version
-                )
-            })?;
-            // The same program, from the scratch virtualenv.
-            if let Some(rest) = argv
-                .first()
-                .and_then(|p| Path::new(p).strip_prefix(&venv).ok().map(Path::to_owned))
-            {
-                argv[0] = scratch_venv.join(rest).display().to_string();
-            }
-            crate::process::run(
-                &argv,
-                app.user.as_deref(),
-                &env,
-                m.timeout,
-                &never,
-                &|_, _| {},
-            )
-            .await
-            .map(|r| r.lines)
-            .map_err(|e| e.to_string())
-        }
-        .await;
-        let _ = std::fs::remove_dir_all(&scratch);
-        return result;
-    }
+    let (Some(pkg), Some(venv)) = (pkg, pkg.and_then(|p| p.venv.clone())) else {
+        return Ok(argv);
+    };
+    let scratch_venv = scratch.join("venv");
+    std::fs::create_dir_all(scratch)
+        .map_err(|e| format!("cannot create {}: {e}", scratch.display()))?;
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let make_venv = [
+        venv.join("bin/python").display().to_string(),
+        "-m".into(),
+        "venv".into(),
+        scratch_venv.display().to_string(),
+    ];
     crate::process::run(
-        &argv,
-        app.user.as_deref(),
-        &env,
-        m.timeout,
+        &make_venv,
+        None,
+        &[],
+        Duration::from_secs(120),
         &never,
         &|_, _| {},
     )
     .await
-    .map(|r| r.lines)
-    .map_err(|e| e.to_string())
+    .map_err(|e| format!("cannot make a scratch virtualenv: {e}"))?;
+    let mut scratch_pkg = pkg.clone();
+    scratch_pkg.venv = Some(scratch_venv.clone());
+    packages::install(
+        &scratch_pkg,
+        &spec.to_version,
+        "plan",
+        PACKAGE_TIMEOUT,
+        &|_, _| {},
+    )
+    .await
+    .map_err(|e| {
+        format!(
+            "cannot install {} {} into a scratch virtualenv: {e}",
+            pkg.name, spec.to_version
+        )
+    })?;
+    if let Some(rest) = argv
+        .first()
+        .and_then(|p| Path::new(p).strip_prefix(&venv).ok().map(Path::to_owned))
+    {
+        argv[0] = scratch_venv.join(rest).display().to_string();
+    }
+    Ok(argv)
 }
 
 /// The env edits applied to variables, as the config step would apply them to the file.

@@ -1,6 +1,7 @@
 //! Commands that talk to an agent: info, metrics, health, probes.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -53,51 +54,93 @@ pub async fn connect_node(g: &Global) -> anyhow::Result<Node> {
 /// As [`connect_node`], with a longer deadline for calls that wait on work
 /// (a unit's job, a migration's dry run).
 pub async fn connect_node_with(g: &Global, call_timeout: Duration) -> anyhow::Result<Node> {
-    let path = match &g.config {
-        Some(p) => p.clone(),
-        None => covetctl::contexts::default_path()?,
-    };
-    let config = ClientConfig::load(&path)?;
-    let (name, ctx) = match &g.context {
-        Some(name) => (
-            name.as_str(),
-            config.contexts.get(name).ok_or_else(|| {
-                anyhow!(
-                    "no context {name:?} in {} (have: {})",
-                    path.display(),
-                    config
-                        .contexts
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })?,
-        ),
-        None => config.current()?,
-    };
-    let endpoint = match g.endpoints.first() {
-        Some(e) => e.clone(),
-        None => ctx
-            .endpoints
-            .first()
-            .cloned()
-            .ok_or_else(|| anyhow!("context {name} has no endpoint: pass -e HOST:PORT"))?,
-    };
-    let tls = connect::client_tls(&Credentials {
-        ca: ctx.ca.clone(),
-        cert: ctx.cert.clone(),
-        key: ctx.key.clone(),
-    })?;
-    let channel = connect::connect_with(
-        &endpoint,
-        tls,
-        ctx.server_name.as_deref(),
-        g.timeout,
-        call_timeout,
-    )
-    .await?;
-    Ok(Node { endpoint, channel })
+    let target = Target::resolve(g)?;
+    let endpoint = target
+        .endpoints
+        .first()
+        .cloned()
+        .ok_or_else(|| anyhow!("context {} has no endpoint: pass -e HOST:PORT", target.context))?;
+    let tls = target.tls()?;
+    target.connect(&endpoint, tls, g.timeout, call_timeout).await
+}
+
+/// Where a command goes and with which credentials: the context (or the one
+/// named by `--context`), its endpoints unless `-e` overrides them.
+pub struct Target {
+    pub context: String,
+    pub endpoints: Vec<String>,
+    credentials: Credentials,
+    server_name: Option<String>,
+}
+
+impl Target {
+    pub fn resolve(g: &Global) -> anyhow::Result<Target> {
+        let path = match &g.config {
+            Some(p) => p.clone(),
+            None => covetctl::contexts::default_path()?,
+        };
+        let config = ClientConfig::load(&path)?;
+        let (name, ctx) = match &g.context {
+            Some(name) => (
+                name.as_str(),
+                config.contexts.get(name).ok_or_else(|| {
+                    anyhow!(
+                        "no context {name:?} in {} (have: {})",
+                        path.display(),
+                        config
+                            .contexts
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?,
+            ),
+            None => config.current()?,
+        };
+        let endpoints = if g.endpoints.is_empty() {
+            ctx.endpoints.clone()
+        } else {
+            g.endpoints.clone()
+        };
+        Ok(Target {
+            context: name.to_owned(),
+            endpoints,
+            credentials: Credentials {
+                ca: ctx.ca.clone(),
+                cert: ctx.cert.clone(),
+                key: ctx.key.clone(),
+            },
+            server_name: ctx.server_name.clone(),
+        })
+    }
+
+    /// The client TLS configuration. Build it once per command and share it:
+    /// one config caches the TLS sessions every connection resumes.
+    pub fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        Ok(connect::client_tls(&self.credentials)?)
+    }
+
+    pub async fn connect(
+        &self,
+        endpoint: &str,
+        tls: Arc<rustls::ClientConfig>,
+        timeout: Duration,
+        call_timeout: Duration,
+    ) -> anyhow::Result<Node> {
+        let channel = connect::connect_with(
+            endpoint,
+            tls,
+            self.server_name.as_deref(),
+            timeout,
+            call_timeout,
+        )
+        .await?;
+        Ok(Node {
+            endpoint: endpoint.to_owned(),
+            channel,
+        })
+    }
 }
 
 pub async fn info(g: &Global) -> anyhow::Result<ExitCode> {
