@@ -511,6 +511,7 @@ impl UnitApi {
         request: Request<pb::UnitActionRequest>,
     ) -> Result<Response<pb::UnitActionResponse>, Status> {
         set_target(&request, format!("unit={}", request.get_ref().unit));
+        let caller = caller_record(&request);
         let req = request.into_inner();
         let state = &self.0;
         let unit = ControlledUnit::admit(&state.config, &req.unit).map_err(systemd_error)?;
@@ -531,12 +532,40 @@ impl UnitApi {
         } else {
             req.journal_lines
         };
+        // Journaled under the lock of the app the unit belongs to, so a
+        // manual restart never lands in the middle of an upgrade.
+        let lock = state
+            .config
+            .apps
+            .iter()
+            .find(|a| a.unit == unit.as_str())
+            .map(|a| a.name.clone())
+            .unwrap_or_else(|| format!("unit:{}", unit.as_str()));
+        let op = state
+            .ops
+            .begin_inline(OpSpec {
+                kind: OpKind::UnitAction,
+                app: lock,
+                caller,
+                params: [
+                    ("unit".to_owned(), unit.as_str().to_owned()),
+                    ("action".to_owned(), action.as_str().to_owned()),
+                ]
+                .into(),
+                exclusive: true,
+            })
+            .map_err(op_error)?;
+        op.ctx().step_started(action.as_str(), unit.as_str());
         let started = SystemTime::now();
-        let job = state
-            .systemd
-            .act(action, &unit, timeout)
-            .await
-            .map_err(systemd_error)?;
+        let job = match state.systemd.act(action, &unit, timeout).await {
+            Ok(job) => job,
+            Err(e) => {
+                op.ctx()
+                    .step_finished(action.as_str(), StepOutcome::Failed, e.to_string());
+                op.finish(Outcome::Failed(e.to_string()));
+                return Err(systemd_error(e));
+            }
+        };
         let mut status = state
             .systemd
             .status(unit.as_str())
@@ -559,6 +588,24 @@ impl UnitApi {
                 .map(log_line_to_pb)
                 .collect()
         };
+        let wanted = if action == UnitAction::Stop {
+            !status.is_active()
+        } else {
+            status.is_active()
+        };
+        let detail = format!(
+            "job {}; now {}/{}",
+            job.result, status.active_state, status.sub_state
+        );
+        if job.result == "done" && wanted {
+            op.ctx()
+                .step_finished(action.as_str(), StepOutcome::Succeeded, detail);
+            op.finish(Outcome::Succeeded);
+        } else {
+            op.ctx()
+                .step_finished(action.as_str(), StepOutcome::Failed, detail.clone());
+            op.finish(Outcome::Failed(detail));
+        }
         Ok(Response::new(pb::UnitActionResponse {
             unit: unit.as_str().to_owned(),
             job_result: job.result,
@@ -650,12 +697,27 @@ impl pb::unit_service_server::UnitService for UnitApi {
         request: Request<pb::DaemonReloadRequest>,
     ) -> Result<Response<pb::DaemonReloadResponse>, Status> {
         set_target(&request, "systemd");
-        self.0
-            .systemd
-            .daemon_reload()
-            .await
-            .map_err(systemd_error)?;
-        Ok(Response::new(pb::DaemonReloadResponse {}))
+        let op = self
+            .0
+            .ops
+            .begin_inline(OpSpec {
+                kind: OpKind::DaemonReload,
+                app: "systemd".into(),
+                caller: caller_record(&request),
+                params: Default::default(),
+                exclusive: true,
+            })
+            .map_err(op_error)?;
+        match self.0.systemd.daemon_reload().await {
+            Ok(()) => {
+                op.finish(Outcome::Succeeded);
+                Ok(Response::new(pb::DaemonReloadResponse {}))
+            }
+            Err(e) => {
+                op.finish(Outcome::Failed(e.to_string()));
+                Err(systemd_error(e))
+            }
+        }
     }
 }
 
@@ -749,6 +811,9 @@ fn op_kind_to_pb(k: OpKind) -> pb::OperationKind {
         OpKind::BackupPrune => pb::OperationKind::BackupPrune,
         OpKind::Upgrade => pb::OperationKind::Upgrade,
         OpKind::Rollback => pb::OperationKind::Rollback,
+        OpKind::UnitAction => pb::OperationKind::UnitAction,
+        OpKind::BackupDelete => pb::OperationKind::BackupDelete,
+        OpKind::DaemonReload => pb::OperationKind::DaemonReload,
     }
 }
 
@@ -1341,13 +1406,28 @@ impl pb::backup_service_server::BackupService for BackupApi {
                 ops.join(", ")
             )));
         }
-        if let Some(holder) = self.0.ops.holder(&m.app) {
-            return Err(Status::aborted(format!(
-                "app {} is busy: operation {holder} holds its lock",
-                m.app
-            )));
-        }
-        let freed = self.0.backups.delete(&dir, &m).map_err(backup_error)?;
+        let op = self
+            .0
+            .ops
+            .begin_inline(OpSpec {
+                kind: OpKind::BackupDelete,
+                app: m.app.clone(),
+                caller: caller_record(&request),
+                params: [("backup".to_owned(), m.id.clone())].into(),
+                exclusive: true,
+            })
+            .map_err(op_error)?;
+        op.ctx().update(|r| r.backup_id = m.id.clone());
+        let freed = match self.0.backups.delete(&dir, &m) {
+            Ok(freed) => {
+                op.finish(Outcome::Succeeded);
+                freed
+            }
+            Err(e) => {
+                op.finish(Outcome::Failed(e.to_string()));
+                return Err(backup_error(e));
+            }
+        };
         Ok(Response::new(pb::DeleteBackupResponse {
             id: m.id,
             freed_bytes: freed,

@@ -32,6 +32,10 @@ pub enum OpKind {
     BackupPrune,
     Upgrade,
     Rollback,
+    /// Short mutating calls, journaled while the call runs.
+    UnitAction,
+    BackupDelete,
+    DaemonReload,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

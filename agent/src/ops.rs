@@ -180,6 +180,52 @@ impl Operations {
         Ok(record)
     }
 
+    /// Journals a short mutating call that runs inline (its RPC waits for
+    /// it): takes the lock named `spec.app`, records the operation, and
+    /// returns a guard to report through and to finish. A guard dropped
+    /// unfinished (the client went away mid-call) ends the operation Failed.
+    pub fn begin_inline(&self, spec: OpSpec) -> Result<InlineOp, OpError> {
+        let id = crate::journal::new_id("op");
+        self.inner.locks.take(&spec.app, &id)?;
+        let guard = LockGuard {
+            ops: self.inner.clone(),
+            app: spec.app.clone(),
+            id: id.clone(),
+        };
+        let now = SystemTime::now();
+        let record = OperationRecord {
+            id: id.clone(),
+            kind: spec.kind,
+            app: spec.app,
+            state: OpState::Pending,
+            created: now,
+            updated: now,
+            finished: None,
+            requested_by: spec.caller,
+            cause: String::new(),
+            needs_human: String::new(),
+            backup_id: String::new(),
+            current_step: String::new(),
+            last_sequence: 0,
+            params: spec.params,
+            steps: Vec::new(),
+        };
+        self.inner.journal.create(&record)?;
+        let ctx = OpContext {
+            id,
+            journal: self.inner.journal.clone(),
+            cancel: Arc::new(AtomicBool::new(false)),
+            last_progress: Arc::new(Mutex::new(None)),
+            waited: Arc::new(Mutex::new(Duration::ZERO)),
+        };
+        ctx.state(OpState::Running, "");
+        Ok(InlineOp {
+            ctx,
+            _guard: guard,
+            finished: false,
+        })
+    }
+
     /// Takes over an operation the journal shows unfinished (the agent died
     /// while it ran): re-takes the app's lock and runs `work` under the same id.
     pub fn resume<F, Fut>(&self, op: &OperationRecord, work: F) -> Result<(), OpError>
@@ -249,6 +295,34 @@ impl Operations {
             .unwrap_or_else(|p| p.into_inner())
             .get(app)
             .cloned()
+    }
+}
+
+/// A short operation run inline by its RPC; see [`Operations::begin_inline`].
+pub struct InlineOp {
+    ctx: OpContext,
+    _guard: LockGuard,
+    finished: bool,
+}
+
+impl InlineOp {
+    pub fn ctx(&self) -> &OpContext {
+        &self.ctx
+    }
+
+    pub fn finish(mut self, outcome: Outcome) {
+        self.finished = true;
+        self.ctx.finish(outcome);
+    }
+}
+
+impl Drop for InlineOp {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.ctx.finish(Outcome::Failed(
+                "the call was abandoned before it ended".into(),
+            ));
+        }
     }
 }
 

@@ -168,6 +168,39 @@ async fn start_restart_stop_a_real_unit_and_wait_for_each_job() {
     assert_eq!(record["target"], format!("unit={WEB}"));
     assert_eq!(record["outcome"], "ok");
     assert_eq!(record["caller_cn"], "operator");
+
+    // Each action was journaled as an operation under the app's lock.
+    let ops = w
+        .agent
+        .ctl("reader", &["-o", "json", "ops", "list"])
+        .assert_ok()
+        .json();
+    let actions: Vec<(String, String)> = ops["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["params"]["action"].as_str().unwrap_or("").to_owned(),
+                o["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            ("stop".to_owned(), "succeeded".to_owned()),
+            ("restart".to_owned(), "succeeded".to_owned()),
+            ("start".to_owned(), "succeeded".to_owned()),
+        ]
+    );
+    assert!(
+        ops["operations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|o| o["kind"] == "unit_action" && o["app"] == "web")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,19 +437,29 @@ async fn an_unreachable_bus_is_unavailable_with_the_reason() {
 async fn daemon_reload_picks_up_a_changed_unit_file() {
     let Some(w) = world().await else { return };
     let mut admin = units(&w, "admin").await;
+    admin.start_unit(action(WEB)).await.unwrap();
     let before = admin
-        .get_unit_status(pb::GetUnitStatusRequest { units: vec![WEB.into()] })
+        .get_unit_status(pb::GetUnitStatusRequest {
+            units: vec![WEB.into()],
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(before.units[0].description, "covet test web server");
     // Write the new file directly: install_unit would reload by itself.
     let path = w.sandbox.unit_dir().join(WEB);
-    let text = std::fs::read_to_string(&path).unwrap().replace("covet test web server", "covet test web server, edited");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("covet test web server", "covet test web server, edited");
     std::fs::write(&path, text).unwrap();
-    admin.daemon_reload(pb::DaemonReloadRequest {}).await.unwrap();
+    admin
+        .daemon_reload(pb::DaemonReloadRequest {})
+        .await
+        .unwrap();
     let after = admin
-        .get_unit_status(pb::GetUnitStatusRequest { units: vec![WEB.into()] })
+        .get_unit_status(pb::GetUnitStatusRequest {
+            units: vec![WEB.into()],
+        })
         .await
         .unwrap()
         .into_inner();

@@ -525,6 +525,18 @@ async fn the_lock_and_cancel() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Aborted);
+    // A manual restart of the app's unit must not land in the middle of it.
+    let mut units =
+        pb::unit_service_client::UnitServiceClient::new(w.agent.channel("operator").await);
+    let status = units
+        .restart_unit(pb::UnitActionRequest {
+            unit: UNIT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Aborted);
+    assert!(status.message().contains(&op.id), "{}", status.message());
 
     wait_for_step(&w.agent, &op.id, "watch").await;
     w.agent
