@@ -1741,7 +1741,7 @@ impl pb::upgrade_service_server::UpgradeService for UpgradeApi {
             .0
             .ops
             .start(op_spec, move |ctx| {
-                crate::workflow::run_upgrade(deps, ctx, app, spec, pre)
+                Box::pin(crate::workflow::run_upgrade(deps, ctx, app, spec, pre))
             })
             .map_err(op_error)?;
         Ok(Response::new(operation_to_pb(op)))

@@ -17,6 +17,7 @@ pub mod info;
 pub mod journal;
 pub mod logs;
 pub mod metrics;
+pub mod notify;
 pub mod ops;
 pub mod packages;
 pub mod probes;

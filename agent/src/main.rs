@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use covet_agent::config::{Config, ConfigError};
+use covet_agent::notify::NotifyEnv;
 use covet_agent::server::Agent;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -43,8 +44,17 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => check_config(&cli.config),
         Command::Run => {
+            // SAFETY: no thread has been started yet (tracing and the runtime come next).
+            let notify = unsafe { NotifyEnv::take() };
             init_tracing();
+            let notify = notify.unwrap_or_else(|e| {
+                tracing::warn!("NOTIFY_SOCKET unusable, not notifying systemd: {e}");
+                NotifyEnv::default()
+            });
             let runtime = match tokio::runtime::Builder::new_multi_thread()
+                // Deep async state machines (the upgrade workflow) need more
+                // than the default 2 MiB of stack in unoptimized builds.
+                .thread_stack_size(8 << 20)
                 .enable_all()
                 .build()
             {
@@ -54,7 +64,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(&cli.config)) {
+            match runtime.block_on(run(&cli.config, &notify)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -106,13 +116,16 @@ fn init_tracing() {
     }
 }
 
-async fn run(config_path: &Path) -> anyhow::Result<()> {
+async fn run(config_path: &Path, notify: &NotifyEnv) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let state_dir = config.state_dir.clone();
     let agent = Agent::bind(config).await?;
     let addr = agent.local_addr()?;
     write_addr_file(&state_dir.join("agent.addr"), &addr.to_string())?;
     tracing::info!(%addr, metrics = ?agent.metrics_addr(), "covet-agent {} listening", env!("CARGO_PKG_VERSION"));
+    // Type=notify: the unit is started once clients can connect.
+    notify.notify(&format!("READY=1\nSTATUS=listening on {addr}"));
+    let _watchdog = notify.spawn_watchdog();
 
     let tls = agent.tls();
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
@@ -129,12 +142,14 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let notify = notify.clone();
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
         tracing::info!("shutting down");
+        notify.notify("STOPPING=1");
     };
     agent.serve(shutdown).await
 }

@@ -192,20 +192,26 @@ pub fn validate_version(v: &str) -> Result<(), PackageError> {
 /// the network. pip: a wheel or sdist of `name==version` in a `find_links`
 /// directory. release: an artifact `NAME-VERSION.tar.gz|.tar.zst|.tar` in
 /// `repo_dir` or a `find_links` directory, or an unpacked
-/// `releases_dir/VERSION/`.
+/// `releases_dir/VERSION/`. deb, rpm: a package file in `repo_dir` whose
+/// own name and version fields (not its file name) are `name` and `version`
+/// (rpm: `VERSION-RELEASE` or `VERSION`), for this machine's architecture.
 pub async fn check_available(pkg: &PackageConfig, version: &str) -> Result<(), PackageError> {
     validate_version(version)?;
     match pkg.kind {
         PackageKind::Pip => pip_check_available(pkg, version),
         PackageKind::Release => release_source(pkg, version).map(|_| ()),
-        PackageKind::Deb | PackageKind::Rpm => Err(unsupported(pkg.kind)),
+        PackageKind::Deb => System::Deb.find(pkg, version).await.map(|_| ()),
+        PackageKind::Rpm => System::Rpm(&[]).find(pkg, version).await.map(|_| ()),
     }
 }
 
 /// Records how to put the installed package back exactly; call before
 /// [`install`]. pip: copies the whole virtualenv to
 /// `VENV_PARENT/.VENV_NAME.before-OP_ID` (reused if a complete copy for this
-/// operation exists). release: records where `current` points.
+/// operation exists). release: records where `current` points. deb, rpm:
+/// copies the installed version's package file (from `repo_dir`, or for deb
+/// `/var/cache/apt/archives`) to `REPO_PARENT/.REPO_NAME.before-OP_ID/`,
+/// and fails with nothing changed when there is none (reused on a retry).
 pub async fn prepare_restore_point(
     pkg: &PackageConfig,
     op_id: &str,
@@ -214,7 +220,8 @@ pub async fn prepare_restore_point(
     match pkg.kind {
         PackageKind::Pip => pip_prepare(pkg, op_id).await,
         PackageKind::Release => release_prepare(pkg),
-        PackageKind::Deb | PackageKind::Rpm => Err(unsupported(pkg.kind)),
+        PackageKind::Deb => System::Deb.prepare(pkg, op_id).await,
+        PackageKind::Rpm => System::Rpm(&[]).prepare(pkg, op_id).await,
     }
 }
 
@@ -222,7 +229,10 @@ pub async fn prepare_restore_point(
 /// `on_line(is_stderr, line)`. pip: `pip install --no-index --find-links ...
 /// NAME==VERSION` in the virtualenv, as the virtualenv's owner. release:
 /// unpacks the artifact to `releases_dir/VERSION/` (unless already there),
-/// then points `current` at it atomically.
+/// then points `current` at it atomically. deb: `dpkg -i` of the file
+/// [`check_available`] finds, keeping the operator's edited conffiles. rpm:
+/// `rpm -U --oldpackage` of it (up or down). Both do nothing when `version`
+/// is already installed.
 pub async fn install(
     pkg: &PackageConfig,
     version: &str,
@@ -235,13 +245,20 @@ pub async fn install(
     match pkg.kind {
         PackageKind::Pip => pip_install(pkg, version, timeout, on_line).await,
         PackageKind::Release => release_install(pkg, version, op_id, timeout).await,
-        PackageKind::Deb | PackageKind::Rpm => Err(unsupported(pkg.kind)),
+        PackageKind::Deb => System::Deb.install(pkg, version, timeout, on_line).await,
+        PackageKind::Rpm => {
+            System::Rpm(&[])
+                .install(pkg, version, timeout, on_line)
+                .await
+        }
     }
 }
 
 /// Puts the package recorded in `rp` back exactly. pip: the live virtualenv
 /// is moved aside (`.VENV_NAME.failed-OP_ID`), the copy renamed into place,
 /// the aside tree removed. release: `current` is pointed back atomically.
+/// deb, rpm: the kept file is reinstalled (or the package removed if it was
+/// not installed), unless the previous version is already there.
 /// Safe to run again, e.g. after a crash half way.
 pub async fn restore(rp: &RestorePoint) -> Result<(), PackageError> {
     match rp {
@@ -256,17 +273,38 @@ pub async fn restore(rp: &RestorePoint) -> Result<(), PackageError> {
             let (current, target) = (current.clone(), previous_target.clone());
             blocking(move || point_symlink(&current, &target, "tmp-restore")).await
         }
+        RestorePoint::Deb {
+            name,
+            version,
+            kept,
+            ..
+        } => System::Deb.restore(name, version, kept).await,
+        RestorePoint::Rpm {
+            name,
+            version,
+            kept,
+            ..
+        } => System::Rpm(&[]).restore(name, version, kept).await,
         RestorePoint::None => Ok(()),
     }
 }
 
-/// After a successful upgrade: removes the virtualenv copy. Releases keep
-/// their old tree (it is what a later rollback installs).
+/// After a successful upgrade: removes the virtualenv copy, or the kept
+/// package file. Releases keep their old tree (it is what a later rollback
+/// installs).
 pub async fn discard(rp: &RestorePoint) -> Result<(), PackageError> {
     match rp {
         RestorePoint::Pip { copy, .. } => {
             let copy = copy.clone();
             blocking(move || remove_tree(&copy)).await
+        }
+        RestorePoint::Deb { keep_dir, .. } | RestorePoint::Rpm { keep_dir, .. } => {
+            let keep_dir = keep_dir.clone();
+            blocking(move || {
+                remove_tree(&with_suffix(&keep_dir, ".partial"))?;
+                remove_tree(&keep_dir)
+            })
+            .await
         }
         RestorePoint::Release { .. } | RestorePoint::None => Ok(()),
     }
@@ -278,14 +316,8 @@ pub async fn installed_version(app: &AppConfig) -> Option<String> {
     match pkg.kind {
         PackageKind::Pip => pip_version(pkg),
         PackageKind::Release => release_version(pkg),
-        PackageKind::Deb => query("/usr/bin/dpkg-query", &["-W", "-f=${Version}", &pkg.name]).await,
-        PackageKind::Rpm => {
-            query(
-                "/usr/bin/rpm",
-                &["-q", "--qf", "%{VERSION}-%{RELEASE}", &pkg.name],
-            )
-            .await
-        }
+        PackageKind::Deb => System::Deb.installed(&pkg.name).await.ok()?.version(),
+        PackageKind::Rpm => System::Rpm(&[]).installed(&pkg.name).await.ok()?.version(),
     }
 }
 
@@ -304,13 +336,6 @@ fn validate_op_id(op_id: &str) -> Result<(), PackageError> {
     } else {
         Err(PackageError::InvalidOperationId(op_id.to_owned()))
     }
-}
-
-fn unsupported(kind: PackageKind) -> PackageError {
-    PackageError::Unsupported(format!(
-        "{} packages arrive with packaging (issue 6)",
-        kind.as_str()
-    ))
 }
 
 fn required<'a>(
@@ -405,28 +430,18 @@ fn normalize(name: &str) -> String {
     out
 }
 
-async fn query(program: &str, args: &[&str]) -> Option<String> {
-    let output = tokio::time::timeout(
-        QUERY_TIMEOUT,
-        Command::new(program).args(args).kill_on_drop(true).output(),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let version = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    (output.status.success() && !version.is_empty()).then_some(version)
-}
-
 // ---------------------------------------------------------------------------
 // Running a tool
 // ---------------------------------------------------------------------------
 
 /// Runs `program` (absolute path) with `args`, streaming its output lines,
-/// killed when `timeout` passes. `owner` is the uid/gid to run as.
+/// killed when `timeout` passes. `owner` is the uid/gid to run as; `env`
+/// is set on top of the agent's environment.
 async fn run_tool(
     program: &Path,
     args: &[OsString],
     owner: Option<(u32, u32)>,
+    env: &[(&str, &str)],
     timeout: Duration,
     on_line: &(dyn Fn(bool, &str) + Send + Sync),
 ) -> Result<(), PackageError> {
@@ -445,6 +460,7 @@ async fn run_tool(
             command.env_remove(&key);
         }
     }
+    command.envs(env.iter().copied());
     if let Some((uid, gid)) = owner {
         command.uid(uid).gid(gid);
     }
@@ -730,7 +746,7 @@ async fn pip_install(
         args.push(dir.into());
     }
     args.push(format!("{}=={version}", pkg.name).into());
-    run_tool(&python, &args, venv_owner(venv)?, timeout, on_line).await?;
+    run_tool(&python, &args, venv_owner(venv)?, &[], timeout, on_line).await?;
     let installed = pip_version(pkg);
     if !installed
         .as_deref()
@@ -1006,6 +1022,614 @@ fn release_version(pkg: &PackageConfig) -> Option<String> {
         .map(|n| n.to_string_lossy().into_owned())
 }
 
+// ---------------------------------------------------------------------------
+// deb, rpm
+// ---------------------------------------------------------------------------
+
+/// A system package manager. `Rpm` carries arguments for every rpm call that
+/// touches a database: the agent passes none (the system's); the unit tests
+/// pass a throwaway `--root`, since an rpm install on a Debian test machine
+/// must not touch the host.
+#[derive(Debug, Clone, Copy)]
+enum System<'a> {
+    Deb,
+    Rpm(&'a [OsString]),
+}
+
+/// A package file's own fields, as its package manager reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileFields {
+    name: String,
+    /// deb: `Version` (with its epoch, if any); rpm: `VERSION-RELEASE`.
+    version: String,
+    /// Another spelling a request may use: deb without the epoch; rpm `VERSION`.
+    short: String,
+    arch: String,
+}
+
+impl FileFields {
+    fn is(&self, name: &str, version: &str) -> bool {
+        self.name == name && (self.version == version || self.short == version)
+    }
+}
+
+/// What the package database says about one package.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Installed {
+    No,
+    Yes(String),
+    /// Half installed, unpacked, half configured, several versions...
+    Unsettled(String),
+}
+
+impl Installed {
+    fn version(self) -> Option<String> {
+        match self {
+            Installed::Yes(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Installed::No => "not installed".to_owned(),
+            Installed::Yes(v) => format!("at {v}"),
+            Installed::Unsettled(state) => state.clone(),
+        }
+    }
+}
+
+impl System<'_> {
+    fn kind(self) -> &'static str {
+        match self {
+            System::Deb => "deb",
+            System::Rpm(_) => "rpm",
+        }
+    }
+
+    fn tool(self) -> &'static str {
+        match self {
+            System::Deb => DPKG,
+            System::Rpm(_) => RPM,
+        }
+    }
+
+    fn db_args(self) -> Vec<OsString> {
+        match self {
+            System::Deb => Vec::new(),
+            System::Rpm(args) => args.to_vec(),
+        }
+    }
+
+    /// Besides `repo_dir`, where the installed version's file may be.
+    fn caches(self) -> &'static [&'static str] {
+        match self {
+            System::Deb => &[APT_ARCHIVES],
+            System::Rpm(_) => &[],
+        }
+    }
+
+    async fn native_arch(self) -> Result<String, PackageError> {
+        match self {
+            System::Deb => {
+                let out = capture(DPKG, &["--print-architecture".into()]).await?;
+                Ok(checked(DPKG, &out)?.trim().to_owned())
+            }
+            System::Rpm(_) => Ok(std::env::consts::ARCH.to_owned()),
+        }
+    }
+
+    fn arch_fits(self, arch: &str, native: &str) -> bool {
+        arch == native
+            || arch
+                == if matches!(self, System::Deb) {
+                    "all"
+                } else {
+                    "noarch"
+                }
+    }
+
+    /// Reads a package file's own name, version and architecture.
+    async fn fields(self, file: &Path) -> Result<FileFields, PackageError> {
+        match self {
+            System::Deb => {
+                let args: Vec<OsString> = vec![
+                    "-f".into(),
+                    file.into(),
+                    "Package".into(),
+                    "Version".into(),
+                    "Architecture".into(),
+                ];
+                let out = capture(DPKG_DEB, &args).await?;
+                let text = checked(DPKG_DEB, &out)?;
+                let field = |key: &str| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+                        .map(|v| v.trim().to_owned())
+                        .unwrap_or_default()
+                };
+                let version = field("Version");
+                let short = version
+                    .split_once(':')
+                    .map_or(version.as_str(), |(_, v)| v)
+                    .to_owned();
+                Ok(FileFields {
+                    name: field("Package"),
+                    version,
+                    short,
+                    arch: field("Architecture"),
+                })
+            }
+            System::Rpm(_) => {
+                // Reading a file needs no database, so no `--root`: the path is the host's.
+                let args: Vec<OsString> = vec![
+                    "-qp".into(),
+                    "--qf".into(),
+                    "%{NAME}\\n%{VERSION}-%{RELEASE}\\n%{VERSION}\\n%{ARCH}\\n".into(),
+                    "--".into(),
+                    file.into(),
+                ];
+                let out = capture(RPM, &args).await?;
+                let text = checked(RPM, &out)?;
+                let mut lines = text.lines().map(|l| l.trim().to_owned());
+                let mut next = || lines.next().unwrap_or_default();
+                Ok(FileFields {
+                    name: next(),
+                    version: next(),
+                    short: next(),
+                    arch: next(),
+                })
+            }
+        }
+    }
+
+    /// The package's state in the database (`LC_ALL=C`, so the "not
+    /// installed" answers can be recognized).
+    async fn installed(self, name: &str) -> Result<Installed, PackageError> {
+        check_name(self, name)?;
+        match self {
+            System::Deb => {
+                let args: Vec<OsString> = vec![
+                    "-W".into(),
+                    "-f=${db:Status-Status}\\n${Version}\\n".into(),
+                    "--".into(),
+                    name.into(),
+                ];
+                let out = capture(DPKG_QUERY, &args).await?;
+                if out.status.code() == Some(1)
+                    && String::from_utf8_lossy(&out.stderr).contains("no packages found")
+                {
+                    return Ok(Installed::No);
+                }
+                let text = checked(DPKG_QUERY, &out)?;
+                let mut lines = text.lines().map(str::trim);
+                let (state, version) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+                Ok(match state {
+                    "installed" | "triggers-pending" | "triggers-awaited" => {
+                        Installed::Yes(version.to_owned())
+                    }
+                    "not-installed" | "config-files" => Installed::No,
+                    other => Installed::Unsettled(format!("{other} at {version}")),
+                })
+            }
+            System::Rpm(db) => {
+                let mut args = db.to_vec();
+                args.extend(
+                    ["-q", "--qf", "%{VERSION}-%{RELEASE}\\n", "--", name].map(OsString::from),
+                );
+                let out = capture(RPM, &args).await?;
+                if out.status.code() == Some(1)
+                    && String::from_utf8_lossy(&out.stdout).contains("is not installed")
+                {
+                    return Ok(Installed::No);
+                }
+                let text = checked(RPM, &out)?;
+                let versions: Vec<&str> = text.lines().map(str::trim).collect();
+                Ok(match versions[..] {
+                    [one] => Installed::Yes(one.to_owned()),
+                    _ => Installed::Unsettled(format!(
+                        "installed in several versions ({})",
+                        versions.join(", ")
+                    )),
+                })
+            }
+        }
+    }
+
+    /// The file of `name` at `version` in `dirs`, or what was searched.
+    async fn search(
+        self,
+        dirs: &[&Path],
+        name: &str,
+        version: &str,
+    ) -> Result<Result<(PathBuf, FileFields), String>, PackageError> {
+        let native = self.native_arch().await?;
+        let mut searched = Vec::new();
+        for dir in dirs {
+            let files = match candidates(dir, self.kind(), name) {
+                Ok(files) => files,
+                Err(e) => {
+                    searched.push(format!("{} (unreadable: {e})", dir.display()));
+                    continue;
+                }
+            };
+            let mut notes = Vec::new();
+            for file in files {
+                match self.fields(&file).await {
+                    Ok(fields) if fields.is(name, version) => {
+                        if self.arch_fits(&fields.arch, &native) {
+                            return Ok(Ok((file, fields)));
+                        }
+                        notes.push(format!(
+                            "{} is for {}, not {native}",
+                            file.display(),
+                            fields.arch
+                        ));
+                    }
+                    Ok(_) => {}
+                    // One broken file must not hide the others.
+                    Err(_) => notes.push(format!("{} is not a readable package", file.display())),
+                }
+            }
+            searched.push(if notes.is_empty() {
+                dir.display().to_string()
+            } else {
+                format!("{} ({})", dir.display(), notes.join("; "))
+            });
+        }
+        Ok(Err(searched.join(", ")))
+    }
+
+    async fn find(
+        self,
+        pkg: &PackageConfig,
+        version: &str,
+    ) -> Result<(PathBuf, FileFields), PackageError> {
+        let repo = repo_dir_of(pkg)?;
+        check_name(self, &pkg.name)?;
+        self.search(&[repo], &pkg.name, version)
+            .await?
+            .map_err(|searched| PackageError::VersionMissing {
+                name: pkg.name.clone(),
+                version: version.to_owned(),
+                searched,
+            })
+    }
+
+    async fn prepare(self, pkg: &PackageConfig, op_id: &str) -> Result<RestorePoint, PackageError> {
+        let repo = repo_dir_of(pkg)?;
+        check_name(self, &pkg.name)?;
+        let keep_dir = sibling(repo, "before", op_id);
+        if keep_dir.is_dir() {
+            // A retry: what was kept then is what was installed then.
+            return self.kept_point(&pkg.name, keep_dir).await;
+        }
+        let (version, file) = match self.installed(&pkg.name).await? {
+            Installed::No => (None, None),
+            Installed::Unsettled(state) => {
+                return Err(PackageError::Unsettled {
+                    name: pkg.name.clone(),
+                    state,
+                });
+            }
+            Installed::Yes(version) => {
+                let dirs: Vec<&Path> = std::iter::once(repo)
+                    .chain(self.caches().iter().map(Path::new))
+                    .collect();
+                match self.search(&dirs, &pkg.name, &version).await? {
+                    Ok((file, _)) => (Some(version), Some(file)),
+                    Err(searched) => {
+                        return Err(PackageError::PreviousMissing {
+                            name: pkg.name.clone(),
+                            version,
+                            kind: self.kind(),
+                            searched,
+                        });
+                    }
+                }
+            }
+        };
+        let target = keep_dir.clone();
+        let kept = blocking(move || keep_file(&target, file.as_deref())).await?;
+        Ok(self.point(&pkg.name, version, keep_dir, kept))
+    }
+
+    /// The restore point a complete `keep_dir` stands for: its one package
+    /// file, or none when the package was not installed.
+    async fn kept_point(self, name: &str, keep_dir: PathBuf) -> Result<RestorePoint, PackageError> {
+        let files = candidates(&keep_dir, self.kind(), name)
+            .map_err(io_error(format!("listing {}", keep_dir.display())))?;
+        let (version, kept) = match &files[..] {
+            [] => (None, None),
+            [file] => {
+                let fields = self.fields(file).await?;
+                if fields.name != name {
+                    return Err(PackageError::CannotRestore {
+                        path: file.clone(),
+                        why: format!("it is a package of {}, not {name}", fields.name),
+                    });
+                }
+                (Some(fields.version), Some(file.clone()))
+            }
+            _ => {
+                return Err(PackageError::CannotRestore {
+                    path: keep_dir,
+                    why: "it holds several package files; remove it and retry".to_owned(),
+                });
+            }
+        };
+        Ok(self.point(name, version, keep_dir, kept))
+    }
+
+    fn point(
+        self,
+        name: &str,
+        version: Option<String>,
+        keep_dir: PathBuf,
+        kept: Option<PathBuf>,
+    ) -> RestorePoint {
+        let name = name.to_owned();
+        match self {
+            System::Deb => RestorePoint::Deb {
+                name,
+                version,
+                keep_dir,
+                kept,
+            },
+            System::Rpm(_) => RestorePoint::Rpm {
+                name,
+                version,
+                keep_dir,
+                kept,
+            },
+        }
+    }
+
+    async fn install(
+        self,
+        pkg: &PackageConfig,
+        version: &str,
+        timeout: Duration,
+        on_line: &(dyn Fn(bool, &str) + Send + Sync),
+    ) -> Result<(), PackageError> {
+        let (file, fields) = self.find(pkg, version).await?;
+        // A retry after the install went through has nothing to do.
+        if self.installed(&pkg.name).await? == Installed::Yes(fields.version.clone()) {
+            return Ok(());
+        }
+        self.install_file(&file, timeout, on_line).await?;
+        self.expect(&pkg.name, Installed::Yes(fields.version)).await
+    }
+
+    async fn restore(
+        self,
+        name: &str,
+        version: &Option<String>,
+        kept: &Option<PathBuf>,
+    ) -> Result<(), PackageError> {
+        let log = |is_stderr: bool, line: &str| {
+            tracing::info!(package = name, is_stderr, "restore: {line}");
+        };
+        let now = self.installed(name).await?;
+        match (version, kept) {
+            (Some(version), Some(kept)) => {
+                let wanted = Installed::Yes(version.clone());
+                if now == wanted {
+                    return Ok(());
+                }
+                if !kept.is_file() {
+                    return Err(PackageError::CannotRestore {
+                        path: kept.clone(),
+                        why: format!(
+                            "the kept package file is gone; reinstall {name} {version} by hand"
+                        ),
+                    });
+                }
+                self.install_file(kept, RESTORE_TIMEOUT, &log).await?;
+                self.expect(name, wanted).await
+            }
+            (None, _) => {
+                if now == Installed::No {
+                    return Ok(());
+                }
+                let mut args = self.db_args();
+                // dpkg --remove keeps conffiles: an operator's edits survive.
+                let verb = if matches!(self, System::Deb) {
+                    "--remove"
+                } else {
+                    "-e"
+                };
+                args.extend([OsString::from(verb), "--".into(), name.into()]);
+                let tool = Path::new(self.tool());
+                run_tool(tool, &args, None, &TOOL_ENV, RESTORE_TIMEOUT, &log).await?;
+                self.expect(name, Installed::No).await
+            }
+            (Some(version), None) => Err(PackageError::CannotRestore {
+                path: PathBuf::from(name),
+                why: format!("the restore point keeps no package file of {version}"),
+            }),
+        }
+    }
+
+    async fn install_file(
+        self,
+        file: &Path,
+        timeout: Duration,
+        on_line: &(dyn Fn(bool, &str) + Send + Sync),
+    ) -> Result<(), PackageError> {
+        let mut args = self.db_args();
+        match self {
+            // confdef+confold: conffiles the operator edited are kept, the
+            // others follow the package, and dpkg never asks.
+            System::Deb => {
+                args.extend(["--force-confdef", "--force-confold", "--install"].map(OsString::from))
+            }
+            // --oldpackage: rollbacks are downgrades; --replacepkgs: a
+            // half-done install of the same version is redone.
+            System::Rpm(_) => {
+                args.extend(["-U", "--oldpackage", "--replacepkgs"].map(OsString::from))
+            }
+        }
+        args.extend([OsString::from("--"), file.into()]);
+        run_tool(
+            Path::new(self.tool()),
+            &args,
+            None,
+            &TOOL_ENV,
+            timeout,
+            on_line,
+        )
+        .await
+    }
+
+    async fn expect(self, name: &str, wanted: Installed) -> Result<(), PackageError> {
+        let found = self.installed(name).await?;
+        if found == wanted {
+            return Ok(());
+        }
+        Err(PackageError::WrongVersion {
+            program: self.tool().to_owned(),
+            name: name.to_owned(),
+            wanted: wanted.describe(),
+            found: found.describe(),
+        })
+    }
+}
+
+/// Environment for dpkg and rpm: maintainer scripts never prompt.
+const TOOL_ENV: [(&str, &str); 3] = [
+    ("PATH", SYSTEM_PATH),
+    ("DEBIAN_FRONTEND", "noninteractive"),
+    ("DEBCONF_NONINTERACTIVE_SEEN", "true"),
+];
+
+fn repo_dir_of(pkg: &PackageConfig) -> Result<&Path, PackageError> {
+    required(pkg, "repo_dir", pkg.repo_dir.as_deref())
+}
+
+/// Package names reach dpkg and rpm as arguments: never as options.
+fn check_name(system: System<'_>, name: &str) -> Result<(), PackageError> {
+    if name.is_empty() || name.starts_with('-') {
+        return Err(PackageError::NotConfigured {
+            name: name.to_owned(),
+            kind: system.kind(),
+            field: "name (a package name, not starting with `-`)",
+        });
+    }
+    Ok(())
+}
+
+/// `*.EXT` files in `dir`, those named like the package (`NAME_…`,
+/// `NAME-…`) first: names are only a hint, the fields decide.
+fn candidates(dir: &Path, ext: &str, name: &str) -> io::Result<Vec<PathBuf>> {
+    let suffix = format!(".{ext}");
+    let mut files: Vec<(bool, PathBuf)> = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let file_name = path.file_name().unwrap_or_default().to_string_lossy();
+        if !file_name.ends_with(&suffix) || !path.is_file() {
+            continue;
+        }
+        let named_like = file_name
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with(['_', '-']));
+        files.push((!named_like, path));
+    }
+    files.sort();
+    Ok(files.into_iter().map(|(_, path)| path).collect())
+}
+
+/// Fills `keep_dir` by way of `keep_dir.partial`, so that only a complete
+/// keep carries the final name: with a copy of `file`, or empty when the
+/// package was not installed.
+fn keep_file(keep_dir: &Path, file: Option<&Path>) -> Result<Option<PathBuf>, PackageError> {
+    let partial = with_suffix(keep_dir, ".partial");
+    remove_tree(&partial)?;
+    fs::create_dir(&partial).map_err(io_error(format!("creating {}", partial.display())))?;
+    let kept = match file {
+        Some(file) => {
+            let file_name = file.file_name().unwrap_or_default();
+            let size = fs::metadata(file)
+                .map_err(io_error(format!("reading {}", file.display())))?
+                .len();
+            let available = crate::backup::free_bytes(&partial).map_err(io_error(format!(
+                "checking free space in {}",
+                partial.display()
+            )))?;
+            if size > available {
+                let _ = remove_tree(&partial);
+                return Err(PackageError::NoSpace {
+                    dir: partial,
+                    needed: size,
+                    available,
+                });
+            }
+            let copy = partial.join(file_name);
+            let copied = fs::copy(file, &copy)
+                .and_then(|_| fs::File::open(&copy)?.sync_all())
+                .map_err(io_error(format!(
+                    "copying {} to {}",
+                    file.display(),
+                    copy.display()
+                )));
+            if let Err(e) = copied {
+                let _ = remove_tree(&partial);
+                return Err(e);
+            }
+            Some(keep_dir.join(file_name))
+        }
+        None => None,
+    };
+    fsync_dir(&partial)?;
+    rename(&partial, keep_dir)?;
+    fsync_dir(parent_of(keep_dir))?;
+    Ok(kept)
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Runs a query program (absolute path) in the C locale, so its answers
+/// can be parsed; killed after [`QUERY_TIMEOUT`].
+async fn capture(program: &str, args: &[OsString]) -> Result<std::process::Output, PackageError> {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env("PATH", SYSTEM_PATH)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    match tokio::time::timeout(QUERY_TIMEOUT, command.output()).await {
+        Err(_) => Err(PackageError::Timeout {
+            program: program.to_owned(),
+            after: QUERY_TIMEOUT,
+        }),
+        Ok(output) => output.map_err(io_error(format!(
+            "running {program} (is its package installed?)"
+        ))),
+    }
+}
+
+/// Standard output of a query that succeeded, else its error output.
+fn checked(program: &str, out: &std::process::Output) -> Result<String, PackageError> {
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    Err(PackageError::Tool {
+        program: program.to_owned(),
+        status: out.status.to_string(),
+        output: if stderr.is_empty() {
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        } else {
+            stderr
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1114,21 +1738,6 @@ mod tests {
         pkg.find_links.clear();
         let err = check_available(&pkg, "0.2.0").await.unwrap_err();
         assert!(err.to_string().contains("no find_links"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn deb_and_rpm_are_not_supported_yet() {
-        let err = check_available(&package(PackageKind::Deb, "covet"), "1.0")
-            .await
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "deb packages arrive with packaging (issue 6)"
-        );
-        let err = prepare_restore_point(&package(PackageKind::Rpm, "covet"), "op-1")
-            .await
-            .unwrap_err();
-        assert!(matches!(err, PackageError::Unsupported(_)));
     }
 
     /// A release layout in a temp dir: artifacts, releases, `current`.
@@ -1449,6 +2058,7 @@ with zipfile.ZipFile(f"{out}/demo_pkg-{version}-py3-none-any.whl", "w") as wheel
             Path::new("/usr/bin/python3"),
             &["-c".into(), script.into()],
             None,
+            &[],
             LONG,
             &collect,
         )
@@ -1477,6 +2087,7 @@ with zipfile.ZipFile(f"{out}/demo_pkg-{version}-py3-none-any.whl", "w") as wheel
             Path::new("/bin/sleep"),
             &["30".into()],
             None,
+            &[],
             Duration::from_millis(200),
             &quiet,
         )
@@ -1484,5 +2095,203 @@ with zipfile.ZipFile(f"{out}/demo_pkg-{version}-py3-none-any.whl", "w") as wheel
         .unwrap_err();
         assert!(matches!(err, PackageError::Timeout { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// rpm and rpmbuild, or None after saying why the test is skipped; with
+    /// CI set, installs the `rpm` package instead of skipping.
+    fn rpm_tools() -> Option<()> {
+        if !is_root() {
+            assert!(std::env::var_os("CI").is_none(), "CI must run as root");
+            eprintln!("SKIPPED: rpm backend tests need root (rpm --root chroots)");
+            return None;
+        }
+        if !Path::new("/usr/bin/rpmbuild").exists() {
+            if std::env::var_os("CI").is_none() {
+                eprintln!("SKIPPED: rpmbuild is missing (apt-get install rpm)");
+                return None;
+            }
+            run("/usr/bin/apt-get", &["install", "-y", "-q", "rpm"]);
+        }
+        Some(())
+    }
+
+    const RPM_SPEC: &str = "Name: %{pkgname}
+Version: %{ver}
+Release: 1
+Summary: covet-agent rpm backend test package
+License: MIT
+BuildArch: noarch
+AutoReqProv: no
+
+%description
+covet-agent rpm backend test package
+
+%install
+mkdir -p %{buildroot}/opt/%{pkgname}
+printf %{ver} > %{buildroot}/opt/%{pkgname}/VERSION
+
+%files
+/opt/%{pkgname}/VERSION
+";
+
+    /// Builds `NAME-VERSION-1.noarch.rpm` into `repo` with rpmbuild in a
+    /// scratch topdir.
+    fn build_rpm(dir: &Path, repo: &Path, name: &str, version: &str) {
+        let spec = dir.join("test.spec");
+        fs::write(&spec, RPM_SPEC).unwrap();
+        let top = dir.join(format!("top-{version}"));
+        let output = StdCommand::new("/usr/bin/rpmbuild")
+            .args(["-bb", "--quiet", "--define"])
+            .arg(format!("_topdir {}", top.display()))
+            .args(["--define", &format!("pkgname {name}")])
+            .args(["--define", &format!("ver {version}")])
+            .arg(&spec)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "rpmbuild: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let file = format!("{name}-{version}-1.noarch.rpm");
+        fs::copy(top.join("RPMS/noarch").join(&file), repo.join(&file)).unwrap();
+    }
+
+    /// The rpm backend against a throwaway `--root` (files and database
+    /// inside it): the same steps the agent runs, minus the host.
+    #[tokio::test]
+    async fn rpm_install_restore_in_a_throwaway_root() {
+        let Some(()) = rpm_tools() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, root) = (dir.path().join("repo"), dir.path().join("root"));
+        fs::create_dir(&repo).unwrap();
+        fs::create_dir(&root).unwrap();
+        let name = "covet-rpmtest";
+        for version in ["1.0", "2.0"] {
+            build_rpm(dir.path(), &repo, name, version);
+        }
+        // A file named like 3.0 that is really 1.0: names are not trusted.
+        fs::copy(
+            repo.join("covet-rpmtest-1.0-1.noarch.rpm"),
+            repo.join("covet-rpmtest-3.0-1.noarch.rpm"),
+        )
+        .unwrap();
+        let db: Vec<OsString> = vec![
+            "--root".into(),
+            root.clone().into(),
+            "--dbpath".into(),
+            "/rpmdb".into(),
+        ];
+        let rpm = System::Rpm(&db);
+        let mut pkg = package(PackageKind::Rpm, name);
+        pkg.repo_dir = Some(repo.clone());
+        let live = root.join("opt/covet-rpmtest/VERSION");
+
+        assert_eq!(rpm.find(&pkg, "2.0").await.unwrap().1.version, "2.0-1");
+        assert_eq!(rpm.find(&pkg, "1.0-1").await.unwrap().1.short, "1.0");
+        let err = rpm.find(&pkg, "3.0").await.unwrap_err();
+        assert!(matches!(err, PackageError::VersionMissing { .. }), "{err}");
+        assert_eq!(rpm.installed(name).await.unwrap(), Installed::No);
+
+        rpm.install(&pkg, "1.0", LONG, &quiet).await.unwrap();
+        assert_eq!(fs::read_to_string(&live).unwrap(), "1.0");
+        assert_eq!(
+            rpm.installed(name).await.unwrap(),
+            Installed::Yes("1.0-1".into())
+        );
+
+        let rp = rpm.prepare(&pkg, "op-1").await.unwrap();
+        assert_eq!(
+            rpm.prepare(&pkg, "op-1").await.unwrap(),
+            rp,
+            "a retry reuses the keep"
+        );
+        let RestorePoint::Rpm {
+            version,
+            kept,
+            keep_dir,
+            ..
+        } = &rp
+        else {
+            panic!("{rp:?}");
+        };
+        assert_eq!(version.as_deref(), Some("1.0-1"));
+        assert_eq!(keep_dir, &dir.path().join(".repo.before-op-1"));
+        let kept = kept.clone().unwrap();
+        assert!(kept.starts_with(keep_dir) && kept.is_file());
+
+        rpm.install(&pkg, "2.0", LONG, &quiet).await.unwrap();
+        rpm.install(&pkg, "2.0", LONG, &quiet).await.unwrap();
+        assert_eq!(fs::read_to_string(&live).unwrap(), "2.0");
+        // The repository loses 1.0: the kept copy is what brings it back.
+        fs::remove_file(repo.join("covet-rpmtest-1.0-1.noarch.rpm")).unwrap();
+        let RestorePoint::Rpm {
+            name: n,
+            version: v,
+            kept: k,
+            ..
+        } = &rp
+        else {
+            unreachable!()
+        };
+        rpm.restore(n, v, k).await.unwrap();
+        rpm.restore(n, v, k).await.unwrap();
+        assert_eq!(fs::read_to_string(&live).unwrap(), "1.0");
+        assert_eq!(
+            rpm.installed(name).await.unwrap(),
+            Installed::Yes("1.0-1".into())
+        );
+        discard(&rp).await.unwrap();
+        assert!(!keep_dir.exists());
+
+        // 1.0 is no longer anywhere (the mislabeled file was a 1.0 too): the
+        // next upgrade is refused up front.
+        fs::remove_file(repo.join("covet-rpmtest-3.0-1.noarch.rpm")).unwrap();
+        let err = rpm.prepare(&pkg, "op-2").await.unwrap_err();
+        assert!(matches!(err, PackageError::PreviousMissing { .. }), "{err}");
+        assert!(!dir.path().join(".repo.before-op-2").exists());
+        assert!(!dir.path().join(".repo.before-op-2.partial").exists());
+
+        // Not installed before: the restore removes it.
+        rpm.restore(n, &None, &None).await.unwrap();
+        assert_eq!(rpm.installed(name).await.unwrap(), Installed::No);
+        assert!(!live.exists());
+        rpm.restore(n, &None, &None).await.unwrap();
+    }
+
+    #[test]
+    fn candidates_put_files_named_like_the_package_first() {
+        let dir = tempfile::tempdir().unwrap();
+        for file in [
+            "a_1.0_all.deb",
+            "app_2.0_all.deb",
+            "app-extra_1_all.deb",
+            "app_1.0_all.rpm",
+            "notes.txt",
+        ] {
+            fs::write(dir.path().join(file), "").unwrap();
+        }
+        fs::create_dir(dir.path().join("dir.deb")).unwrap();
+        let names: Vec<String> = candidates(dir.path(), "deb", "app")
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            ["app-extra_1_all.deb", "app_2.0_all.deb", "a_1.0_all.deb"]
+        );
+    }
+
+    #[tokio::test]
+    async fn system_packages_need_a_repo_dir_and_a_sane_name() {
+        let err = check_available(&package(PackageKind::Deb, "app"), "1.0")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("repo_dir"), "{err}");
+        let mut pkg = package(PackageKind::Rpm, "-e");
+        pkg.repo_dir = Some(PathBuf::from("/nonexistent"));
+        let err = prepare_restore_point(&pkg, "op-1").await.unwrap_err();
+        assert!(matches!(err, PackageError::NotConfigured { .. }), "{err}");
     }
 }

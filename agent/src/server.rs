@@ -227,10 +227,7 @@ fn resume(state: &AgentState, op: &crate::journal::OperationRecord) -> bool {
     let result = match op.kind {
         OpKind::Upgrade => state.ops.resume(op, move |ctx| async move {
             ctx.note(note);
-            let started_anything = record.steps.iter().any(|s| {
-                s.name != crate::workflow::STEP_PREFLIGHT && s.name != crate::workflow::STEP_BACKUP
-            });
-            if !started_anything {
+            if !crate::workflow::changed_anything(&record) {
                 return crate::ops::Outcome::Failed(format!(
                     "interrupted by an agent restart during step {:?}; nothing was changed",
                     record.current_step
@@ -240,7 +237,7 @@ fn resume(state: &AgentState, op: &crate::journal::OperationRecord) -> bool {
                 "interrupted by an agent restart during step {:?}",
                 record.current_step
             );
-            crate::workflow::rollback_after(&deps, &ctx, &app, Some(&record), &cause).await
+            Box::pin(crate::workflow::rollback_after(&deps, &ctx, &app, Some(&record), &cause)).await
         }),
         OpKind::Rollback if !op.backup_id.is_empty() => {
             let backup = op.backup_id.clone();

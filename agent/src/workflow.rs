@@ -360,7 +360,8 @@ pub async fn run_upgrade(
             .insert("from_version".into(), pre.from_version.clone());
     });
     let started = Instant::now();
-    let result = forward(&deps, &ctx, &app, &spec, &pre).await;
+    // Boxed: the whole runbook is one large future.
+    let result = Box::pin(forward(&deps, &ctx, &app, &spec, &pre)).await;
     let outcome = match result {
         Ok(()) => {
             finish_success(&deps, &ctx).await;
@@ -384,7 +385,7 @@ pub async fn run_upgrade(
                 Outcome::Failed(format!("{cause}; not rolled back (--no-rollback)"))
             } else {
                 let record = ctx.record();
-                rollback_after(&deps, &ctx, &app, record.as_ref(), &cause).await
+                Box::pin(rollback_after(&deps, &ctx, &app, record.as_ref(), &cause)).await
             }
         }
     };

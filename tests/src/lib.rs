@@ -6,6 +6,7 @@
 //! `cargo build --workspace --bins` before the tests run (see `.ci/run`).
 
 pub mod agent;
+pub mod debpkg;
 pub mod http;
 pub mod pki;
 pub mod postgres;
@@ -34,12 +35,13 @@ pub fn bin(name: &str) -> PathBuf {
 /// A temporary directory for one test, kept on failure when COVET_KEEP_SANDBOX is set.
 pub fn sandbox_dir(prefix: &str) -> tempfile::TempDir {
     let prefix = format!("covet-{prefix}-");
-    let dir = tempfile::Builder::new()
+    let mut dir = tempfile::Builder::new()
         .prefix(&prefix)
         .tempdir()
         .expect("create sandbox dir");
     if std::env::var_os("COVET_KEEP_SANDBOX").is_some() {
-        eprintln!("sandbox: {}", dir.path().display());
+        dir.disable_cleanup(true);
+        eprintln!("sandbox (kept): {}", dir.path().display());
     }
     dir
 }

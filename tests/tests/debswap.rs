@@ -1,0 +1,340 @@
+//! The deb package backend for real: tiny .debs of a test app built with
+//! `dpkg-deb --build`, installed with `dpkg -i` on this (throwaway) machine.
+//! First the backend's steps one by one, then a whole upgrade and automatic
+//! rollback through a real agent and a real systemd unit. Each test purges
+//! its uniquely named package when it ends, even on failure. (The rpm
+//! backend is tested in agent/src/packages.rs against a throwaway rpm root.)
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use covet_agent::config::{AppConfig, PackageConfig};
+use covet_agent::packages::{self, PackageError, RestorePoint};
+use covet_tests::agent::{AgentOptions, TestAgent};
+use covet_tests::debpkg::{self, Installed};
+use covet_tests::sandbox::sandbox_or_skip;
+use covet_tests::sandbox_dir;
+
+const LONG: Duration = Duration::from_secs(120);
+
+fn quiet(_: bool, _: &str) {}
+
+fn deb_package(name: &str, repo: &Path) -> PackageConfig {
+    serde_json::from_value(serde_json::json!({
+        "kind": "deb", "name": name, "repo_dir": repo,
+    }))
+    .unwrap()
+}
+
+fn deb_app(name: &str, repo: &Path) -> AppConfig {
+    serde_json::from_value(serde_json::json!({
+        "name": "debapp", "unit": "debapp.service",
+        "package": {"kind": "deb", "name": name, "repo_dir": repo},
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn deb_backend_installs_keeps_and_restores_exactly() {
+    if !debpkg::deb_or_skip() {
+        return;
+    }
+    let _lock = debpkg::dpkg_lock();
+    let dir = sandbox_dir("debswap");
+    let (work, repo) = (dir.path().join("work"), dir.path().join("repo"));
+    let name = debpkg::unique_name("covet-debtest");
+    let _purge = Installed(name.clone());
+    for version in ["1.0", "2.0"] {
+        debpkg::build(&work, &repo, &name, version, false).unwrap();
+    }
+    // Named like 9.9, really 1.0: the control fields decide, not the name.
+    let fake = repo.join(format!("{name}_9.9_all.deb"));
+    fs::copy(repo.join(format!("{name}_1.0_all.deb")), &fake).unwrap();
+    fs::write(repo.join("README.deb"), "not a package").unwrap();
+    let pkg = deb_package(&name, &repo);
+    let app = deb_app(&name, &repo);
+    let opt = Path::new("/opt").join(&name);
+    let conf = Path::new("/etc").join(&name).join("app.conf");
+
+    packages::check_available(&pkg, "2.0").await.unwrap();
+    let err = packages::check_available(&pkg, "9.9").await.unwrap_err();
+    assert!(matches!(err, PackageError::VersionMissing { .. }), "{err}");
+    assert!(err.to_string().contains(&*repo.to_string_lossy()), "{err}");
+    assert_eq!(packages::installed_version(&app).await, None);
+
+    // Nothing installed yet: the restore point says so and restores nothing.
+    let rp = packages::prepare_restore_point(&pkg, "op-0").await.unwrap();
+    let RestorePoint::Deb {
+        version: None,
+        kept: None,
+        ..
+    } = &rp
+    else {
+        panic!("{rp:?}");
+    };
+    packages::discard(&rp).await.unwrap();
+
+    packages::install(&pkg, "1.0", "op-0", LONG, &quiet)
+        .await
+        .unwrap();
+    assert_eq!(
+        packages::installed_version(&app).await.as_deref(),
+        Some("1.0")
+    );
+    assert_eq!(fs::read_to_string(opt.join("VERSION")).unwrap(), "1.0");
+    // The operator edits the conffile: no install or restore may undo that.
+    let edited = "# edited by the operator\ngreeting = hi\n";
+    fs::write(&conf, edited).unwrap();
+
+    let rp = packages::prepare_restore_point(&pkg, "op-1").await.unwrap();
+    assert_eq!(
+        packages::prepare_restore_point(&pkg, "op-1").await.unwrap(),
+        rp,
+        "a retry reuses what was kept"
+    );
+    let RestorePoint::Deb {
+        version,
+        kept: Some(kept),
+        keep_dir,
+        ..
+    } = &rp
+    else {
+        panic!("{rp:?}");
+    };
+    assert_eq!(version.as_deref(), Some("1.0"));
+    assert_eq!(keep_dir, &dir.path().join(".repo.before-op-1"));
+    assert!(kept.starts_with(keep_dir) && kept.is_file(), "{kept:?}");
+    // The repository loses 1.0 (both files): the kept copy brings it back.
+    fs::remove_file(repo.join(format!("{name}_1.0_all.deb"))).unwrap();
+    fs::remove_file(&fake).unwrap();
+
+    packages::install(&pkg, "2.0", "op-1", LONG, &quiet)
+        .await
+        .unwrap();
+    packages::install(&pkg, "2.0", "op-1", LONG, &quiet)
+        .await
+        .unwrap();
+    assert_eq!(
+        packages::installed_version(&app).await.as_deref(),
+        Some("2.0")
+    );
+    assert_eq!(debpkg::dpkg_version(&name).as_deref(), Some("2.0"));
+    assert_eq!(fs::read_to_string(opt.join("VERSION")).unwrap(), "2.0");
+    assert_eq!(fs::read_to_string(&conf).unwrap(), edited);
+
+    packages::restore(&rp).await.unwrap();
+    packages::restore(&rp).await.unwrap();
+    assert_eq!(
+        packages::installed_version(&app).await.as_deref(),
+        Some("1.0")
+    );
+    assert_eq!(fs::read_to_string(opt.join("VERSION")).unwrap(), "1.0");
+    assert_eq!(
+        fs::read_to_string(opt.join("server.py")).unwrap(),
+        debpkg::server_script("1.0", false)
+    );
+    assert_eq!(fs::read_to_string(&conf).unwrap(), edited);
+
+    packages::discard(&rp).await.unwrap();
+    packages::discard(&rp).await.unwrap();
+    assert!(!keep_dir.exists());
+
+    // 1.0 is installed but its file is nowhere now: the next upgrade is
+    // refused before anything changes.
+    let err = packages::prepare_restore_point(&pkg, "op-2")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PackageError::PreviousMissing { .. }), "{err}");
+    assert!(err.to_string().contains("/var/cache/apt/archives"), "{err}");
+    assert!(!dir.path().join(".repo.before-op-2").exists());
+    assert!(!dir.path().join(".repo.before-op-2.partial").exists());
+    assert_eq!(debpkg::dpkg_version(&name).as_deref(), Some("1.0"));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn health(port: u16) -> Option<(u16, serde_json::Value)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(b"GET /health HTTP/1.0\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status: u16 = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split("\r\n\r\n").nth(1)?;
+    Some((status, serde_json::from_str(body).ok()?))
+}
+
+async fn wait_healthy(port: u16, version: &str) {
+    for _ in 0..100 {
+        if let Some((200, body)) = health(port)
+            && body["version"] == version
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "the app did not become healthy at {version}: {:?}",
+        health(port)
+    );
+}
+
+const UNIT: &str = "debapp.service";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deb_upgrade_succeeds_then_a_broken_release_rolls_back_through_the_agent() {
+    if !debpkg::deb_or_skip() {
+        return;
+    }
+    let dir = sandbox_dir("debswap-e2e");
+    let Some(sandbox) = sandbox_or_skip(&dir.path().join("systemd")) else {
+        return;
+    };
+    let _lock = debpkg::dpkg_lock();
+    let (work, repo) = (dir.path().join("work"), dir.path().join("repo"));
+    let name = debpkg::unique_name("covet-debapp");
+    let _purge = Installed(name.clone());
+    for (version, broken) in [("1.0", false), ("2.0", false), ("3.0", true)] {
+        debpkg::build(&work, &repo, &name, version, broken).unwrap();
+    }
+    debpkg::dpkg_install(&repo.join(format!("{name}_1.0_all.deb"))).unwrap();
+    let data = dir.path().join("data");
+    fs::create_dir(&data).unwrap();
+    fs::write(data.join("notes.txt"), "kept by the backup\n").unwrap();
+
+    let port = free_port();
+    sandbox
+        .install_unit(
+            UNIT,
+            &format!(
+                "[Unit]\nDescription=covet-agent deb test app\n\n[Service]\nType=simple\n\
+                 ExecStart=/usr/bin/python3 /opt/{name}/server.py {port}\nRestart=no\n"
+            ),
+        )
+        .unwrap();
+    let out = sandbox.systemctl(&["start", UNIT]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_healthy(port, "1.0").await;
+
+    let toml = format!(
+        r#"
+[systemd]
+bus = "{bus}"
+journal_dir = "{journal}"
+settle = "500ms"
+
+[[app]]
+name = "debapp"
+unit = "{UNIT}"
+paths = ["{data}"]
+
+[app.package]
+kind = "deb"
+name = "{name}"
+repo_dir = "{repo}"
+
+[app.health]
+url = "http://127.0.0.1:{port}/health"
+timeout = "2s"
+retries = 8
+interval = "250ms"
+json_field = "status"
+json_value = "ok"
+"#,
+        bus = sandbox.bus_address(),
+        journal = sandbox.journal_dir().display(),
+        data = data.display(),
+        repo = repo.display(),
+    );
+    let agent = TestAgent::start(
+        &dir.path().join("agent"),
+        AgentOptions {
+            extra_toml: toml,
+            ..Default::default()
+        },
+    )
+    .await;
+    let upgrade = |version: &str| {
+        agent.ctl(
+            "operator",
+            &[
+                "-o",
+                "json",
+                "--timeout",
+                "60s",
+                "upgrade",
+                "debapp",
+                "--to",
+                version,
+            ],
+        )
+    };
+
+    // Not in the repository: refused, nothing changes.
+    let out = upgrade("9.9");
+    assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(debpkg::dpkg_version(&name).as_deref(), Some("1.0"));
+
+    let out = upgrade("2.0");
+    assert_eq!(
+        out.code,
+        0,
+        "{}\n{}\n{}",
+        out.stdout,
+        out.stderr,
+        agent.log()
+    );
+    let op = out.json();
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    assert_eq!(op["params"]["from_version"], "1.0", "{op:#}");
+    wait_healthy(port, "2.0").await;
+    assert_eq!(debpkg::dpkg_version(&name).as_deref(), Some("2.0"));
+    // Success discards the kept 1.0.
+    let kept_dirs: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(".repo.before-"))
+        .collect();
+    assert!(kept_dirs.is_empty(), "{kept_dirs:?}");
+
+    let out = upgrade("3.0");
+    assert_eq!(
+        out.code,
+        3,
+        "{}\n{}\n{}",
+        out.stdout,
+        out.stderr,
+        agent.log()
+    );
+    let op = out.json();
+    assert_eq!(op["state"], "rolled_back", "{op:#}");
+    let steps: Vec<&str> = op["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert!(steps.contains(&"rollback: package"), "{steps:?}");
+    wait_healthy(port, "2.0").await;
+    assert_eq!(debpkg::dpkg_version(&name).as_deref(), Some("2.0"));
+    assert_eq!(
+        fs::read_to_string(format!("/opt/{name}/VERSION")).unwrap(),
+        "2.0"
+    );
+    assert_eq!(
+        fs::read_to_string(format!("/opt/{name}/server.py")).unwrap(),
+        debpkg::server_script("2.0", false)
+    );
+    let _ = sandbox.systemctl(&["stop", UNIT]);
+}
