@@ -12,6 +12,7 @@ pub mod backup;
 pub mod config;
 pub mod db;
 pub mod envfile;
+pub mod fsutil;
 pub mod identity;
 pub mod info;
 pub mod journal;

@@ -17,7 +17,7 @@
 //!   reinstall it even if the repository changes; no copy, no upgrade.
 
 use std::collections::VecDeque;
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
 use std::fs::{self, Permissions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -691,31 +691,11 @@ fn copy_attributes(path: &Path, meta: &fs::Metadata) -> io::Result<()> {
 }
 
 fn set_times_nofollow(path: &Path, meta: &fs::Metadata) -> io::Result<()> {
-    let c_path = CString::new(path.as_os_str().as_bytes())?;
-    let times = [
-        libc::timespec {
-            tv_sec: meta.atime(),
-            tv_nsec: meta.atime_nsec(),
-        },
-        libc::timespec {
-            tv_sec: meta.mtime(),
-            tv_nsec: meta.mtime_nsec(),
-        },
-    ];
-    // SAFETY: `c_path` is NUL-terminated and `times` holds two timespecs.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c_path.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::fsutil::set_times_nofollow(
+        path,
+        (meta.atime(), meta.atime_nsec()),
+        (meta.mtime(), meta.mtime_nsec()),
+    )
 }
 
 async fn pip_install(

@@ -6,7 +6,7 @@
 //! lists and extracts (`tar -xzf`, `tar -I zstd -xf`, `tar -xf`).
 
 use std::collections::HashMap;
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 use std::fs::{self, File, FileTimes, Metadata, OpenOptions, Permissions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -1138,27 +1138,8 @@ fn inside_path(raw: &[u8]) -> Result<PathBuf, String> {
 
 fn set_symlink_mtime(path: &Path, mtime: SystemTime) -> io::Result<()> {
     let secs = mtime.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let time = libc::timespec {
-        tv_sec: libc::time_t::try_from(secs).unwrap_or(libc::time_t::MAX),
-        tv_nsec: 0,
-    };
-    let times = [time, time];
-    let c_path = CString::new(path.as_os_str().as_bytes())?;
-    // SAFETY: c_path is NUL-terminated and times holds the two timespecs
-    // utimensat reads.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c_path.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    let secs = i64::try_from(secs).unwrap_or(i64::MAX);
+    crate::fsutil::set_times_nofollow(path, (secs, 0), (secs, 0))
 }
 
 #[cfg(test)]
