@@ -29,3 +29,7 @@ ensure_cargo() {
 # the sample app, systemd + dbus + journald (the test sandboxes), util-linux
 # (unshare, setpriv) and PostgreSQL.
 PROJECT_PACKAGES=(build-essential ca-certificates zstd python3 python3-venv systemd dbus dbus-user-session util-linux postgresql)
+
+# What the packaging build and its tests need besides cargo-deb and
+# cargo-generate-rpm (`packaging/build --install-tools` installs those).
+PACKAGING_PACKAGES=(lintian rpm)

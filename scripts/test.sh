@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
-ensure_packages "${PROJECT_PACKAGES[@]}"
+ensure_packages "${PROJECT_PACKAGES[@]}" "${PACKAGING_PACKAGES[@]}"
 ensure_cargo
+bash packaging/build --install-tools
 
 echo "==> building"
 cargo build --workspace --bins --tests --locked

@@ -225,6 +225,24 @@ pub async fn prepare_restore_point(
     }
 }
 
+/// Removes what [`prepare_restore_point`] may have left for `op_id` when the
+/// operation died before recording its restore point: nothing was installed
+/// then, so a copy (complete or `.partial`) is only clutter. Idempotent.
+pub async fn abandon_restore_point(pkg: &PackageConfig, op_id: &str) -> Result<(), PackageError> {
+    validate_op_id(op_id)?;
+    let base = match pkg.kind {
+        PackageKind::Pip => venv_of(pkg)?.to_owned(),
+        PackageKind::Deb | PackageKind::Rpm => repo_dir_of(pkg)?.to_owned(),
+        PackageKind::Release => return Ok(()),
+    };
+    let copy = sibling(&base, "before", op_id);
+    blocking(move || {
+        remove_tree(&with_suffix(&copy, ".partial"))?;
+        remove_tree(&copy)
+    })
+    .await
+}
+
 /// Installs exactly `version`, handing each line of tool output to
 /// `on_line(is_stderr, line)`. pip: `pip install --no-index --find-links ...
 /// NAME==VERSION` in the virtualenv, as the virtualenv's owner. release:

@@ -237,7 +237,14 @@ fn resume(state: &AgentState, op: &crate::journal::OperationRecord) -> bool {
                 "interrupted by an agent restart during step {:?}",
                 record.current_step
             );
-            Box::pin(crate::workflow::rollback_after(&deps, &ctx, &app, Some(&record), &cause)).await
+            Box::pin(crate::workflow::rollback_after(
+                &deps,
+                &ctx,
+                &app,
+                Some(&record),
+                &cause,
+            ))
+            .await
         }),
         OpKind::Rollback if !op.backup_id.is_empty() => {
             let backup = op.backup_id.clone();

@@ -752,8 +752,16 @@ pub async fn rollback_after(
                         packages::restore(&rp).await.map_err(|e| e.to_string())?;
                         Ok("previous package restored".to_owned())
                     }
-                    // The restore point was never written: the install never began.
-                    Err(_) => Ok("nothing was installed".to_owned()),
+                    // The restore point was never recorded: the install never
+                    // began; only a copy made for it may be left.
+                    Err(_) => {
+                        if let Some(pkg) = &app.package {
+                            packages::abandon_restore_point(pkg, &ctx.id)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                        }
+                        Ok("nothing was installed".to_owned())
+                    }
                 }
             },
         )

@@ -9,7 +9,8 @@ use clap::{Subcommand, ValueEnum};
 use covet_proto::v1 as pb;
 use serde_json::json;
 
-use crate::nodes::connect_node;
+use crate::fleet::{Fleet, FleetArgs, Report};
+use crate::nodes::{Node, connect_node};
 use crate::operations::follow;
 use crate::output;
 use crate::{Global, Output};
@@ -39,7 +40,11 @@ pub enum BackupCommand {
         detach: bool,
     },
     /// Valid backups, newest first.
-    List { app: Option<String> },
+    List {
+        app: Option<String>,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
     /// One backup's manifest.
     Show { id: String },
     /// Recompute checksums, test-read the archives, list the dump.
@@ -83,6 +88,9 @@ fn backup_json(b: &pb::Backup) -> serde_json::Value {
 }
 
 pub async fn backup(g: &Global, cmd: BackupCommand) -> anyhow::Result<ExitCode> {
+    if let BackupCommand::List { app, fleet } = cmd {
+        return list(g, app.unwrap_or_default(), &fleet).await;
+    }
     let node = connect_node(g).await?;
     let mut client = pb::backup_service_client::BackupServiceClient::new(node.channel.clone());
     let op = match cmd {
@@ -114,47 +122,7 @@ pub async fn backup(g: &Global, cmd: BackupCommand) -> anyhow::Result<ExitCode> 
             }
             op
         }
-        BackupCommand::List { app } => {
-            let r = client
-                .list_backups(pb::ListBackupsRequest {
-                    app: app.unwrap_or_default(),
-                })
-                .await
-                .map_err(|s| node.fail(s))?
-                .into_inner();
-            if g.output == Output::Json {
-                output::json(
-                    &json!({ "backups": r.backups.iter().map(backup_json).collect::<Vec<_>>() }),
-                );
-            } else {
-                let rows: Vec<Vec<String>> = r
-                    .backups
-                    .iter()
-                    .map(|b| {
-                        vec![
-                            b.id.clone(),
-                            b.app.clone(),
-                            output::timestamp(b.created.as_ref()),
-                            if b.package_version.is_empty() {
-                                "-".into()
-                            } else {
-                                b.package_version.clone()
-                            },
-                            output::bytes(b.total_bytes),
-                            if b.database.is_some() { "yes" } else { "no" }.into(),
-                            b.referenced_by.join(","),
-                        ]
-                    })
-                    .collect();
-                output::table(
-                    &[
-                        "ID", "APP", "CREATED", "VERSION", "SIZE", "DATABASE", "USED BY",
-                    ],
-                    &rows,
-                );
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
+        BackupCommand::List { .. } => return Ok(ExitCode::SUCCESS), // answered above, on every node
         BackupCommand::Show { id } => {
             let b = client
                 .get_backup(pb::GetBackupRequest { id })
@@ -243,6 +211,70 @@ pub async fn backup(g: &Global, cmd: BackupCommand) -> anyhow::Result<ExitCode> 
             .into_inner(),
     };
     follow(g, &node, op, 1).await
+}
+
+async fn list(g: &Global, app: String, fleet: &FleetArgs) -> anyhow::Result<ExitCode> {
+    let fleet = Fleet::resolve(g, fleet)?;
+    if fleet.is_single() {
+        let node = fleet.single_node(g).await?;
+        print_backups(g, &fetch_backups(&node, app).await?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let app = &app;
+    let results = fleet
+        .fan_out(
+            g,
+            |node| async move { fetch_backups(&node, app.clone()).await },
+        )
+        .await?;
+    let report = Report {
+        header: BACKUP_HEADER,
+        rows: &|backups: &Vec<pb::Backup>| backups.iter().map(backup_row).collect(),
+        json: &|backups: &Vec<pb::Backup>| json!({ "backups": backups.iter().map(backup_json).collect::<Vec<_>>() }),
+        ok: &|_| true,
+    };
+    Ok(report.print(g, &results))
+}
+
+async fn fetch_backups(node: &Node, app: String) -> anyhow::Result<Vec<pb::Backup>> {
+    let mut client = pb::backup_service_client::BackupServiceClient::new(node.channel.clone());
+    Ok(client
+        .list_backups(pb::ListBackupsRequest { app })
+        .await
+        .map_err(|s| node.fail(s))?
+        .into_inner()
+        .backups)
+}
+
+const BACKUP_HEADER: &[&str] = &[
+    "ID", "APP", "CREATED", "VERSION", "SIZE", "DATABASE", "USED BY",
+];
+
+fn backup_row(b: &pb::Backup) -> Vec<String> {
+    vec![
+        b.id.clone(),
+        b.app.clone(),
+        output::timestamp(b.created.as_ref()),
+        if b.package_version.is_empty() {
+            "-".into()
+        } else {
+            b.package_version.clone()
+        },
+        output::bytes(b.total_bytes),
+        if b.database.is_some() { "yes" } else { "no" }.into(),
+        b.referenced_by.join(","),
+    ]
+}
+
+fn print_backups(g: &Global, backups: &[pb::Backup]) {
+    if g.output == Output::Json {
+        output::json(&json!({ "backups": backups.iter().map(backup_json).collect::<Vec<_>>() }));
+    } else {
+        output::table(
+            BACKUP_HEADER,
+            &backups.iter().map(backup_row).collect::<Vec<_>>(),
+        );
+    }
 }
 
 async fn download(

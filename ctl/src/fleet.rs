@@ -19,7 +19,12 @@ use crate::{Global, Output};
 #[derive(clap::Args, Clone, Default)]
 pub struct FleetArgs {
     /// Nodes HOST:PORT to ask, separated by commas (default: the context's endpoints).
-    #[arg(short = 'n', long = "nodes", value_delimiter = ',', conflicts_with = "nodes_file")]
+    #[arg(
+        short = 'n',
+        long = "nodes",
+        value_delimiter = ',',
+        conflicts_with = "nodes_file"
+    )]
     pub nodes: Vec<String>,
     /// A file naming the nodes, one HOST:PORT a line (`#` starts a comment).
     #[arg(long = "nodes-file", value_name = "FILE")]
@@ -68,7 +73,11 @@ impl Fleet {
     /// Calls every node through `call`, at most `parallel` at once, each
     /// bounded by `--timeout` (connecting included). Results are in the
     /// order of the nodes; a node that fails carries its error in words.
-    pub async fn fan_out<T, F, Fut>(&self, g: &Global, call: F) -> anyhow::Result<Vec<NodeResult<T>>>
+    pub async fn fan_out<T, F, Fut>(
+        &self,
+        g: &Global,
+        call: F,
+    ) -> anyhow::Result<Vec<NodeResult<T>>>
     where
         F: Fn(Node) -> Fut,
         Fut: Future<Output = anyhow::Result<T>>,
@@ -80,7 +89,10 @@ impl Fleet {
                 let tls = Arc::clone(&tls);
                 async move {
                     let attempt = async {
-                        let node = self.target.connect(endpoint, tls, g.timeout, g.timeout).await?;
+                        let node = self
+                            .target
+                            .connect(endpoint, tls, g.timeout, g.timeout)
+                            .await?;
                         call(node).await
                     };
                     let result = match tokio::time::timeout(g.timeout, attempt).await {

@@ -1,10 +1,13 @@
 //! covetctl: the command-line client of covet-agent.
 
+mod assets;
 mod backups;
+mod fleet;
 mod nodes;
 mod operations;
 mod output;
 mod pki_cmd;
+mod rollout;
 mod services;
 mod upgrades;
 
@@ -63,12 +66,14 @@ enum Command {
     #[command(subcommand)]
     Config(pki_cmd::ConfigCommand),
     /// The agent's host identity, version and declared apps.
-    Info,
+    Info(fleet::FleetArgs),
     /// Host metrics (CPU, memory, disks, network).
     Metrics {
         /// Print a new sample every INTERVAL (e.g. 2s) until interrupted.
         #[arg(long, value_parser = humantime::parse_duration)]
         watch: Option<Duration>,
+        #[command(flatten)]
+        fleet: fleet::FleetArgs,
     },
     /// Run an app's declared health probe (and smoke checks with --smoke).
     Health {
@@ -76,6 +81,8 @@ enum Command {
         /// Also run the app's smoke checks.
         #[arg(long)]
         smoke: bool,
+        #[command(flatten)]
+        fleet: fleet::FleetArgs,
     },
     /// Ad-hoc probes from the agent (loopback or declared targets only).
     #[command(subcommand)]
@@ -86,6 +93,9 @@ enum Command {
     /// Upgrade an app: backup, package, config, migrate, restart, health; rolls back on failure.
     /// Exit codes: 0 succeeded, 3 failed and rolled back cleanly, 4 needs a human, 1 refused or other error.
     Upgrade(upgrades::UpgradeArgs),
+    /// Upgrade an app across nodes: canaries, then batches; stops and rolls back past a failure threshold.
+    /// Exit codes: 0 all upgraded, 3 stopped and all it touched rolled back cleanly, 4 needs a human, 1 other.
+    Rollout(rollout::RolloutArgs),
     /// Put an app back as it was before its last upgrade (or as in a backup).
     Rollback {
         app: String,
@@ -112,6 +122,9 @@ enum Command {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Write shell completions and the man page into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -142,13 +155,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Pki(cmd) => pki_cmd::pki(g, cmd),
         Command::Config(cmd) => pki_cmd::config(g, cmd),
-        Command::Info => nodes::info(g).await,
-        Command::Metrics { watch } => nodes::metrics(g, watch).await,
-        Command::Health { app, smoke } => nodes::health(g, &app, smoke).await,
+        Command::Info(fleet) => nodes::info(g, &fleet).await,
+        Command::Metrics { watch, fleet } => nodes::metrics(g, watch, &fleet).await,
+        Command::Health { app, smoke, fleet } => nodes::health(g, &app, smoke, &fleet).await,
         Command::Probe(cmd) => nodes::probe(g, cmd).await,
         Command::Service(cmd) => services::service(g, cmd).await,
         Command::Backup(cmd) => backups::backup(g, cmd).await,
         Command::Upgrade(args) => upgrades::upgrade(g, args).await,
+        Command::Rollout(args) => rollout::rollout(g, args).await,
         Command::Rollback { app, to } => upgrades::rollback(g, app, to).await,
         Command::Ops(cmd) => operations::ops(g, cmd).await,
         Command::Logs {
@@ -157,5 +171,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             follow,
             since,
         } => services::logs(g, unit, lines, follow, since).await,
+        Command::GenerateAssets { dir } => {
+            assets::generate::<Cli>(&dir).map(|()| ExitCode::SUCCESS)
+        }
     }
 }

@@ -12,6 +12,7 @@ use covetctl::contexts::ClientConfig;
 use serde_json::json;
 use tonic::transport::Channel;
 
+use crate::fleet::{Fleet, FleetArgs, Report};
 use crate::output::{self, bytes, rate};
 use crate::{Global, Output};
 
@@ -55,13 +56,16 @@ pub async fn connect_node(g: &Global) -> anyhow::Result<Node> {
 /// (a unit's job, a migration's dry run).
 pub async fn connect_node_with(g: &Global, call_timeout: Duration) -> anyhow::Result<Node> {
     let target = Target::resolve(g)?;
-    let endpoint = target
-        .endpoints
-        .first()
-        .cloned()
-        .ok_or_else(|| anyhow!("context {} has no endpoint: pass -e HOST:PORT", target.context))?;
+    let endpoint = target.endpoints.first().cloned().ok_or_else(|| {
+        anyhow!(
+            "context {} has no endpoint: pass -e HOST:PORT",
+            target.context
+        )
+    })?;
     let tls = target.tls()?;
-    target.connect(&endpoint, tls, g.timeout, call_timeout).await
+    target
+        .connect(&endpoint, tls, g.timeout, call_timeout)
+        .await
 }
 
 /// Where a command goes and with which credentials: the context (or the one
@@ -143,51 +147,94 @@ impl Target {
     }
 }
 
-pub async fn info(g: &Global) -> anyhow::Result<ExitCode> {
-    let node = connect_node(g).await?;
+pub async fn info(g: &Global, fleet: &FleetArgs) -> anyhow::Result<ExitCode> {
+    let fleet = Fleet::resolve(g, fleet)?;
+    if fleet.is_single() {
+        let node = fleet.single_node(g).await?;
+        let info = fetch_info(&node).await?;
+        return Ok(print_info(g, &node, &info));
+    }
+    let results = fleet
+        .fan_out(g, |node| async move { fetch_info(&node).await })
+        .await?;
+    let report = Report {
+        header: &["HOSTNAME", "AGENT", "OS", "UPTIME", "APPS"],
+        rows: &|i: &pb::AgentInfo| {
+            vec![vec![
+                i.hostname.clone(),
+                i.agent_version.clone(),
+                format!("{} {}", i.os_name, i.os_version),
+                output::human_duration(output::duration(i.uptime.as_ref())),
+                i.apps
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ]]
+        },
+        json: &|i: &pb::AgentInfo| info_json("", i),
+        ok: &|_| true,
+    };
+    Ok(report.print(g, &results))
+}
+
+async fn fetch_info(node: &Node) -> anyhow::Result<pb::AgentInfo> {
     let mut client = pb::info_service_client::InfoServiceClient::new(node.channel.clone());
-    let info = client
+    Ok(client
         .get_info(pb::GetInfoRequest {})
         .await
         .map_err(|s| node.fail(s))?
-        .into_inner();
+        .into_inner())
+}
+
+fn role_name(info: &pb::AgentInfo) -> String {
     let caller = info.caller.clone().unwrap_or_default();
-    let role = pb::Role::try_from(caller.role).unwrap_or(pb::Role::Unspecified);
-    let role = role
+    pb::Role::try_from(caller.role)
+        .unwrap_or(pb::Role::Unspecified)
         .as_str_name()
         .trim_start_matches("ROLE_")
-        .to_lowercase();
+        .to_lowercase()
+}
+
+fn info_json(endpoint: &str, info: &pb::AgentInfo) -> serde_json::Value {
+    let caller = info.caller.clone().unwrap_or_default();
+    json!({
+        "endpoint": endpoint,
+        "agent_version": info.agent_version,
+        "api_versions": info.api_versions,
+        "hostname": info.hostname,
+        "os_name": info.os_name,
+        "os_version": info.os_version,
+        "kernel_version": info.kernel_version,
+        "arch": info.arch,
+        "uptime_seconds": output::duration(info.uptime.as_ref()).as_secs(),
+        "boot_id": info.boot_id,
+        "machine_id": info.machine_id,
+        "agent_started": output::timestamp(info.agent_started.as_ref()),
+        "apps": info.apps.iter().map(|a| json!({
+            "name": a.name,
+            "unit": a.unit,
+            "package_kind": a.package_kind,
+            "package_name": a.package_name,
+            "has_database": a.has_database,
+            "has_health_probe": a.has_health_probe,
+            "smoke_checks": a.smoke_checks,
+        })).collect::<Vec<_>>(),
+        "caller": {
+            "common_name": caller.common_name,
+            "serial": caller.serial,
+            "role": role_name(info),
+        },
+    })
+}
+
+fn print_info(g: &Global, node: &Node, info: &pb::AgentInfo) -> ExitCode {
+    let caller = info.caller.clone().unwrap_or_default();
+    let role = role_name(info);
     let uptime = output::duration(info.uptime.as_ref());
     if g.output == Output::Json {
-        output::json(&json!({
-            "endpoint": node.endpoint,
-            "agent_version": info.agent_version,
-            "api_versions": info.api_versions,
-            "hostname": info.hostname,
-            "os_name": info.os_name,
-            "os_version": info.os_version,
-            "kernel_version": info.kernel_version,
-            "arch": info.arch,
-            "uptime_seconds": uptime.as_secs(),
-            "boot_id": info.boot_id,
-            "machine_id": info.machine_id,
-            "agent_started": output::timestamp(info.agent_started.as_ref()),
-            "apps": info.apps.iter().map(|a| json!({
-                "name": a.name,
-                "unit": a.unit,
-                "package_kind": a.package_kind,
-                "package_name": a.package_name,
-                "has_database": a.has_database,
-                "has_health_probe": a.has_health_probe,
-                "smoke_checks": a.smoke_checks,
-            })).collect::<Vec<_>>(),
-            "caller": {
-                "common_name": caller.common_name,
-                "serial": caller.serial,
-                "role": role,
-            },
-        }));
-        return Ok(ExitCode::SUCCESS);
+        output::json(&info_json(&node.endpoint, info));
+        return ExitCode::SUCCESS;
     }
     output::fields(&[
         ("endpoint", node.endpoint.clone()),
@@ -237,15 +284,59 @@ pub async fn info(g: &Global) -> anyhow::Result<ExitCode> {
             &rows,
         );
     }
-    Ok(ExitCode::SUCCESS)
+    ExitCode::SUCCESS
 }
 
 fn yes_no(b: bool) -> String {
     if b { "yes" } else { "no" }.to_owned()
 }
 
-pub async fn metrics(g: &Global, watch: Option<Duration>) -> anyhow::Result<ExitCode> {
-    let node = connect_node(g).await?;
+pub async fn metrics(
+    g: &Global,
+    watch: Option<Duration>,
+    fleet: &FleetArgs,
+) -> anyhow::Result<ExitCode> {
+    let fleet = Fleet::resolve(g, fleet)?;
+    if fleet.is_single() {
+        let node = fleet.single_node(g).await?;
+        return metrics_one(g, &node, watch).await;
+    }
+    if watch.is_some() {
+        anyhow::bail!("--watch follows one node: pick it with -e HOST:PORT");
+    }
+    let results = fleet
+        .fan_out(g, |node| async move { fetch_metrics(&node).await })
+        .await?;
+    let report = Report {
+        header: &["CPU", "LOAD", "MEMORY USED", "MEMORY TOTAL", "PROCESSES"],
+        rows: &|m: &pb::HostMetrics| {
+            let cpu = m.cpu.clone().unwrap_or_default();
+            let load = m.load.unwrap_or_default();
+            let mem = m.memory.unwrap_or_default();
+            vec![vec![
+                format!("{:.1}%", cpu.usage_percent),
+                format!("{:.2} {:.2} {:.2}", load.one, load.five, load.fifteen),
+                bytes(mem.used_bytes),
+                bytes(mem.total_bytes),
+                m.process_count.to_string(),
+            ]]
+        },
+        json: &metrics_json,
+        ok: &|_| true,
+    };
+    Ok(report.print(g, &results))
+}
+
+async fn fetch_metrics(node: &Node) -> anyhow::Result<pb::HostMetrics> {
+    let mut client = pb::metrics_service_client::MetricsServiceClient::new(node.channel.clone());
+    Ok(client
+        .get_metrics(pb::GetMetricsRequest {})
+        .await
+        .map_err(|s| node.fail(s))?
+        .into_inner())
+}
+
+async fn metrics_one(g: &Global, node: &Node, watch: Option<Duration>) -> anyhow::Result<ExitCode> {
     let mut client = pb::metrics_service_client::MetricsServiceClient::new(node.channel.clone());
     let Some(interval) = watch else {
         let m = client
@@ -413,17 +504,72 @@ fn print_metrics(format: Output, m: &pb::HostMetrics) {
     );
 }
 
-pub async fn health(g: &Global, app: &str, smoke: bool) -> anyhow::Result<ExitCode> {
-    let node = connect_node(g).await?;
+pub async fn health(
+    g: &Global,
+    app: &str,
+    smoke: bool,
+    fleet: &FleetArgs,
+) -> anyhow::Result<ExitCode> {
+    let fleet = Fleet::resolve(g, fleet)?;
+    if fleet.is_single() {
+        let node = fleet.single_node(g).await?;
+        let r = fetch_health(&node, app, smoke).await?;
+        return Ok(print_health(g, &node, &r));
+    }
+    let results = fleet
+        .fan_out(
+            g,
+            |node| async move { fetch_health(&node, app, smoke).await },
+        )
+        .await?;
+    let report = Report {
+        header: &["APP", "HEALTH", "FAILED CHECKS"],
+        rows: &|r: &pb::CheckAppHealthResponse| {
+            let failed: Vec<&str> = r
+                .health
+                .iter()
+                .chain(r.smoke.iter())
+                .filter(|p| !p.ok)
+                .map(|p| p.name.as_str())
+                .collect();
+            vec![vec![
+                r.app.clone(),
+                if r.healthy { "healthy" } else { "UNHEALTHY" }.to_owned(),
+                failed.join(","),
+            ]]
+        },
+        json: &health_json,
+        ok: &|r: &pb::CheckAppHealthResponse| r.healthy,
+    };
+    Ok(report.print(g, &results))
+}
+
+async fn fetch_health(
+    node: &Node,
+    app: &str,
+    smoke: bool,
+) -> anyhow::Result<pb::CheckAppHealthResponse> {
     let mut client = pb::probe_service_client::ProbeServiceClient::new(node.channel.clone());
-    let r = client
+    Ok(client
         .check_app_health(pb::CheckAppHealthRequest {
             app: app.to_owned(),
             include_smoke: smoke,
         })
         .await
         .map_err(|s| node.fail(s))?
-        .into_inner();
+        .into_inner())
+}
+
+fn health_json(r: &pb::CheckAppHealthResponse) -> serde_json::Value {
+    json!({
+        "app": r.app,
+        "healthy": r.healthy,
+        "health": r.health.as_ref().map(probe_json),
+        "smoke": r.smoke.iter().map(probe_json).collect::<Vec<_>>(),
+    })
+}
+
+fn print_health(g: &Global, node: &Node, r: &pb::CheckAppHealthResponse) -> ExitCode {
     if g.output == Output::Json {
         output::json(&json!({
             "endpoint": node.endpoint,
@@ -447,11 +593,11 @@ pub async fn health(g: &Global, app: &str, smoke: bool) -> anyhow::Result<ExitCo
             .collect();
         output::table(PROBE_HEADER, &rows);
     }
-    Ok(if r.healthy {
+    if r.healthy {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    })
+    }
 }
 
 const PROBE_HEADER: &[&str] = &[

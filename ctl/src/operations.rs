@@ -11,6 +11,7 @@ use covet_proto::v1 as pb;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
+use crate::fleet::{Fleet, FleetArgs, Report};
 use crate::nodes::{Node, connect_node};
 use crate::output;
 use crate::{Global, Output};
@@ -253,18 +254,49 @@ pub async fn follow(
     op: pb::Operation,
     from: u64,
 ) -> anyhow::Result<ExitCode> {
-    let mut client =
-        pb::operation_service_client::OperationServiceClient::new(node.channel.clone());
     let mut renderer = Renderer::new();
     let quiet = g.output == Output::Json;
     if !quiet {
         println!("operation {} ({} of {})", op.id, kind_name(op.kind), op.app);
     }
+    let final_op = watch_to_end(node, &op.id, from, |event| match event {
+        Watched::Event(e) if !quiet => renderer.event(e),
+        Watched::Resuming(text) => tracing_note(quiet, text),
+        Watched::Event(_) => {}
+    })
+    .await?;
+    renderer.end_bar();
+    if quiet {
+        output::json(&operation_json(&final_op));
+    } else {
+        println!();
+        print_operation(&final_op);
+    }
+    Ok(exit_code(&final_op))
+}
+
+/// What [`watch_to_end`] reports as it goes.
+pub enum Watched<'a> {
+    Event(&'a pb::OperationEvent),
+    /// The event stream broke and is being resumed (why, in words).
+    Resuming(&'a str),
+}
+
+/// Watches an operation's events from sequence `from` until it ends,
+/// resuming a broken stream a few times, and returns the final operation.
+pub async fn watch_to_end(
+    node: &Node,
+    id: &str,
+    from: u64,
+    mut on: impl FnMut(Watched<'_>),
+) -> anyhow::Result<pb::Operation> {
+    let mut client =
+        pb::operation_service_client::OperationServiceClient::new(node.channel.clone());
     let mut next = from.max(1);
     let mut failures = 0;
     loop {
         let request = pb::WatchOperationRequest {
-            id: op.id.clone(),
+            id: id.to_owned(),
             from_sequence: next,
         };
         let mut stream = match client.watch_operation(request).await {
@@ -280,20 +312,15 @@ pub async fn follow(
             match stream.message().await {
                 Ok(Some(e)) => {
                     next = e.sequence + 1;
-                    if !quiet {
-                        renderer.event(&e);
-                    }
+                    on(Watched::Event(&e));
                 }
                 Ok(None) => break true,
                 Err(status) if failures < 5 => {
                     failures += 1;
-                    tracing_note(
-                        quiet,
-                        &format!(
-                            "event stream broke ({}); resuming from event {next}",
-                            status.message()
-                        ),
-                    );
+                    on(Watched::Resuming(&format!(
+                        "event stream broke ({}); resuming from event {next}",
+                        status.message()
+                    )));
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     break false;
                 }
@@ -304,25 +331,83 @@ pub async fn follow(
             break;
         }
     }
-    renderer.end_bar();
-    let final_op = client
-        .get_operation(pb::GetOperationRequest { id: op.id.clone() })
+    Ok(client
+        .get_operation(pb::GetOperationRequest { id: id.to_owned() })
         .await
         .map_err(|s| node.fail(s))?
-        .into_inner();
-    if quiet {
-        output::json(&operation_json(&final_op));
-    } else {
-        println!();
-        print_operation(&final_op);
-    }
-    Ok(exit_code(&final_op))
+        .into_inner())
 }
 
 fn tracing_note(quiet: bool, text: &str) {
     if !quiet {
         eprintln!("covetctl: {text}");
     }
+}
+
+async fn list(
+    g: &Global,
+    request: pb::ListOperationsRequest,
+    fleet: &FleetArgs,
+) -> anyhow::Result<ExitCode> {
+    let fleet = Fleet::resolve(g, fleet)?;
+    if fleet.is_single() {
+        let node = fleet.single_node(g).await?;
+        let operations = fetch_operations(&node, request).await?;
+        if g.output == Output::Json {
+            output::json(&operations_json(&operations));
+        } else {
+            output::table(
+                OPERATION_HEADER,
+                &operations.iter().map(operation_row).collect::<Vec<_>>(),
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let request = &request;
+    let results = fleet
+        .fan_out(g, |node| async move {
+            fetch_operations(&node, request.clone()).await
+        })
+        .await?;
+    let report = Report {
+        header: OPERATION_HEADER,
+        rows: &|ops: &Vec<pb::Operation>| ops.iter().map(operation_row).collect(),
+        json: &|ops: &Vec<pb::Operation>| operations_json(ops),
+        ok: &|_| true,
+    };
+    Ok(report.print(g, &results))
+}
+
+async fn fetch_operations(
+    node: &Node,
+    request: pb::ListOperationsRequest,
+) -> anyhow::Result<Vec<pb::Operation>> {
+    let mut client =
+        pb::operation_service_client::OperationServiceClient::new(node.channel.clone());
+    Ok(client
+        .list_operations(request)
+        .await
+        .map_err(|s| node.fail(s))?
+        .into_inner()
+        .operations)
+}
+
+fn operations_json(ops: &[pb::Operation]) -> serde_json::Value {
+    json!({ "operations": ops.iter().map(operation_json).collect::<Vec<_>>() })
+}
+
+const OPERATION_HEADER: &[&str] = &["ID", "KIND", "APP", "STATE", "CREATED", "BY", "CAUSE"];
+
+fn operation_row(o: &pb::Operation) -> Vec<String> {
+    vec![
+        o.id.clone(),
+        kind_name(o.kind),
+        o.app.clone(),
+        state_name(o.state),
+        output::timestamp(o.created.as_ref()),
+        o.requested_by.clone().unwrap_or_default().common_name,
+        o.cause.clone(),
+    ]
 }
 
 #[derive(Subcommand)]
@@ -337,6 +422,8 @@ pub enum OpsCommand {
         active: bool,
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        #[command(flatten)]
+        fleet: FleetArgs,
     },
     /// One operation, with its steps.
     Show { id: String },
@@ -352,47 +439,25 @@ pub enum OpsCommand {
 }
 
 pub async fn ops(g: &Global, cmd: OpsCommand) -> anyhow::Result<ExitCode> {
+    if let OpsCommand::List {
+        app,
+        active,
+        limit,
+        fleet,
+    } = cmd
+    {
+        let request = pb::ListOperationsRequest {
+            app: app.unwrap_or_default(),
+            active_only: active,
+            limit,
+        };
+        return list(g, request, &fleet).await;
+    }
     let node = connect_node(g).await?;
     let mut client =
         pb::operation_service_client::OperationServiceClient::new(node.channel.clone());
     match cmd {
-        OpsCommand::List { app, active, limit } => {
-            let r = client
-                .list_operations(pb::ListOperationsRequest {
-                    app: app.unwrap_or_default(),
-                    active_only: active,
-                    limit,
-                })
-                .await
-                .map_err(|s| node.fail(s))?
-                .into_inner();
-            if g.output == Output::Json {
-                output::json(
-                    &json!({ "operations": r.operations.iter().map(operation_json).collect::<Vec<_>>() }),
-                );
-            } else {
-                let rows: Vec<Vec<String>> = r
-                    .operations
-                    .iter()
-                    .map(|o| {
-                        vec![
-                            o.id.clone(),
-                            kind_name(o.kind),
-                            o.app.clone(),
-                            state_name(o.state),
-                            output::timestamp(o.created.as_ref()),
-                            o.requested_by.clone().unwrap_or_default().common_name,
-                            o.cause.clone(),
-                        ]
-                    })
-                    .collect();
-                output::table(
-                    &["ID", "KIND", "APP", "STATE", "CREATED", "BY", "CAUSE"],
-                    &rows,
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        OpsCommand::List { .. } => Ok(ExitCode::SUCCESS), // answered above, on every node
         OpsCommand::Show { id } => {
             let op = client
                 .get_operation(pb::GetOperationRequest { id })

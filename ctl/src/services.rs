@@ -8,14 +8,19 @@ use clap::Subcommand;
 use covet_proto::v1 as pb;
 use serde_json::json;
 
-use crate::nodes::{connect_node, connect_node_with};
+use crate::fleet::{Fleet, FleetArgs, Report};
+use crate::nodes::{Node, connect_node, connect_node_with};
 use crate::output;
 use crate::{Global, Output};
 
 #[derive(Subcommand)]
 pub enum ServiceCommand {
     /// Status of units (default: every unit the agent may control).
-    Status { units: Vec<String> },
+    Status {
+        units: Vec<String>,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
     /// Start a unit and wait for the job.
     Start(ActionArgs),
     /// Stop a unit and wait for the job.
@@ -38,31 +43,20 @@ pub struct ActionArgs {
 }
 
 pub async fn service(g: &Global, cmd: ServiceCommand) -> anyhow::Result<ExitCode> {
-    let job_timeout = match &cmd {
-        ServiceCommand::Status { .. } => Duration::ZERO,
-        ServiceCommand::Start(a)
-        | ServiceCommand::Stop(a)
-        | ServiceCommand::Restart(a)
-        | ServiceCommand::Reload(a) => a.job_timeout.unwrap_or(Duration::from_secs(90)),
-    };
+    match cmd {
+        ServiceCommand::Status { units, fleet } => status(g, units, &fleet).await,
+        ServiceCommand::Start(a) => action(g, "start", a).await,
+        ServiceCommand::Stop(a) => action(g, "stop", a).await,
+        ServiceCommand::Restart(a) => action(g, "restart", a).await,
+        ServiceCommand::Reload(a) => action(g, "reload", a).await,
+    }
+}
+
+async fn action(g: &Global, verb: &str, args: ActionArgs) -> anyhow::Result<ExitCode> {
+    let job_timeout = args.job_timeout.unwrap_or(Duration::from_secs(90));
     // The agent waits for the job (and the unit to settle) before answering.
     let node = connect_node_with(g, g.timeout + job_timeout + Duration::from_secs(5)).await?;
     let mut client = pb::unit_service_client::UnitServiceClient::new(node.channel.clone());
-    let (verb, args) = match cmd {
-        ServiceCommand::Status { units } => {
-            let r = client
-                .get_unit_status(pb::GetUnitStatusRequest { units })
-                .await
-                .map_err(|s| node.fail(s))?
-                .into_inner();
-            print_statuses(g.output, &r.units);
-            return Ok(ExitCode::SUCCESS);
-        }
-        ServiceCommand::Start(a) => ("start", a),
-        ServiceCommand::Stop(a) => ("stop", a),
-        ServiceCommand::Restart(a) => ("restart", a),
-        ServiceCommand::Reload(a) => ("reload", a),
-    };
     let request = pb::UnitActionRequest {
         unit: args.unit.clone(),
         timeout: args
@@ -128,6 +122,60 @@ pub async fn service(g: &Global, cmd: ServiceCommand) -> anyhow::Result<ExitCode
             );
         }
         Ok(ExitCode::FAILURE)
+    }
+}
+
+async fn status(g: &Global, units: Vec<String>, fleet: &FleetArgs) -> anyhow::Result<ExitCode> {
+    let fleet = Fleet::resolve(g, fleet)?;
+    if fleet.is_single() {
+        let node = fleet.single_node(g).await?;
+        let statuses = fetch_statuses(&node, units).await?;
+        print_statuses(g.output, &statuses);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let units = &units;
+    let results = fleet
+        .fan_out(g, |node| async move {
+            fetch_statuses(&node, units.clone()).await
+        })
+        .await?;
+    let report = Report {
+        header: &["UNIT", "ACTIVE", "SUB", "PID", "SINCE"],
+        rows: &|statuses: &Vec<pb::UnitStatus>| {
+            statuses
+                .iter()
+                .map(|u| {
+                    vec![
+                        u.name.clone(),
+                        u.active_state.clone(),
+                        u.sub_state.clone(),
+                        pid_text(u.main_pid),
+                        output::timestamp(u.since.as_ref()),
+                    ]
+                })
+                .collect()
+        },
+        json: &|statuses: &Vec<pb::UnitStatus>| json!({ "units": statuses.iter().map(status_json).collect::<Vec<_>>() }),
+        ok: &|_| true,
+    };
+    Ok(report.print(g, &results))
+}
+
+async fn fetch_statuses(node: &Node, units: Vec<String>) -> anyhow::Result<Vec<pb::UnitStatus>> {
+    let mut client = pb::unit_service_client::UnitServiceClient::new(node.channel.clone());
+    Ok(client
+        .get_unit_status(pb::GetUnitStatusRequest { units })
+        .await
+        .map_err(|s| node.fail(s))?
+        .into_inner()
+        .units)
+}
+
+fn pid_text(pid: u32) -> String {
+    if pid == 0 {
+        "-".into()
+    } else {
+        pid.to_string()
     }
 }
 

@@ -52,17 +52,26 @@ fn pair(flag: &str, text: &str) -> anyhow::Result<(String, String)> {
 }
 
 fn env_edits(a: &UpgradeArgs) -> anyhow::Result<Vec<pb::EnvEdit>> {
+    env_edits_from(&a.env_set, &a.env_rename, &a.env_unset)
+}
+
+/// The env-file edits of `--env-set`, `--env-rename` and `--env-unset`, in that order.
+pub fn env_edits_from(
+    set: &[String],
+    rename: &[String],
+    unset: &[String],
+) -> anyhow::Result<Vec<pb::EnvEdit>> {
     use pb::env_edit::Edit;
     let mut edits = Vec::new();
-    for s in &a.env_set {
+    for s in set {
         let (key, value) = pair("--env-set", s)?;
         edits.push(Edit::Set(pb::EnvSet { key, value }));
     }
-    for r in &a.env_rename {
+    for r in rename {
         let (from, to) = pair("--env-rename", r)?;
         edits.push(Edit::Rename(pb::EnvRename { from, to }));
     }
-    for key in &a.env_unset {
+    for key in unset {
         edits.push(Edit::Unset(pb::EnvUnset { key: key.clone() }));
     }
     Ok(edits
