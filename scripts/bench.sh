@@ -18,3 +18,6 @@ target/release/covet-bench-backup "$@"
 echo
 echo "== agent overhead in an upgrade"
 target/release/covet-demo --bench 3
+echo
+echo "== covetctl info over 200 agents"
+target/release/covet-bench-fleet 200
