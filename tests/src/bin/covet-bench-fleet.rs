@@ -33,8 +33,10 @@ async fn bench(n: usize) -> anyhow::Result<()> {
     println!("starting {n} agents...");
     let mut agents = Vec::with_capacity(n);
     for i in 0..n {
+        let agent_dir = dir.path().join(format!("a{i:03}"));
+        std::fs::create_dir_all(&agent_dir)?;
         let agent = TestAgent::start_with(
-            &dir.path().join(format!("a{i:03}")),
+            &agent_dir,
             TestPki {
                 dir: pki_dir.clone(),
             },
