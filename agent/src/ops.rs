@@ -138,24 +138,7 @@ impl Operations {
             },
             id: id.clone(),
         };
-        let now = SystemTime::now();
-        let record = OperationRecord {
-            id: id.clone(),
-            kind: spec.kind,
-            app: spec.app,
-            state: OpState::Pending,
-            created: now,
-            updated: now,
-            finished: None,
-            requested_by: spec.caller,
-            cause: String::new(),
-            needs_human: String::new(),
-            backup_id: String::new(),
-            current_step: String::new(),
-            last_sequence: 0,
-            params: spec.params,
-            steps: Vec::new(),
-        };
+        let record = new_record(&id, spec);
         self.inner.journal.create(&record)?;
         let cancel = Arc::new(AtomicBool::new(false));
         self.inner
@@ -163,13 +146,7 @@ impl Operations {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), cancel.clone());
-        let ctx = OpContext {
-            id: id.clone(),
-            journal: self.inner.journal.clone(),
-            cancel,
-            last_progress: Arc::new(Mutex::new(None)),
-            waited: Arc::new(Mutex::new(Duration::ZERO)),
-        };
+        let ctx = OpContext::new(id.clone(), self.inner.journal.clone(), cancel);
         ctx.state(OpState::Running, "");
         let runner = ctx.clone();
         tokio::spawn(async move {
@@ -192,32 +169,13 @@ impl Operations {
             app: spec.app.clone(),
             id: id.clone(),
         };
-        let now = SystemTime::now();
-        let record = OperationRecord {
-            id: id.clone(),
-            kind: spec.kind,
-            app: spec.app,
-            state: OpState::Pending,
-            created: now,
-            updated: now,
-            finished: None,
-            requested_by: spec.caller,
-            cause: String::new(),
-            needs_human: String::new(),
-            backup_id: String::new(),
-            current_step: String::new(),
-            last_sequence: 0,
-            params: spec.params,
-            steps: Vec::new(),
-        };
+        let record = new_record(&id, spec);
         self.inner.journal.create(&record)?;
-        let ctx = OpContext {
+        let ctx = OpContext::new(
             id,
-            journal: self.inner.journal.clone(),
-            cancel: Arc::new(AtomicBool::new(false)),
-            last_progress: Arc::new(Mutex::new(None)),
-            waited: Arc::new(Mutex::new(Duration::ZERO)),
-        };
+            self.inner.journal.clone(),
+            Arc::new(AtomicBool::new(false)),
+        );
         ctx.state(OpState::Running, "");
         Ok(InlineOp {
             ctx,
@@ -245,13 +203,7 @@ impl Operations {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(op.id.clone(), cancel.clone());
-        let ctx = OpContext {
-            id: op.id.clone(),
-            journal: self.inner.journal.clone(),
-            cancel,
-            last_progress: Arc::new(Mutex::new(None)),
-            waited: Arc::new(Mutex::new(Duration::ZERO)),
-        };
+        let ctx = OpContext::new(op.id.clone(), self.inner.journal.clone(), cancel);
         tokio::spawn(async move {
             let _guard = guard;
             let outcome = work(ctx.clone()).await;
@@ -298,6 +250,28 @@ impl Operations {
     }
 }
 
+/// The journal record of a new operation, before it starts.
+fn new_record(id: &str, spec: OpSpec) -> OperationRecord {
+    let now = SystemTime::now();
+    OperationRecord {
+        id: id.to_owned(),
+        kind: spec.kind,
+        app: spec.app,
+        state: OpState::Pending,
+        created: now,
+        updated: now,
+        finished: None,
+        requested_by: spec.caller,
+        cause: String::new(),
+        needs_human: String::new(),
+        backup_id: String::new(),
+        current_step: String::new(),
+        last_sequence: 0,
+        params: spec.params,
+        steps: Vec::new(),
+    }
+}
+
 /// A short operation run inline by its RPC; see [`Operations::begin_inline`].
 pub struct InlineOp {
     ctx: OpContext,
@@ -340,6 +314,16 @@ pub struct OpContext {
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 impl OpContext {
+    fn new(id: String, journal: Arc<Journal>, cancel: Arc<AtomicBool>) -> OpContext {
+        OpContext {
+            id,
+            journal,
+            cancel,
+            last_progress: Arc::new(Mutex::new(None)),
+            waited: Arc::new(Mutex::new(Duration::ZERO)),
+        }
+    }
+
     fn append(&self, body: EventBody) {
         // A journal write that fails must not go unnoticed, but the work's own
         // outcome is still reported by the caller; log loudly.
