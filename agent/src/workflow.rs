@@ -579,15 +579,7 @@ async fn forward(
 
     if let Some(health) = &app.health {
         step(ctx, STEP_HEALTH, "the health probe must pass", async {
-            let o = ctx
-                .waiting(probes::probe_declared(
-                    &deps.probe_policy,
-                    &app.name,
-                    "health",
-                    health,
-                ))
-                .await
-                .map_err(|e| e.to_string())?;
+            let o = probe(deps, ctx, app, "health", health).await?;
             if o.ok {
                 Ok(((), format!("healthy after {} attempt(s)", o.attempts)))
             } else {
@@ -602,15 +594,7 @@ async fn forward(
     if !app.smoke.is_empty() {
         step(ctx, STEP_SMOKE, "smoke checks", async {
             for check in &app.smoke {
-                let o = ctx
-                    .waiting(probes::probe_declared(
-                        &deps.probe_policy,
-                        &app.name,
-                        "smoke",
-                        check,
-                    ))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let o = probe(deps, ctx, app, "smoke", check).await?;
                 if !o.ok {
                     return Err(format!("{} ({}): {}", o.name, o.target, o.error));
                 }
@@ -634,15 +618,7 @@ async fn forward(
                     }
                     tokio::time::sleep(every.min(until.saturating_duration_since(Instant::now())))
                         .await;
-                    let o = ctx
-                        .waiting(probes::probe_declared(
-                            &deps.probe_policy,
-                            &app.name,
-                            "health",
-                            health,
-                        ))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let o = probe(deps, ctx, app, "health", health).await?;
                     probes_run += 1;
                     if !o.ok {
                         return Err(format!(
@@ -882,9 +858,7 @@ pub async fn rollback_after(
                 "rollback: health",
                 "the health probe must pass",
                 async {
-                    let o = probes::probe_declared(&deps.probe_policy, &app.name, "health", health)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let o = probe(deps, ctx, app, "health", health).await?;
                     if o.ok {
                         Ok("healthy".to_owned())
                     } else {
@@ -922,6 +896,24 @@ pub async fn rollback_after(
             what_is_left: format!("{}; {backup}", left.join("; ")),
         }
     }
+}
+
+/// Runs one of the app's declared probes; its time counts as waiting on the app.
+async fn probe(
+    deps: &Deps,
+    ctx: &OpContext,
+    app: &AppConfig,
+    kind: &str,
+    cfg: &crate::config::ProbeConfig,
+) -> Result<probes::ProbeOutcome, String> {
+    ctx.waiting(probes::probe_declared(
+        &deps.probe_policy,
+        &app.name,
+        kind,
+        cfg,
+    ))
+    .await
+    .map_err(|e| e.to_string())
 }
 
 async fn rb_step<F>(ctx: &OpContext, name: &str, description: &str, f: F) -> Result<(), String>
@@ -1124,9 +1116,7 @@ pub async fn run_rollback(
         .map_err(|e| ("start", e))?;
         if let Some(health) = &app.health {
             rb_step(&ctx, "health", "the health probe must pass", async {
-                let o = probes::probe_declared(&deps.probe_policy, &app.name, "health", health)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let o = probe(&deps, &ctx, &app, "health", health).await?;
                 if o.ok {
                     Ok("healthy".to_owned())
                 } else {

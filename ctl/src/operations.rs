@@ -20,34 +20,35 @@ use crate::{Global, Output};
 pub const EXIT_ROLLED_BACK: u8 = 3;
 pub const EXIT_NEEDS_HUMAN: u8 = 4;
 
+/// A proto enum value in words: `OPERATION_STATE_ROLLED_BACK` -> `rolled_back`.
+fn enum_name(name: Option<&str>, prefix: &str) -> String {
+    name.map(|n| n.trim_start_matches(prefix).to_lowercase())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 pub fn state_name(state: i32) -> String {
-    pb::OperationState::try_from(state)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("OPERATION_STATE_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| "unknown".into())
+    enum_name(
+        pb::OperationState::try_from(state)
+            .ok()
+            .map(|s| s.as_str_name()),
+        "OPERATION_STATE_",
+    )
 }
 
 fn kind_name(kind: i32) -> String {
-    pb::OperationKind::try_from(kind)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("OPERATION_KIND_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| "unknown".into())
+    enum_name(
+        pb::OperationKind::try_from(kind)
+            .ok()
+            .map(|k| k.as_str_name()),
+        "OPERATION_KIND_",
+    )
 }
 
 fn outcome_name(o: i32) -> String {
-    pb::StepOutcome::try_from(o)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("STEP_OUTCOME_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| "unknown".into())
+    enum_name(
+        pb::StepOutcome::try_from(o).ok().map(|s| s.as_str_name()),
+        "STEP_OUTCOME_",
+    )
 }
 
 pub fn exit_code(op: &pb::Operation) -> ExitCode {
