@@ -6,12 +6,12 @@
 //! `cargo build --workspace --bins` before the tests run (see `.ci/run`).
 
 pub mod agent;
-pub mod debpkg;
 pub mod http;
 pub mod pki;
 pub mod postgres;
 pub mod sampleapp;
 pub mod sandbox;
+pub mod syspkg;
 
 use std::path::PathBuf;
 

@@ -1,9 +1,10 @@
-//! The deb package backend for real: tiny .debs of a test app built with
-//! `dpkg-deb --build`, installed with `dpkg -i` on this (throwaway) machine.
-//! First the backend's steps one by one, then a whole upgrade and automatic
-//! rollback through a real agent and a real systemd unit. Each test purges
-//! its uniquely named package when it ends, even on failure. (The rpm
-//! backend is tested in agent/src/packages.rs against a throwaway rpm root.)
+//! The deb and rpm package backends for real: tiny packages of a test app
+//! built in the test (`dpkg-deb --build`, `rpmbuild`) and installed on this
+//! (throwaway) machine. First the deb backend's steps one by one, then, for
+//! each format, a whole upgrade and automatic rollback through a real agent
+//! and a real systemd unit. Each test removes its uniquely named package
+//! when it ends, even on failure. (The rpm backend's steps one by one are
+//! tested in agent/src/packages.rs against a throwaway rpm root.)
 
 use std::fs;
 use std::path::Path;
@@ -12,9 +13,9 @@ use std::time::Duration;
 use covet_agent::config::{AppConfig, PackageConfig};
 use covet_agent::packages::{self, PackageError, RestorePoint};
 use covet_tests::agent::{AgentOptions, TestAgent};
-use covet_tests::debpkg::{self, Installed};
 use covet_tests::sandbox::sandbox_or_skip;
 use covet_tests::sandbox_dir;
+use covet_tests::syspkg::{self, Format, Installed};
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -29,7 +30,7 @@ fn deb_package(name: &str, repo: &Path) -> PackageConfig {
 
 fn deb_app(name: &str, repo: &Path) -> AppConfig {
     serde_json::from_value(serde_json::json!({
-        "name": "debapp", "unit": "debapp.service",
+        "name": "pkgapp", "unit": "pkgapp.service",
         "package": {"kind": "deb", "name": name, "repo_dir": repo},
     }))
     .unwrap()
@@ -37,16 +38,21 @@ fn deb_app(name: &str, repo: &Path) -> AppConfig {
 
 #[tokio::test]
 async fn deb_backend_installs_keeps_and_restores_exactly() {
-    if !debpkg::deb_or_skip() {
+    if !Format::Deb.or_skip() {
         return;
     }
-    let _lock = debpkg::dpkg_lock();
+    let _lock = Format::Deb.lock();
     let dir = sandbox_dir("debswap");
     let (work, repo) = (dir.path().join("work"), dir.path().join("repo"));
-    let name = debpkg::unique_name("covet-debtest");
-    let _purge = Installed(name.clone());
+    let name = syspkg::unique_name("covet-debtest");
+    let _purge = Installed {
+        format: Format::Deb,
+        name: name.clone(),
+    };
     for version in ["1.0", "2.0"] {
-        debpkg::build(&work, &repo, &name, version, false).unwrap();
+        Format::Deb
+            .build(&work, &repo, &name, version, false)
+            .unwrap();
     }
     // Named like 9.9, really 1.0: the control fields decide, not the name.
     let fake = repo.join(format!("{name}_9.9_all.deb"));
@@ -119,7 +125,7 @@ async fn deb_backend_installs_keeps_and_restores_exactly() {
         packages::installed_version(&app).await.as_deref(),
         Some("2.0")
     );
-    assert_eq!(debpkg::dpkg_version(&name).as_deref(), Some("2.0"));
+    assert_eq!(Format::Deb.installed_version(&name).as_deref(), Some("2.0"));
     assert_eq!(fs::read_to_string(opt.join("VERSION")).unwrap(), "2.0");
     assert_eq!(fs::read_to_string(&conf).unwrap(), edited);
 
@@ -132,7 +138,7 @@ async fn deb_backend_installs_keeps_and_restores_exactly() {
     assert_eq!(fs::read_to_string(opt.join("VERSION")).unwrap(), "1.0");
     assert_eq!(
         fs::read_to_string(opt.join("server.py")).unwrap(),
-        debpkg::server_script("1.0", false)
+        syspkg::server_script("1.0", false)
     );
     assert_eq!(fs::read_to_string(&conf).unwrap(), edited);
 
@@ -149,7 +155,7 @@ async fn deb_backend_installs_keeps_and_restores_exactly() {
     assert!(err.to_string().contains("/var/cache/apt/archives"), "{err}");
     assert!(!dir.path().join(".repo.before-op-2").exists());
     assert!(!dir.path().join(".repo.before-op-2.partial").exists());
-    assert_eq!(debpkg::dpkg_version(&name).as_deref(), Some("1.0"));
+    assert_eq!(Format::Deb.installed_version(&name).as_deref(), Some("1.0"));
 }
 
 fn free_port() -> u16 {
@@ -186,25 +192,45 @@ async fn wait_healthy(port: u16, version: &str) {
     );
 }
 
-const UNIT: &str = "debapp.service";
+const UNIT: &str = "pkgapp.service";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deb_upgrade_succeeds_then_a_broken_release_rolls_back_through_the_agent() {
-    if !debpkg::deb_or_skip() {
+    upgrade_then_roll_back_through_the_agent(Format::Deb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpm_upgrade_succeeds_then_a_broken_release_rolls_back_through_the_agent() {
+    upgrade_then_roll_back_through_the_agent(Format::Rpm).await;
+}
+
+/// 1.0 installed by hand; the agent upgrades to 2.0 (success), then to 3.0,
+/// whose health check fails, and rolls the package back to 2.0 by itself.
+async fn upgrade_then_roll_back_through_the_agent(format: Format) {
+    if !format.or_skip() {
         return;
     }
-    let dir = sandbox_dir("debswap-e2e");
+    let dir = sandbox_dir(&format!("{}swap-e2e", format.kind()));
     let Some(sandbox) = sandbox_or_skip(&dir.path().join("systemd")) else {
         return;
     };
-    let _lock = debpkg::dpkg_lock();
+    let _lock = format.lock();
     let (work, repo) = (dir.path().join("work"), dir.path().join("repo"));
-    let name = debpkg::unique_name("covet-debapp");
-    let _purge = Installed(name.clone());
+    let name = syspkg::unique_name(&format!("covet-{}app", format.kind()));
+    let _purge = Installed {
+        format,
+        name: name.clone(),
+    };
     for (version, broken) in [("1.0", false), ("2.0", false), ("3.0", true)] {
-        debpkg::build(&work, &repo, &name, version, broken).unwrap();
+        format.build(&work, &repo, &name, version, broken).unwrap();
     }
-    debpkg::dpkg_install(&repo.join(format!("{name}_1.0_all.deb"))).unwrap();
+    format
+        .install(&repo.join(format.file_name(&name, "1.0")))
+        .unwrap();
+    // The operator's edit of the shipped config file survives every swap.
+    let conf = Path::new("/etc").join(&name).join("app.conf");
+    let edited = "# edited by the operator\ngreeting = hi\n";
+    fs::write(&conf, edited).unwrap();
     let data = dir.path().join("data");
     fs::create_dir(&data).unwrap();
     fs::write(data.join("notes.txt"), "kept by the backup\n").unwrap();
@@ -214,7 +240,7 @@ async fn deb_upgrade_succeeds_then_a_broken_release_rolls_back_through_the_agent
         .install_unit(
             UNIT,
             &format!(
-                "[Unit]\nDescription=covet-agent deb test app\n\n[Service]\nType=simple\n\
+                "[Unit]\nDescription=covet-agent package swap test app\n\n[Service]\nType=simple\n\
                  ExecStart=/usr/bin/python3 /opt/{name}/server.py {port}\nRestart=no\n"
             ),
         )
@@ -235,12 +261,12 @@ journal_dir = "{journal}"
 settle = "500ms"
 
 [[app]]
-name = "debapp"
+name = "pkgapp"
 unit = "{UNIT}"
 paths = ["{data}"]
 
 [app.package]
-kind = "deb"
+kind = "{kind}"
 name = "{name}"
 repo_dir = "{repo}"
 
@@ -256,6 +282,7 @@ json_value = "ok"
         journal = sandbox.journal_dir().display(),
         data = data.display(),
         repo = repo.display(),
+        kind = format.kind(),
     );
     let agent = TestAgent::start(
         &dir.path().join("agent"),
@@ -274,7 +301,7 @@ json_value = "ok"
                 "--timeout",
                 "60s",
                 "upgrade",
-                "debapp",
+                "pkgapp",
                 "--to",
                 version,
             ],
@@ -284,7 +311,7 @@ json_value = "ok"
     // Not in the repository: refused, nothing changes.
     let out = upgrade("9.9");
     assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
-    assert_eq!(debpkg::dpkg_version(&name).as_deref(), Some("1.0"));
+    assert_eq!(format.installed_version(&name).as_deref(), Some("1.0"));
 
     let out = upgrade("2.0");
     assert_eq!(
@@ -297,9 +324,13 @@ json_value = "ok"
     );
     let op = out.json();
     assert_eq!(op["state"], "succeeded", "{op:#}");
-    assert_eq!(op["params"]["from_version"], "1.0", "{op:#}");
+    assert_eq!(
+        op["params"]["from_version"],
+        format.full_version("1.0"),
+        "{op:#}"
+    );
     wait_healthy(port, "2.0").await;
-    assert_eq!(debpkg::dpkg_version(&name).as_deref(), Some("2.0"));
+    assert_eq!(format.installed_version(&name).as_deref(), Some("2.0"));
     // Success discards the kept 1.0.
     let kept_dirs: Vec<_> = fs::read_dir(dir.path())
         .unwrap()
@@ -327,14 +358,14 @@ json_value = "ok"
         .collect();
     assert!(steps.contains(&"rollback: package"), "{steps:?}");
     wait_healthy(port, "2.0").await;
-    assert_eq!(debpkg::dpkg_version(&name).as_deref(), Some("2.0"));
+    assert_eq!(format.installed_version(&name).as_deref(), Some("2.0"));
     assert_eq!(
         fs::read_to_string(format!("/opt/{name}/VERSION")).unwrap(),
         "2.0"
     );
     assert_eq!(
         fs::read_to_string(format!("/opt/{name}/server.py")).unwrap(),
-        debpkg::server_script("2.0", false)
+        syspkg::server_script("2.0", false)
     );
     let _ = sandbox.systemctl(&["stop", UNIT]);
 }
