@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use covet_proto::v1 as pb;
+use futures_util::StreamExt as _;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -98,13 +99,18 @@ impl FromStr for Share {
     fn from_str(text: &str) -> Result<Share, String> {
         let bad = || format!("{text:?}: expected a count (3) or a percentage (25%)");
         match text.strip_suffix('%') {
-            Some(p) => p.parse().map(Share::Percent).map_err(|_| bad()),
+            Some(p) => match p.parse() {
+                Ok(p) if p <= 100 => Ok(Share::Percent(p)),
+                Ok(_) => Err(format!("{text:?}: a percentage is at most 100%")),
+                Err(_) => Err(bad()),
+            },
             None => text.parse().map(Share::Count).map_err(|_| bad()),
         }
     }
 }
 
 impl Share {
+    /// How many of `total` nodes; a percentage rounds down.
     fn of(self, total: usize) -> usize {
         match self {
             Share::Count(n) => n,
@@ -153,6 +159,10 @@ struct NodeState {
     detail: String,
 }
 
+fn unbounded() -> usize {
+    usize::MAX
+}
+
 /// The rollout, as recorded in its state file.
 #[derive(Serialize, Deserialize, Clone)]
 struct Rollout {
@@ -164,6 +174,9 @@ struct Rollout {
     watch_seconds: Option<u64>,
     canary: usize,
     batch: usize,
+    /// At most this many nodes upgrading at once (`--parallel`).
+    #[serde(default = "unbounded")]
+    parallel: usize,
     max_failures: usize,
     pause_between_ms: u64,
     fleet_rollback: bool,
@@ -177,6 +190,7 @@ impl Rollout {
         app: String,
         to_version: String,
         endpoints: Vec<String>,
+        parallel: usize,
     ) -> Rollout {
         let total = endpoints.len();
         Rollout {
@@ -188,6 +202,7 @@ impl Rollout {
             watch_seconds: plan.watch.map(|w| w.as_secs()),
             canary: plan.canary.min(total),
             batch: plan.batch.of(total).max(1),
+            parallel: parallel.max(1),
             max_failures: plan.max_failures.of(total),
             pause_between_ms: u64::try_from(plan.pause_between.as_millis()).unwrap_or(u64::MAX),
             fleet_rollback: !plan.no_fleet_rollback,
@@ -338,7 +353,7 @@ fn start(g: &Global, plan: PlanArgs) -> anyhow::Result<(Rollout, PathBuf)> {
             p = path.display()
         );
     }
-    let rollout = Rollout::from_plan(&plan, app, to_version, fleet.endpoints);
+    let rollout = Rollout::from_plan(&plan, app, to_version, fleet.endpoints, fleet.parallel);
     rollout.request()?; // refuse malformed env edits before touching anything
     save(&path, &rollout)?;
     Ok((rollout, path))
@@ -399,18 +414,35 @@ impl Runner<'_> {
                 continue;
             }
             if started_any && !pause.is_zero() {
+                self.view.note(&format!(
+                    "pausing {} before the next batch",
+                    humantime::format_duration(pause)
+                ));
                 tokio::time::sleep(pause).await;
             }
             started_any = true;
-            let results =
-                futures_util::future::join_all(todo.iter().map(|&i| self.upgrade_node(i))).await;
-            results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
-            self.stop_if_past_threshold()?;
+            // At most `parallel` at once; once past the threshold, the
+            // batch's nodes that have not started yet stay pending.
+            futures_util::stream::iter(todo.into_iter().map(|i| self.upgrade_unless_stopped(i)))
+                .buffer_unordered(rollout.parallel.max(1))
+                .collect::<Vec<anyhow::Result<()>>>()
+                .await
+                .into_iter()
+                .collect::<anyhow::Result<Vec<()>>>()?;
         }
         if self.snapshot().stopped && rollout.fleet_rollback {
             self.roll_back_upgraded().await?;
         }
         Ok(())
+    }
+
+    async fn upgrade_unless_stopped(&self, i: usize) -> anyhow::Result<()> {
+        // A node already running (on resume) is always followed to its end.
+        if self.snapshot().stopped && !self.in_flight(i) {
+            return Ok(());
+        }
+        self.upgrade_node(i).await?;
+        self.stop_if_past_threshold()
     }
 
     fn in_flight(&self, i: usize) -> bool {
@@ -827,4 +859,138 @@ fn print_summary(g: &Global, rollout: &Rollout, path: &Path) {
         if rollout.stopped { "; stopped" } else { "" },
         path.display()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        plan: PlanArgs,
+    }
+
+    /// The rollout `covetctl rollout covet --to 2.0 ARGS` plans over `nodes`.
+    fn plan(nodes: usize, args: &[&str]) -> Rollout {
+        let cli = Cli::try_parse_from(["rollout", "covet", "--to", "2.0"].iter().chain(args))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let endpoints = (0..nodes).map(|i| format!("node{i}:7443")).collect();
+        Rollout::from_plan(
+            &cli.plan,
+            "covet".into(),
+            "2.0".into(),
+            endpoints,
+            cli.plan.fleet.parallel as usize,
+        )
+    }
+
+    fn parse_error(args: &[&str]) -> String {
+        match Cli::try_parse_from(["rollout", "covet", "--to", "2.0"].iter().chain(args)) {
+            Ok(_) => panic!("{args:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn with_phases(mut rollout: Rollout, phases: &[Phase]) -> Rollout {
+        for (node, &phase) in rollout.nodes.iter_mut().zip(phases) {
+            node.phase = phase;
+            if phase != Phase::Pending {
+                node.operation_id = "op".into();
+            }
+        }
+        rollout
+    }
+
+    #[test]
+    fn canaries_first_then_batches_by_count_or_percentage() {
+        let r = plan(5, &[]);
+        assert_eq!(r.groups(), [vec![0], vec![1], vec![2], vec![3], vec![4]]);
+        let r = plan(5, &["--canary", "2", "--batch", "2"]);
+        assert_eq!(r.groups(), [vec![0, 1], vec![2, 3], vec![4]]);
+        // 50% of 5 rounds down to 2; a percentage below one node is one node.
+        let r = plan(5, &["--canary", "0", "--batch", "50%"]);
+        assert_eq!(r.groups(), [vec![0, 1], vec![2, 3], vec![4]]);
+        let r = plan(3, &["--batch", "10%"]);
+        assert_eq!(r.batch, 1);
+        let r = plan(4, &["--canary", "1", "--batch", "100%"]);
+        assert_eq!(r.groups(), [vec![0], vec![1, 2, 3]]);
+        // More canaries than nodes: all of them are canaries.
+        let r = plan(2, &["--canary", "5"]);
+        assert_eq!(r.groups(), [vec![0, 1]]);
+    }
+
+    #[test]
+    fn parallel_and_pause_are_recorded_in_the_plan() {
+        let r = plan(4, &["--parallel", "2", "--pause-between", "1m 30s"]);
+        assert_eq!(r.parallel, 2);
+        assert_eq!(r.pause_between_ms, 90_000);
+        // A state file from before `parallel` was recorded: unbounded.
+        let mut json = serde_json::to_value(&r).unwrap();
+        json.as_object_mut().unwrap().remove("parallel");
+        let old: Rollout = serde_json::from_value(json).unwrap();
+        assert_eq!(old.parallel, usize::MAX);
+    }
+
+    #[test]
+    fn bad_shares_are_refused_with_the_expected_form() {
+        assert!(
+            parse_error(&["--batch", "many"])
+                .contains("expected a count (3) or a percentage (25%)")
+        );
+        assert!(parse_error(&["--batch", "x%"]).contains("expected a count"));
+        assert!(parse_error(&["--max-failures", "150%"]).contains("at most 100%"));
+        assert!(parse_error(&["--parallel", "0"]).contains("0"));
+    }
+
+    #[test]
+    fn the_failure_threshold_counts_or_takes_a_percentage() {
+        use Phase::*;
+        // Tolerates 1 of 4 (25%); the canary is a success.
+        let r = plan(4, &["--max-failures", "25%"]);
+        assert_eq!(r.max_failures, 1);
+        assert!(!with_phases(r.clone(), &[Upgraded, Failed, Pending, Pending]).should_stop());
+        assert!(with_phases(r.clone(), &[Upgraded, Failed, NeedsHuman, Pending]).should_stop());
+        // Any failed canary stops, whatever the threshold.
+        let r = plan(4, &["--max-failures", "3"]);
+        assert!(with_phases(r, &[Failed, Pending, Pending, Pending]).should_stop());
+        // An unreachable node that never answered counts as a failure.
+        let mut r = with_phases(plan(2, &["--canary", "0"]), &[Starting, Pending]);
+        r.nodes[0].detail = "connection refused".into();
+        assert!(r.should_stop());
+    }
+
+    #[test]
+    fn exit_codes_tell_success_rolled_back_needs_human_and_partial() {
+        use Phase::*;
+        let code = |r: &Rollout| format!("{:?}", r.exit_code());
+        let ok = format!("{:?}", ExitCode::SUCCESS);
+        let rolled_back = format!("{:?}", ExitCode::from(EXIT_ROLLED_BACK));
+        let needs_human = format!("{:?}", ExitCode::from(EXIT_NEEDS_HUMAN));
+        let failure = format!("{:?}", ExitCode::FAILURE);
+
+        let r = plan(3, &[]);
+        assert_eq!(
+            code(&with_phases(r.clone(), &[Upgraded, Upgraded, Upgraded])),
+            ok
+        );
+        let mut stopped = with_phases(r.clone(), &[RolledBack, Failed, Pending]);
+        stopped.stopped = true;
+        assert_eq!(code(&stopped), rolled_back);
+        // One node needs a person: that wins over everything else.
+        let mut stuck = with_phases(r.clone(), &[RolledBack, NeedsHuman, Pending]);
+        stuck.stopped = true;
+        assert_eq!(code(&stuck), needs_human);
+        // Stopped with --no-fleet-rollback: a node stays upgraded.
+        let mut partial = with_phases(r.clone(), &[Upgraded, Failed, Pending]);
+        partial.stopped = true;
+        assert_eq!(code(&partial), failure);
+        // A node refused before any operation began was not "undone".
+        let mut refused = with_phases(r, &[Failed, Pending, Pending]);
+        refused.nodes[0].operation_id.clear();
+        refused.stopped = true;
+        assert_eq!(code(&refused), failure);
+    }
 }

@@ -315,8 +315,8 @@ impl World {
         self.fleet.ctl(&args)
     }
 
-    /// The upgrade and rollback operations the agent of node `i` ran.
-    fn operations(&self, i: usize) -> Vec<(String, String)> {
+    /// The operations the agent of node `i` ran, oldest first, as JSON.
+    fn operation_records(&self, i: usize) -> Vec<serde_json::Value> {
         let out = run_ctl(
             &self.fleet.config,
             None,
@@ -330,9 +330,14 @@ impl World {
             ],
         );
         out.assert_ok();
-        let mut ops: Vec<(String, String)> = out.json()["operations"]
-            .as_array()
-            .unwrap()
+        let mut ops = out.json()["operations"].as_array().unwrap().clone();
+        ops.reverse(); // oldest first
+        ops
+    }
+
+    /// The upgrade and rollback operations the agent of node `i` ran.
+    fn operations(&self, i: usize) -> Vec<(String, String)> {
+        self.operation_records(i)
             .iter()
             .map(|o| {
                 (
@@ -340,9 +345,7 @@ impl World {
                     o["state"].as_str().unwrap().to_owned(),
                 )
             })
-            .collect();
-        ops.reverse(); // oldest first
-        ops
+            .collect()
     }
 }
 
@@ -396,8 +399,27 @@ async fn failures_past_the_threshold_roll_back_the_upgraded_nodes_newest_first()
     )
     .unwrap();
     let state = w.state_file("batches.json");
-    let out = w.rollout("0.2.0", &state, &["--canary", "1", "--batch", "1"]);
+    // Batches of two, one node at a time: node 2 fails, node 3 never starts.
+    let out = w.rollout(
+        "0.2.0",
+        &state,
+        &[
+            "--canary",
+            "1",
+            "--batch",
+            "2",
+            "--parallel",
+            "1",
+            "--pause-between",
+            "1s",
+        ],
+    );
     assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("pausing 1s before the next batch"),
+        "{}",
+        out.stderr
+    );
     let summary = out.json();
     assert_eq!(
         node_states(&summary),
@@ -434,6 +456,24 @@ async fn failures_past_the_threshold_roll_back_the_upgraded_nodes_newest_first()
             .to_owned()
     };
     assert!(rollback_created(1) <= rollback_created(0));
+    // The pause came between the canary and the batch, and the batch ran
+    // one node at a time (whole-second timestamps, so strictly later by 1s
+    // means at least the pause).
+    let at = |i: usize, field: &str| {
+        let text = w.operation_records(i)[0][field]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339).unwrap()
+    };
+    assert!(
+        at(1, "created") - at(0, "finished") >= time::Duration::seconds(1),
+        "no pause between the canary and the first batch"
+    );
+    assert!(
+        at(2, "created") >= at(1, "finished"),
+        "--parallel 1 started node 2 before node 1 finished"
+    );
     for app in &w.apps {
         wait_version(app, "0.1.9").await;
     }
