@@ -32,4 +32,4 @@ PROJECT_PACKAGES=(build-essential ca-certificates zstd python3 python3-venv syst
 
 # What the packaging build and its tests need besides cargo-deb and
 # cargo-generate-rpm (`packaging/build --install-tools` installs those).
-PACKAGING_PACKAGES=(lintian rpm)
+PACKAGING_PACKAGES=(lintian rpm debootstrap systemd-container)

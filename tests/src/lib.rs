@@ -6,6 +6,7 @@
 //! `cargo build --workspace --bins` before the tests run (see `.ci/run`).
 
 pub mod agent;
+pub mod container;
 pub mod http;
 pub mod pki;
 pub mod postgres;
