@@ -724,10 +724,29 @@ pub async fn rollback_after(
             "put back the previous package",
             async {
                 match read_json::<RestorePoint>(&op_dir.join("restore_point.json")) {
-                    Ok(rp) => {
-                        packages::restore(&rp).await.map_err(|e| e.to_string())?;
-                        Ok("previous package restored".to_owned())
-                    }
+                    Ok(rp) => match packages::restore(&rp).await {
+                        Ok(()) => Ok("previous package restored".to_owned()),
+                        // The venv's snapshot cannot be trusted: its archive
+                        // in the upgrade's backup can.
+                        Err(e @ packages::PackageError::SnapshotChanged { .. }) => {
+                            let RestorePoint::Pip { venv, .. } = &rp else {
+                                return Err(e.to_string());
+                            };
+                            ctx.note(format!("{e}; restoring it from backup {backup_id}"));
+                            let done = restore_from_backup(
+                                deps,
+                                ctx,
+                                app,
+                                &backup_id,
+                                std::slice::from_ref(venv),
+                            )
+                            .await
+                            .map_err(|why| format!("{e}; and from the backup: {why}"))?;
+                            packages::discard(&rp).await.map_err(|e| e.to_string())?;
+                            Ok(done)
+                        }
+                        Err(e) => Err(e.to_string()),
+                    },
                     // The restore point was never recorded: the install never
                     // began; only a copy made for it may be left.
                     Err(_) => {
@@ -1038,16 +1057,34 @@ async fn restore_changed_files(
     if changed.is_empty() {
         return Ok("no other app file changed".to_owned());
     }
+    restore_from_backup(deps, ctx, app, backup_id, &changed).await
+}
+
+/// Restores `paths` (declared app paths) from the upgrade's backup, each by
+/// staging and swap.
+async fn restore_from_backup(
+    deps: &Deps,
+    ctx: &OpContext,
+    app: &AppConfig,
+    backup_id: &str,
+    paths: &[PathBuf],
+) -> Result<String, String> {
     let (dir, manifest) = deps
         .backups
         .find(&[app.name.as_str()], backup_id)
         .map_err(|e| e.to_string())?;
     let mut only = manifest.clone();
     only.files.retain(|f| {
-        changed
+        paths
             .iter()
             .any(|c| c.display().to_string() == f.source_path)
     });
+    if only.files.len() < paths.len() {
+        return Err(format!(
+            "backup {backup_id} does not hold all of {}",
+            display_paths(paths)
+        ));
+    }
     only.database = None;
     deps.backups
         .restore(
@@ -1063,13 +1100,17 @@ async fn restore_changed_files(
         .await
         .map_err(|e| e.to_string())?;
     Ok(format!(
-        "restored {}",
-        changed
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        "restored {} from backup {backup_id}",
+        display_paths(paths)
     ))
+}
+
+fn display_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `covetctl rollback APP [--to BACKUP]`: stop, restore files and database

@@ -82,9 +82,18 @@ pub fn operation_json(op: &pb::Operation) -> serde_json::Value {
             "outcome": outcome_name(s.outcome),
             "started": output::timestamp(s.started.as_ref()),
             "finished": output::timestamp(s.finished.as_ref()),
+            "duration_ms": step_millis(s),
             "detail": s.detail,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// How long a finished step took, in milliseconds (None while it runs).
+fn step_millis(step: &pb::StepRecord) -> Option<u64> {
+    let started = std::time::SystemTime::try_from(step.started?).ok()?;
+    let finished = std::time::SystemTime::try_from(step.finished?).ok()?;
+    let took = finished.duration_since(started).ok()?;
+    u64::try_from(took.as_millis()).ok()
 }
 
 pub fn print_operation(op: &pb::Operation) {

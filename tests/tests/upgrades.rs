@@ -137,15 +137,19 @@ struct Snapshot {
     version: String,
 }
 
-fn covet_version(venv: &std::path::Path) -> String {
-    let site = std::fs::read_dir(venv.join("lib"))
+/// `venv/lib/pythonX.Y/site-packages`.
+fn site_packages(venv: &std::path::Path) -> std::path::PathBuf {
+    std::fs::read_dir(venv.join("lib"))
         .unwrap()
         .next()
         .unwrap()
         .unwrap()
         .path()
-        .join("site-packages");
-    std::fs::read_dir(site)
+        .join("site-packages")
+}
+
+fn covet_version(venv: &std::path::Path) -> String {
+    std::fs::read_dir(site_packages(venv))
         .unwrap()
         .filter_map(|e| {
             e.ok()?
@@ -458,21 +462,7 @@ async fn a_health_regression_in_the_watch_window_rolls_back() {
     let mut client =
         pb::upgrade_service_client::UpgradeServiceClient::new(w.agent.channel("operator").await);
     let op = client
-        .upgrade(pb::UpgradeRequest {
-            app: "covet".into(),
-            to_version: "0.2.0".into(),
-            env_edits: vec![pb::EnvEdit {
-                edit: Some(pb::env_edit::Edit::Rename(pb::EnvRename {
-                    from: "DATABASE_URI".into(),
-                    to: "DATABASE_URL".into(),
-                })),
-            }],
-            watch: Some(prost_types::Duration {
-                seconds: 60,
-                nanos: 0,
-            }),
-            ..Default::default()
-        })
+        .upgrade(renaming_upgrade("0.2.0", Some(60)))
         .await
         .unwrap()
         .into_inner();
@@ -496,21 +486,7 @@ async fn the_lock_and_cancel() {
     let before = w.snapshot();
     let mut client =
         pb::upgrade_service_client::UpgradeServiceClient::new(w.agent.channel("operator").await);
-    let request = pb::UpgradeRequest {
-        app: "covet".into(),
-        to_version: "0.2.0".into(),
-        env_edits: vec![pb::EnvEdit {
-            edit: Some(pb::env_edit::Edit::Rename(pb::EnvRename {
-                from: "DATABASE_URI".into(),
-                to: "DATABASE_URL".into(),
-            })),
-        }],
-        watch: Some(prost_types::Duration {
-            seconds: 120,
-            nanos: 0,
-        }),
-        ..Default::default()
-    };
+    let request = renaming_upgrade("0.2.0", Some(120));
     let op = client.upgrade(request.clone()).await.unwrap().into_inner();
     let status = client.upgrade(request).await.unwrap_err();
     assert_eq!(status.code(), Code::Aborted);
@@ -604,6 +580,77 @@ async fn a_rollback_that_cannot_complete_needs_a_human() {
     assert!(out.stdout.contains("NEEDS A HUMAN"), "{}", out.stdout);
 }
 
+/// The venv's snapshot shares its files' inodes with the live venv. A file
+/// written in place during the upgrade changes the snapshot too: the
+/// rollback notices and restores the venv from the upgrade's backup instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_venv_snapshot_changed_in_place_falls_back_to_the_backup() {
+    let Some(w) = world().await else { return };
+    // A file of a package the upgrade does not touch.
+    let untouched = site_packages(&w.app.venv).join("pip/__init__.py");
+    let original = std::fs::read(&untouched).unwrap();
+    let before = w.snapshot();
+    let mut client =
+        pb::upgrade_service_client::UpgradeServiceClient::new(w.agent.channel("operator").await);
+    let op = client
+        .upgrade(renaming_upgrade("0.2.1", None))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for_step(&w.agent, &op.id, "migrate").await;
+    // Opened for writing, not replaced: the snapshot's inode changes too.
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&untouched)
+        .unwrap();
+    std::io::Write::write_all(&mut file, b"# written in place\n").unwrap();
+    drop(file);
+    let done = wait_done(&w.agent, &op.id).await;
+    assert_eq!(
+        pb::OperationState::try_from(done.state).unwrap(),
+        pb::OperationState::RolledBack,
+        "{done:?}"
+    );
+    let package = done
+        .steps
+        .iter()
+        .find(|s| s.name == "rollback: package")
+        .unwrap_or_else(|| panic!("{done:?}"));
+    assert!(
+        package
+            .detail
+            .contains(&format!("from backup {}", done.backup_id)),
+        "{package:?}"
+    );
+    assert_eq!(std::fs::read(&untouched).unwrap(), original);
+    wait_healthy(w.app.port, "0.1.9").await;
+    assert_eq!(w.snapshot(), before);
+    // No snapshot or aside tree is left next to the venv.
+    let leftovers: Vec<String> = std::fs::read_dir(w.app.venv.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(".venv."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// An upgrade of covet to `version` with 0.2.0's env rename, watched for
+/// `watch_seconds` after its health gate.
+fn renaming_upgrade(version: &str, watch_seconds: Option<i64>) -> pb::UpgradeRequest {
+    pb::UpgradeRequest {
+        app: "covet".into(),
+        to_version: version.into(),
+        env_edits: vec![pb::EnvEdit {
+            edit: Some(pb::env_edit::Edit::Rename(pb::EnvRename {
+                from: "DATABASE_URI".into(),
+                to: "DATABASE_URL".into(),
+            })),
+        }],
+        watch: watch_seconds.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+        ..Default::default()
+    }
+}
+
 async fn wait_record(agent: &TestAgent, id: &str) -> pb::Operation {
     let mut ops =
         pb::operation_service_client::OperationServiceClient::new(agent.channel("reader").await);
@@ -666,21 +713,7 @@ async fn killed_at(step: &str) {
     let mut client =
         pb::upgrade_service_client::UpgradeServiceClient::new(w.agent.channel("operator").await);
     let op = client
-        .upgrade(pb::UpgradeRequest {
-            app: "covet".into(),
-            to_version: "0.2.0".into(),
-            env_edits: vec![pb::EnvEdit {
-                edit: Some(pb::env_edit::Edit::Rename(pb::EnvRename {
-                    from: "DATABASE_URI".into(),
-                    to: "DATABASE_URL".into(),
-                })),
-            }],
-            watch: Some(prost_types::Duration {
-                seconds: 30,
-                nanos: 0,
-            }),
-            ..Default::default()
-        })
+        .upgrade(renaming_upgrade("0.2.0", Some(30)))
         .await
         .unwrap()
         .into_inner();

@@ -338,6 +338,20 @@ async fn bench(rounds: u32) -> anyhow::Result<()> {
         println!(
             "round {round}: upgrade took {total} ms, waiting on programs/systemd/app {waited} ms, agent overhead {overhead} ms"
         );
+        // Where the time went, step by step (own work and waiting together).
+        let steps: Vec<String> = op["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| {
+                Some(format!(
+                    "{} {} ms",
+                    s["name"].as_str()?,
+                    s["duration_ms"].as_u64()?
+                ))
+            })
+            .collect();
+        println!("  steps: {}", steps.join(", "));
         samples.push(overhead);
         let back = agent.ctl("operator", &["-o", "json", "rollback", "covet"]);
         ensure!(
