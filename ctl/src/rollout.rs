@@ -401,14 +401,25 @@ impl Runner<'_> {
     async fn run(&self) -> anyhow::Result<()> {
         let rollout = self.snapshot();
         let pause = Duration::from_millis(rollout.pause_between_ms);
-        let mut started_any = false;
+        // On resume, nodes whose upgrade was already sent are followed to
+        // their end first, even in a stopped rollout: the fleet rollback
+        // must know whether they were upgraded.
+        let in_flight: Vec<usize> = (0..rollout.nodes.len())
+            .filter(|&i| self.in_flight(i))
+            .collect();
+        let mut started_any = !in_flight.is_empty();
+        futures_util::future::join_all(in_flight.into_iter().map(|i| self.upgrade_node(i)))
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<Vec<()>>>()?;
+        self.stop_if_past_threshold()?;
         for group in rollout.groups() {
             if self.snapshot().stopped {
                 break;
             }
             let todo: Vec<usize> = group
                 .into_iter()
-                .filter(|&i| self.snapshot().nodes[i].phase == Phase::Pending || self.in_flight(i))
+                .filter(|&i| self.snapshot().nodes[i].phase == Phase::Pending)
                 .collect();
             if todo.is_empty() {
                 continue;
@@ -437,8 +448,7 @@ impl Runner<'_> {
     }
 
     async fn upgrade_unless_stopped(&self, i: usize) -> anyhow::Result<()> {
-        // A node already running (on resume) is always followed to its end.
-        if self.snapshot().stopped && !self.in_flight(i) {
+        if self.snapshot().stopped {
             return Ok(());
         }
         self.upgrade_node(i).await?;

@@ -161,7 +161,11 @@ pub async fn upgrade(g: &Global, a: UpgradeArgs) -> anyhow::Result<ExitCode> {
         .map_err(|s| node.fail(s))?
         .into_inner();
     if a.detach {
-        println!("{}", op.id);
+        if g.output == Output::Json {
+            println!("{}", serde_json::json!({ "id": op.id }));
+        } else {
+            println!("{}", op.id);
+        }
         return Ok(ExitCode::SUCCESS);
     }
     follow(g, &node, op, 1).await

@@ -309,6 +309,19 @@ impl World {
         args
     }
 
+    /// `covetctl -o json rollout resume STATE`.
+    fn resume(&self, state: &Path) -> CtlOutput {
+        self.fleet.ctl(&[
+            "-o",
+            "json",
+            "--timeout",
+            "60s",
+            "rollout",
+            "resume",
+            state.to_str().unwrap(),
+        ])
+    }
+
     fn rollout(&self, version: &str, state: &Path, extra: &[&str]) -> CtlOutput {
         let args = self.rollout_args(version, state, extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -518,15 +531,7 @@ async fn a_killed_rollout_resumes_without_redoing_any_node() {
         serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
     assert_eq!(recorded["nodes"][0]["phase"], "upgrading");
 
-    let out = w.fleet.ctl(&[
-        "-o",
-        "json",
-        "--timeout",
-        "60s",
-        "rollout",
-        "resume",
-        state.to_str().unwrap(),
-    ]);
+    let out = w.resume(&state);
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
     assert_eq!(
         node_states(&out.json()),
@@ -543,5 +548,43 @@ async fn a_killed_rollout_resumes_without_redoing_any_node() {
     assert_eq!(out.code, 0);
     for i in 0..3 {
         assert_eq!(w.operations(i).len(), 1);
+    }
+}
+
+/// covetctl died after the threshold stopped the rollout while a node's
+/// upgrade was still running: the resume follows that node to its end
+/// (upgraded) and then rolls it back with the rest of the fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_stopped_rollout_follows_a_running_node_then_rolls_it_back() {
+    let Some(w) = world(2).await else { return };
+    let node0 = w.fleet.agents[0].endpoint();
+    let out = w.fleet.ctl(&[
+        "-o", "json", "-e", &node0, "upgrade", "covet", "--to", "0.2.0", RENAME, "--detach",
+    ]);
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    let id = out.json()["id"].as_str().unwrap().to_owned();
+    // The state file as that covetctl left it.
+    let state = w.state_file("stopped.json");
+    let recorded = serde_json::json!({
+        "app": "covet", "to_version": "0.2.0",
+        "env_set": [], "env_rename": ["DATABASE_URI=DATABASE_URL"], "env_unset": [],
+        "watch_seconds": null, "canary": 1, "batch": 1, "max_failures": 0,
+        "pause_between_ms": 0, "fleet_rollback": true, "stopped": true,
+        "nodes": [
+            {"endpoint": node0, "phase": "upgrading", "operation_id": id},
+            {"endpoint": w.fleet.agents[1].endpoint(), "phase": "pending"},
+        ],
+    });
+    std::fs::write(&state, serde_json::to_vec_pretty(&recorded).unwrap()).unwrap();
+    let out = w.resume(&state);
+    assert_eq!(out.code, 3, "{}\n{}\n{}", out.stdout, out.stderr, w.logs());
+    assert_eq!(node_states(&out.json()), ["rolled_back", "pending"]);
+    assert_eq!(
+        w.operations(0),
+        [op("upgrade", "succeeded"), op("rollback", "succeeded")]
+    );
+    assert!(w.operations(1).is_empty(), "node 1 was touched");
+    for app in &w.apps {
+        wait_version(app, "0.1.9").await;
     }
 }
