@@ -31,9 +31,15 @@
 //! # Limits
 //!
 //! A restore goes into a new database created like the live one (owner,
-//! encoding, collation, ctype; libc locale provider). Settings attached to the
-//! database itself (`ALTER DATABASE ... SET`, its comment and privileges) are
-//! not part of such a dump: they stay with the renamed old database.
+//! encoding, collation, ctype; libc locale provider). What belongs to the
+//! database itself rather than to its contents (settings from `ALTER
+//! DATABASE ... SET` and `ALTER ROLE ... IN DATABASE ... SET`, its comment,
+//! connection limit and privileges) is not in a dump made without
+//! `--create`: the restore carries it over from the live database before
+//! the swap, so the restored data comes back under the database's current
+//! configuration. A property the admin role may not set (e.g. another
+//! role's settings without CREATEROLE) stays with the kept database, and the
+//! outcome says which.
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
@@ -210,6 +216,25 @@ pub struct DumpStats {
 pub struct RestoreOutcome {
     /// The name the previously live database now has (`{dbname}_before_{id}`).
     pub kept_as: String,
+    /// Database properties that could not be carried to the restored
+    /// database (each with the server's reason); they stay on `kept_as`.
+    pub not_carried: Vec<String>,
+}
+
+impl RestoreOutcome {
+    /// One line for an operation's step: where the old database is, and
+    /// what could not be carried over.
+    pub fn describe(&self) -> String {
+        let mut text = format!("previous database kept as {}", self.kept_as);
+        if !self.not_carried.is_empty() {
+            text.push_str(&format!(
+                "; not carried over (still on {}): {}",
+                self.kept_as,
+                self.not_carried.join("; ")
+            ));
+        }
+        text
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -323,19 +348,23 @@ pub async fn restore_swap(
             expected,
             &row_counts(&t.on_db(&names.fresh), timeout).await?,
         )?;
-        swap(t, &names, timeout).await
+        let not_carried = carry_properties(t, &names, &live.owner, timeout).await?;
+        swap(t, &names, timeout).await?;
+        Ok(not_carried)
     }
     .await;
-    let outcome = RestoreOutcome {
+    let outcome = |not_carried| RestoreOutcome {
         kept_as: names.kept.clone(),
+        not_carried,
     };
-    let Err(error) = restored else {
-        return Ok(outcome);
+    let error = match restored {
+        Ok(not_carried) => return Ok(outcome(not_carried)),
+        Err(error) => error,
     };
     if swap_committed(t, &names, timeout).await {
         // psql was killed (timeout) after it had sent COMMIT, which went through.
         tracing::warn!("the swap to {} committed although: {error}", names.live);
-        return Ok(outcome);
+        return Ok(outcome(Vec::new()));
     }
     Err(discard(t, &names.fresh, error, timeout).await)
 }
@@ -507,6 +536,216 @@ async fn fill(t: &PgTarget, dump: &Path, db: &str, timeout: Duration) -> Result<
         .args(["--exit-on-error", "--single-transaction", "--no-password"])
         .args(connection_args(t, t.data_role(), db));
     run_fed(pg_restore, dump, false, timeout).await.map(drop)
+}
+
+/// What belongs to a database rather than to its contents, as the catalog
+/// holds it.
+#[derive(Debug, Default, serde::Deserialize)]
+struct DbProperties {
+    comment: Option<String>,
+    connlimit: i32,
+    /// None: the default privileges (no ACL at all).
+    acl: Option<Vec<AclEntry>>,
+    settings: Vec<DbSettings>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct AclEntry {
+    /// None: PUBLIC.
+    grantee: Option<String>,
+    privilege: String,
+    grantable: bool,
+}
+
+/// One row of pg_db_role_setting: `role` None for the whole database.
+#[derive(Debug, serde::Deserialize)]
+struct DbSettings {
+    role: Option<String>,
+    config: Vec<String>,
+}
+
+async fn db_properties(
+    t: &PgTarget,
+    name: &str,
+    timeout: Duration,
+) -> Result<DbProperties, DbError> {
+    let sql = format!(
+        "SELECT json_build_object(\
+           'comment', shobj_description(d.oid, 'pg_database'), \
+           'connlimit', d.datconnlimit, \
+           'acl', CASE WHEN d.datacl IS NULL THEN NULL ELSE (\
+             SELECT coalesce(json_agg(json_build_object(\
+               'grantee', CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END, \
+               'privilege', a.privilege_type, 'grantable', a.is_grantable)), '[]') \
+             FROM aclexplode(d.datacl) a) END, \
+           'settings', (SELECT coalesce(json_agg(json_build_object(\
+               'role', CASE WHEN s.setrole = 0 THEN NULL ELSE pg_get_userbyid(s.setrole) END, \
+               'config', s.setconfig)), '[]') \
+             FROM pg_db_role_setting s WHERE s.setdatabase = d.oid)) \
+         FROM pg_database d WHERE d.datname = {};",
+        quote_literal(name)
+    );
+    let out = admin_psql(t, &sql, timeout).await?;
+    serde_json::from_str(out.trim())
+        .map_err(|e| unexpected("psql", format!("properties of {name}: {e}")))
+}
+
+/// The statements that give database `db` (owned by `owner`) the properties
+/// `p`, each with what it carries (for a message if the server refuses it).
+fn property_statements(db: &str, owner: &str, p: &DbProperties) -> Vec<(String, String)> {
+    let db_id = quote_ident(db);
+    let mut out = Vec::new();
+    if let Some(comment) = &p.comment {
+        out.push((
+            "the comment".to_owned(),
+            format!("COMMENT ON DATABASE {db_id} IS {};", quote_literal(comment)),
+        ));
+    }
+    if p.connlimit != -1 {
+        out.push((
+            format!("CONNECTION LIMIT {}", p.connlimit),
+            format!("ALTER DATABASE {db_id} CONNECTION LIMIT {};", p.connlimit),
+        ));
+    }
+    for settings in &p.settings {
+        for item in &settings.config {
+            let Some((name, value)) = item.split_once('=') else {
+                continue;
+            };
+            let value = setting_value(name, value);
+            let (what, sql) = match &settings.role {
+                None => (
+                    format!("SET {name}"),
+                    format!(
+                        "ALTER DATABASE {db_id} SET {} TO {value};",
+                        quote_ident(name)
+                    ),
+                ),
+                Some(role) => (
+                    format!("SET {name} for role {role}"),
+                    format!(
+                        "ALTER ROLE {} IN DATABASE {db_id} SET {} TO {value};",
+                        quote_ident(role),
+                        quote_ident(name)
+                    ),
+                ),
+            };
+            out.push((what, sql));
+        }
+    }
+    if let Some(acl) = &p.acl {
+        // From nothing to exactly the live ACL (the owner's own rights are
+        // entries of it too).
+        out.push((
+            "privileges".to_owned(),
+            format!(
+                "REVOKE ALL ON DATABASE {db_id} FROM PUBLIC, {};",
+                quote_ident(owner)
+            ),
+        ));
+        for entry in acl {
+            // aclexplode names only these; anything else is not ours to pass on.
+            if !matches!(entry.privilege.as_str(), "CREATE" | "CONNECT" | "TEMPORARY") {
+                continue;
+            }
+            let grantee = entry
+                .grantee
+                .as_deref()
+                .map_or_else(|| "PUBLIC".to_owned(), quote_ident);
+            out.push((
+                format!("{} for {grantee}", entry.privilege),
+                format!(
+                    "GRANT {} ON DATABASE {db_id} TO {grantee}{};",
+                    entry.privilege,
+                    if entry.grantable {
+                        " WITH GRANT OPTION"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+    }
+    out
+}
+
+/// A setting's value as SQL. pg_db_role_setting keeps `name=value` where the
+/// value of a list setting (search_path and the like) is already a list of
+/// identifiers, double-quoted where needed: those are split and each element
+/// becomes a literal, as pg_dump does; any other value is one literal.
+fn setting_value(name: &str, value: &str) -> String {
+    const LIST_SETTINGS: [&str; 6] = [
+        "local_preload_libraries",
+        "search_path",
+        "session_preload_libraries",
+        "shared_preload_libraries",
+        "temp_tablespaces",
+        "unix_socket_directories",
+    ];
+    if !LIST_SETTINGS.contains(&name.to_ascii_lowercase().as_str()) {
+        return quote_literal(value);
+    }
+    split_identifier_list(value)
+        .iter()
+        .map(|e| quote_literal(e))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `"$user", public, "a""b"` → `$user`, `public`, `a"b`.
+fn split_identifier_list(list: &str) -> Vec<String> {
+    let mut items = Vec::new();
+    let mut chars = list.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut item = String::new();
+        if chars.next_if_eq(&'"').is_some() {
+            while let Some(c) = chars.next() {
+                // A doubled quote is a quote; a single one ends the item.
+                if c == '"' && chars.next_if_eq(&'"').is_none() {
+                    break;
+                }
+                item.push(c);
+            }
+        } else {
+            while let Some(c) = chars.next_if(|&c| c != ',' && !c.is_whitespace()) {
+                item.push(c);
+            }
+        }
+        items.push(item);
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next_if_eq(&',').is_none() {
+            return items;
+        }
+    }
+}
+
+/// Gives the restored database the live one's properties, one statement at
+/// a time (each refusal stays a note, not a failed restore); returns what
+/// was not carried over.
+async fn carry_properties(
+    t: &PgTarget,
+    names: &SwapNames,
+    owner: &str,
+    timeout: Duration,
+) -> Result<Vec<String>, DbError> {
+    let properties = db_properties(t, &names.live, timeout).await?;
+    let mut not_carried = Vec::new();
+    for (what, sql) in property_statements(&names.fresh, owner, &properties) {
+        match admin_psql(t, &sql, timeout).await {
+            Ok(_) => {}
+            Err(DbError::Tool { stderr, .. }) => {
+                // "psql:<stdin>:1: ERROR:  42501: permission denied" → from ERROR on.
+                let reason = stderr
+                    .lines()
+                    .find_map(|l| l.find("ERROR:").map(|at| &l[at..]))
+                    .unwrap_or(&stderr);
+                not_carried.push(format!("{what} ({})", reason.trim()));
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    Ok(not_carried)
 }
 
 /// Every table of `expected` must be in `got` with the same count. Tables
@@ -1174,6 +1413,107 @@ mod tests {
         assert!(err.to_string().contains("restore database name"), "{err}");
         assert!(SwapNames::new("app", "").is_err());
         assert!(SwapNames::new("app", "x-y").is_err());
+    }
+
+    #[test]
+    fn list_settings_are_split_into_literals_like_pg_dump_does() {
+        assert_eq!(
+            split_identifier_list(r#""$user", public, "Odd ""Schema""#),
+            ["$user", "public", r#"Odd "Schema"#]
+        );
+        assert_eq!(split_identifier_list("public"), ["public"]);
+        assert_eq!(split_identifier_list(r#""""#), [""]);
+        assert_eq!(
+            setting_value("search_path", r#""$user", public"#),
+            "'$user', 'public'"
+        );
+        // Not a list setting: one literal, commas and quotes kept.
+        assert_eq!(
+            setting_value("app.tenant", "it's, a test"),
+            "'it''s, a test'"
+        );
+    }
+
+    #[test]
+    fn property_statements_cover_comment_limit_settings_and_privileges() {
+        let p = DbProperties {
+            comment: Some("the shop's".into()),
+            connlimit: 50,
+            acl: Some(vec![
+                AclEntry {
+                    grantee: None,
+                    privilege: "TEMPORARY".into(),
+                    grantable: false,
+                },
+                AclEntry {
+                    grantee: Some("reporter".into()),
+                    privilege: "CONNECT".into(),
+                    grantable: true,
+                },
+                AclEntry {
+                    grantee: Some("x".into()),
+                    privilege: "DROP TABLE; --".into(),
+                    grantable: false,
+                },
+            ]),
+            settings: vec![
+                DbSettings {
+                    role: None,
+                    config: vec!["search_path=\"$user\", public".into()],
+                },
+                DbSettings {
+                    role: Some("app".into()),
+                    config: vec!["work_mem=8MB".into()],
+                },
+            ],
+        };
+        let sql: Vec<String> = property_statements("shop_restore_1", "owner", &p)
+            .into_iter()
+            .map(|(_, sql)| sql)
+            .collect();
+        assert_eq!(
+            sql,
+            [
+                r#"COMMENT ON DATABASE "shop_restore_1" IS 'the shop''s';"#,
+                r#"ALTER DATABASE "shop_restore_1" CONNECTION LIMIT 50;"#,
+                r#"ALTER DATABASE "shop_restore_1" SET "search_path" TO '$user', 'public';"#,
+                r#"ALTER ROLE "app" IN DATABASE "shop_restore_1" SET "work_mem" TO '8MB';"#,
+                r#"REVOKE ALL ON DATABASE "shop_restore_1" FROM PUBLIC, "owner";"#,
+                r#"GRANT TEMPORARY ON DATABASE "shop_restore_1" TO PUBLIC;"#,
+                r#"GRANT CONNECT ON DATABASE "shop_restore_1" TO "reporter" WITH GRANT OPTION;"#,
+            ]
+        );
+        // Default privileges, no limit, nothing set: nothing to do.
+        assert!(
+            property_statements(
+                "d",
+                "o",
+                &DbProperties {
+                    connlimit: -1,
+                    ..Default::default()
+                }
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_outcome_says_what_was_not_carried_over() {
+        let mut outcome = RestoreOutcome {
+            kept_as: "shop_before_r1".into(),
+            not_carried: Vec::new(),
+        };
+        assert_eq!(
+            outcome.describe(),
+            "previous database kept as shop_before_r1"
+        );
+        outcome
+            .not_carried
+            .push("SET work_mem for role app (ERROR: permission denied)".into());
+        assert_eq!(
+            outcome.describe(),
+            "previous database kept as shop_before_r1; not carried over (still on shop_before_r1): SET work_mem for role app (ERROR: permission denied)"
+        );
     }
 
     #[test]

@@ -982,10 +982,7 @@ async fn restore_database(
     )
     .await
     .map_err(|e| e.to_string())?;
-    Ok(format!(
-        "restored from {backup_id}; the migrated database is kept as {}",
-        outcome.kept_as
-    ))
+    Ok(format!("restored from {backup_id}; {}", outcome.describe()))
 }
 
 /// A cheap fingerprint of a tree: relative path, size, mtime and mode of

@@ -259,13 +259,18 @@ impl PostgresCluster {
     /// Runs SQL with psql as superuser `postgres` against `db` and returns
     /// its stdout (`-X -A -t -v ON_ERROR_STOP=1`: unaligned, tuples only).
     pub fn psql(&self, db: &str, sql: &str) -> anyhow::Result<String> {
+        self.psql_as("postgres", db, sql)
+    }
+
+    /// Runs `sql` on `db` as `role` (trust authentication); its output.
+    pub fn psql_as(&self, role: &str, db: &str, sql: &str) -> anyhow::Result<String> {
         let out = Command::new(self.bindir.join("psql"))
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
             .arg("-h")
             .arg(&self.root)
             .arg("-p")
             .arg(self.port.to_string())
-            .args(["-U", "postgres", "-d", db, "-c", sql])
+            .args(["-U", role, "-d", db, "-c", sql])
             .env_remove("PGPASSWORD")
             .env_remove("PGSERVICE")
             .stdin(Stdio::null())

@@ -527,3 +527,121 @@ async fn a_failing_pg_restore_leaves_the_live_db_alone() {
     assert_eq!(contents(&pg, APP_DB), live);
     assert_eq!(databases(&pg), ["covet_production", "postgres"]);
 }
+
+/// What belongs to the database itself, comparably: settings per role,
+/// comment, connection limit and privileges.
+fn db_properties(pg: &PostgresCluster, db: &str) -> String {
+    pg.psql(
+        "postgres",
+        &format!(
+            "SELECT coalesce(pg_get_userbyid(s.setrole), '-') || ': ' || \
+               array_to_string(ARRAY(SELECT c FROM unnest(s.setconfig) c ORDER BY c), ' | ') \
+             FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase \
+             WHERE d.datname = '{db}' ORDER BY 1; \
+             SELECT shobj_description(oid, 'pg_database'), datconnlimit, \
+               ARRAY(SELECT a FROM unnest(datacl) a ORDER BY a::text)::text \
+             FROM pg_database WHERE datname = '{db}';"
+        ),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_comment_limit_and_privileges_follow_the_restore() {
+    let dir = sandbox_dir("db-properties");
+    let Some(pg) = app_cluster(dir.path()) else {
+        return;
+    };
+    pg.psql("postgres", "CREATE ROLE covet_reporter LOGIN")
+        .unwrap();
+    for sql in [
+        "ALTER DATABASE covet_production SET search_path TO \"$user\", public, \"Odd \"\"Schema\"",
+        "ALTER DATABASE covet_production SET app.tenant TO 'it''s, a test'",
+        "ALTER DATABASE covet_production SET statement_timeout TO '5s'",
+        "ALTER ROLE covet_app IN DATABASE covet_production SET work_mem TO '8MB'",
+        "COMMENT ON DATABASE covet_production IS 'the shop''s data'",
+        "ALTER DATABASE covet_production CONNECTION LIMIT 50",
+        "REVOKE CONNECT, TEMPORARY ON DATABASE covet_production FROM PUBLIC",
+        "GRANT CONNECT ON DATABASE covet_production TO covet_reporter WITH GRANT OPTION",
+    ] {
+        pg.psql("postgres", sql).unwrap();
+    }
+    let before = db_properties(&pg, APP_DB);
+    assert!(before.contains("Odd"), "{before}");
+    let t = app_target(&pg);
+    let dest = dump_path(dir.path());
+    take_dump(&t, &dest).await;
+    change_data(&pg);
+
+    let outcome = db::restore_swap(&t, &dest, "p1", &expected_counts(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(outcome.not_carried, Vec::<String>::new());
+    assert_eq!(db_properties(&pg, APP_DB), before);
+    assert_eq!(
+        db_properties(&pg, &outcome.kept_as),
+        before,
+        "the kept database keeps them too"
+    );
+    // In effect for a new session of the app's role.
+    let session = pg
+        .psql_as(
+            APP_ROLE,
+            APP_DB,
+            "SHOW search_path; SHOW work_mem; SHOW app.tenant;",
+        )
+        .unwrap();
+    assert_eq!(
+        session.lines().collect::<Vec<_>>(),
+        [
+            "\"$user\", public, \"Odd \"\"Schema\"",
+            "8MB",
+            "it's, a test"
+        ]
+    );
+}
+
+/// An admin role that may not set everything (here the owner itself, with
+/// CREATEDB but not CREATEROLE): the restore goes through, carries what it
+/// may, and names what stays on the kept database.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_the_admin_may_not_carry_is_named_not_fatal() {
+    let dir = sandbox_dir("db-not-carried");
+    let Some(pg) = app_cluster(dir.path()) else {
+        return;
+    };
+    for sql in [
+        "ALTER ROLE covet_app CREATEDB",
+        "CREATE ROLE covet_reporter LOGIN",
+        "ALTER ROLE covet_reporter IN DATABASE covet_production SET work_mem TO '8MB'",
+        "COMMENT ON DATABASE covet_production IS 'kept by the owner'",
+    ] {
+        pg.psql("postgres", sql).unwrap();
+    }
+    let t = PgTarget {
+        os_user: None,
+        ..app_target(&pg)
+    };
+    let dest = dump_path(dir.path());
+    take_dump(&t, &dest).await;
+    let outcome = db::restore_swap(&t, &dest, "n1", &expected_counts(), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(outcome.not_carried.len(), 1, "{:?}", outcome.not_carried);
+    assert!(
+        outcome.not_carried[0].starts_with("SET work_mem for role covet_reporter (")
+            && outcome.not_carried[0].contains("permission denied"),
+        "{:?}",
+        outcome.not_carried
+    );
+    eprintln!("{}", outcome.describe());
+    assert!(
+        outcome
+            .describe()
+            .contains("still on covet_production_before_n1")
+    );
+    let now = db_properties(&pg, APP_DB);
+    assert!(now.contains("kept by the owner"), "{now}");
+    assert!(!now.contains("work_mem"), "{now}");
+    assert!(db_properties(&pg, &outcome.kept_as).contains("work_mem=8MB"));
+}

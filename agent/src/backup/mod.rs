@@ -690,7 +690,7 @@ impl BackupStore {
                     ctx.step_finished(
                         step,
                         crate::journal::StepOutcome::Succeeded,
-                        format!("previous database kept as {}", outcome.kept_as),
+                        outcome.describe(),
                     );
                     report.database_kept_as = Some(outcome.kept_as);
                 }
