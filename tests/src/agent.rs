@@ -31,13 +31,6 @@ pub struct AgentOptions {
     pub min_tls: Option<String>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 impl TestAgent {
     /// Creates a PKI under `dir/pki` and starts the agent.
     pub async fn start(dir: &Path, options: AgentOptions) -> TestAgent {
@@ -49,7 +42,7 @@ impl TestAgent {
         let state = dir.join("state");
         let metrics_addr: Option<SocketAddr> = options
             .metrics
-            .then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+            .then(|| SocketAddr::from(([127, 0, 0, 1], crate::free_port())));
         let mut toml = format!(
             r#"listen = "127.0.0.1:0"
 state_dir = "{state}"

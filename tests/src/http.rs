@@ -1,5 +1,6 @@
 //! A small real HTTP server on loopback with scripted routes, standing in
-//! for an app's /health and smoke endpoints.
+//! for an app's /health and smoke endpoints; and the client side tests use
+//! to see which version an app on loopback serves.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -93,5 +94,42 @@ impl HttpServer {
 impl Drop for HttpServer {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// `GET /health` on 127.0.0.1:`port`: the status and the JSON body, or None
+/// when nothing answers with JSON.
+pub fn health(port: u16) -> Option<(u16, serde_json::Value)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(b"GET /health HTTP/1.0\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status: u16 = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split("\r\n\r\n").nth(1)?;
+    Some((status, serde_json::from_str(body).ok()?))
+}
+
+/// Whether the app on `port` answers 200 with `version` within 10 s.
+pub async fn serving(port: u16, version: &str) -> bool {
+    for _ in 0..100 {
+        if let Some((200, body)) = health(port)
+            && body["version"] == version
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// [`serving`], panicking with what the app answers instead.
+pub async fn wait_healthy(port: u16, version: &str) {
+    if !serving(port, version).await {
+        panic!(
+            "the app on port {port} did not become healthy at {version}: {:?}",
+            health(port)
+        );
     }
 }

@@ -33,6 +33,18 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A loopback TCP port nothing listens on right now.
+pub fn try_free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// [`try_free_port`], panicking when the machine has none.
+pub fn free_port() -> u16 {
+    try_free_port().expect("a free loopback port")
+}
+
 /// A temporary directory for one test, kept on failure when COVET_KEEP_SANDBOX is set.
 pub fn sandbox_dir(prefix: &str) -> tempfile::TempDir {
     let prefix = format!("covet-{prefix}-");

@@ -97,13 +97,6 @@ fn probe() -> Option<String> {
     None
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    // TCP is off, but the port still names the socket and keys shared memory.
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 impl PostgresCluster {
     /// None when this machine can run clusters; Some(reason) otherwise.
     pub fn unavailable() -> Option<String> {
@@ -147,7 +140,7 @@ impl PostgresCluster {
 
         let mut cluster = PostgresCluster {
             root,
-            port: free_port()?,
+            port: crate::try_free_port()?,
             bindir,
             postmaster: None,
         };

@@ -233,7 +233,7 @@ pub fn install(root: &Path, pg: &PostgresCluster, rows: u32) -> anyhow::Result<S
         wheelhouse: build_wheelhouse(&root.join("wheelhouse"))?,
         venv: root.join("venv"),
         env_file: root.join("covet.env"),
-        port: free_port()?,
+        port: crate::try_free_port()?,
         db: DB_NAME.to_owned(),
         db_user: DB_USER.to_owned(),
         root,
@@ -425,12 +425,6 @@ pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("malformed HTTP status line: {head:?}"))?;
     Ok((status, body.to_owned()))
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn python() -> Command {

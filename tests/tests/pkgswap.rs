@@ -13,6 +13,7 @@ use std::time::Duration;
 use covet_agent::config::{AppConfig, PackageConfig};
 use covet_agent::packages::{self, PackageError, RestorePoint};
 use covet_tests::agent::{AgentOptions, TestAgent};
+use covet_tests::http::wait_healthy;
 use covet_tests::sandbox::sandbox_or_skip;
 use covet_tests::sandbox_dir;
 use covet_tests::syspkg::{self, Format, Installed};
@@ -158,40 +159,6 @@ async fn deb_backend_installs_keeps_and_restores_exactly() {
     assert_eq!(Format::Deb.installed_version(&name).as_deref(), Some("1.0"));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn health(port: u16) -> Option<(u16, serde_json::Value)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    s.write_all(b"GET /health HTTP/1.0\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status: u16 = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out.split("\r\n\r\n").nth(1)?;
-    Some((status, serde_json::from_str(body).ok()?))
-}
-
-async fn wait_healthy(port: u16, version: &str) {
-    for _ in 0..100 {
-        if let Some((200, body)) = health(port)
-            && body["version"] == version
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "the app did not become healthy at {version}: {:?}",
-        health(port)
-    );
-}
-
 const UNIT: &str = "pkgapp.service";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,7 +202,7 @@ async fn upgrade_then_roll_back_through_the_agent(format: Format) {
     fs::create_dir(&data).unwrap();
     fs::write(data.join("notes.txt"), "kept by the backup\n").unwrap();
 
-    let port = free_port();
+    let port = covet_tests::free_port();
     sandbox
         .install_unit(
             UNIT,

@@ -19,20 +19,12 @@ struct World {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A sandbox with a small HTTP server unit and a unit that dies at once, and
 /// an agent that may control both (and nothing else).
 async fn world() -> Option<World> {
     let dir = sandbox_dir("units");
     let sandbox = sandbox_or_skip(&dir.path().join("systemd"))?;
-    let port = free_port();
+    let port = covet_tests::free_port();
     sandbox
         .install_unit(
             WEB,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use covet_proto::v1 as pb;
 use covet_tests::agent::{AgentOptions, CtlOutput, TestAgent};
+use covet_tests::http::wait_healthy;
 use covet_tests::postgres::{PostgresCluster, postgres_or_skip};
 use covet_tests::sampleapp::{self, SampleApp};
 use covet_tests::sandbox::{SystemdSandbox, sandbox_or_skip};
@@ -68,33 +69,6 @@ async fn world_with(extra_app_toml: &str) -> Option<World> {
 
 async fn world() -> Option<World> {
     world_with("").await
-}
-
-fn health(port: u16) -> Option<(u16, serde_json::Value)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    s.write_all(b"GET /health HTTP/1.0\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status: u16 = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out.split("\r\n\r\n").nth(1)?;
-    Some((status, serde_json::from_str(body).ok()?))
-}
-
-async fn wait_healthy(port: u16, version: &str) {
-    for _ in 0..100 {
-        if let Some((200, body)) = health(port)
-            && body["version"] == version
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "the app did not become healthy at {version}: {:?}",
-        health(port)
-    );
 }
 
 impl World {

@@ -5,7 +5,6 @@
 //! Everything is torn down at the end.
 
 use std::process::{Command, ExitCode, Stdio};
-use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use covet_tests::agent::{AgentOptions, TestAgent};
@@ -71,32 +70,6 @@ fn covetctl(agent: &TestAgent, context: &str, args: &[&str]) -> anyhow::Result<i
     Ok(status.code().unwrap_or(-1))
 }
 
-fn health(port: u16) -> Option<(u16, serde_json::Value)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    s.write_all(b"GET /health HTTP/1.0\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status = out.split_whitespace().nth(1)?.parse().ok()?;
-    Some((
-        status,
-        serde_json::from_str(out.split("\r\n\r\n").nth(1)?).ok()?,
-    ))
-}
-
-async fn serving(port: u16, version: &str) -> bool {
-    for _ in 0..100 {
-        if let Some((200, body)) = health(port)
-            && body["version"] == version
-        {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
-
 struct DbState {
     rows: String,
     schema: String,
@@ -144,7 +117,7 @@ async fn demo() -> anyhow::Result<()> {
         "cannot start {UNIT}"
     );
     check(
-        serving(app.port, "0.1.9").await,
+        covet_tests::http::serving(app.port, "0.1.9").await,
         "covet 0.1.9 answers /health",
     )?;
     println!(
@@ -207,7 +180,7 @@ async fn demo() -> anyhow::Result<()> {
     )?;
     check(code == 0, "covetctl upgrade exits 0 (succeeded)")?;
     check(
-        serving(app.port, "0.2.0").await,
+        covet_tests::http::serving(app.port, "0.2.0").await,
         "covet 0.2.0 answers /health",
     )?;
     let env = std::fs::read_to_string(&app.env_file)?;
@@ -228,7 +201,7 @@ async fn demo() -> anyhow::Result<()> {
         "covetctl upgrade exits 3: failed and rolled back cleanly",
     )?;
     check(
-        serving(app.port, "0.2.0").await,
+        covet_tests::http::serving(app.port, "0.2.0").await,
         "covet 0.2.0 is serving again",
     )?;
     let after = db_state(&pg, &app.db)?;
@@ -290,7 +263,10 @@ async fn bench(rounds: u32) -> anyhow::Result<()> {
         sandbox.systemctl(&["start", UNIT]).status.success(),
         "cannot start {UNIT}"
     );
-    ensure!(serving(app.port, "0.1.9").await, "the app does not serve");
+    ensure!(
+        covet_tests::http::serving(app.port, "0.1.9").await,
+        "the app does not serve"
+    );
     let toml = format!(
         "\n[systemd]\nbus = \"{}\"\njournal_dir = \"{}\"\n{}\n",
         sandbox.bus_address(),
