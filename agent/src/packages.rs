@@ -41,6 +41,8 @@ use crate::config::{AppConfig, PackageConfig, PackageKind};
 const QUERY_TIMEOUT: Duration = Duration::from_secs(20);
 /// `restore` takes no timeout; reinstalling one package file gets this long.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often a package install retries while dpkg's lock is held elsewhere.
+const DPKG_LOCK_RETRY: Duration = Duration::from_millis(500);
 /// dpkg and rpm run maintainer scripts and look for helpers (ldconfig,
 /// start-stop-daemon) in sbin, whatever the agent's own PATH is.
 const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -1497,8 +1499,7 @@ impl System<'_> {
                     "-e"
                 };
                 args.extend([OsString::from(verb), "--".into(), name.into()]);
-                let tool = Path::new(self.tool());
-                run_tool(tool, &args, None, &TOOL_ENV, RESTORE_TIMEOUT, &log).await?;
+                self.run_writing(&args, RESTORE_TIMEOUT, &log).await?;
                 self.expect(name, Installed::No).await
             }
             (Some(version), None) => Err(PackageError::CannotRestore {
@@ -1528,15 +1529,43 @@ impl System<'_> {
             }
         }
         args.extend([OsString::from("--"), file.into()]);
-        run_tool(
-            Path::new(self.tool()),
-            &args,
-            None,
-            &TOOL_ENV,
-            timeout,
-            on_line,
-        )
-        .await
+        self.run_writing(&args, timeout, on_line).await
+    }
+
+    /// Runs the package manager on its database. dpkg refuses at once while
+    /// another program (apt, unattended-upgrades) holds its lock, so the run
+    /// is retried until the lock is free or `timeout` has passed in all; rpm
+    /// waits for its transaction lock by itself.
+    async fn run_writing(
+        self,
+        args: &[OsString],
+        timeout: Duration,
+        on_line: &(dyn Fn(bool, &str) + Send + Sync),
+    ) -> Result<(), PackageError> {
+        let tool = Path::new(self.tool());
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut said_waiting = false;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let result = run_tool(tool, args, None, &TOOL_ENV, left, on_line).await;
+            let holder = match &result {
+                Err(PackageError::Tool { output, .. }) if matches!(self, System::Deb) => {
+                    dpkg_lock_holder(output)
+                }
+                _ => None,
+            };
+            let Some(holder) = holder else {
+                return result;
+            };
+            if tokio::time::Instant::now() + DPKG_LOCK_RETRY >= deadline {
+                return result;
+            }
+            if !said_waiting {
+                on_line(true, &format!("waiting for the dpkg lock: {holder}"));
+                said_waiting = true;
+            }
+            tokio::time::sleep(DPKG_LOCK_RETRY).await;
+        }
     }
 
     async fn expect(self, name: &str, wanted: Installed) -> Result<(), PackageError> {
@@ -1551,6 +1580,16 @@ impl System<'_> {
             found: found.describe(),
         })
     }
+}
+
+/// dpkg's line when another process holds its lock ("dpkg frontend lock was
+/// locked by another process with pid 123", "dpkg status database is locked
+/// by another process"), if `output` has one.
+fn dpkg_lock_holder(output: &str) -> Option<&str> {
+    output
+        .lines()
+        .find(|l| l.starts_with("dpkg: error:") && l.contains("locked by another process"))
+        .map(|l| l.trim_start_matches("dpkg: error:").trim())
 }
 
 /// Environment for dpkg and rpm: maintainer scripts never prompt.
@@ -2200,6 +2239,23 @@ with zipfile.ZipFile(f"{out}/demo_pkg-{version}-py3-none-any.whl", "w") as wheel
             "nothing moved"
         );
         assert!(copy.is_dir());
+    }
+
+    #[test]
+    fn dpkg_lock_messages_are_recognized() {
+        let frontend = "dpkg: error: dpkg frontend lock was locked by another process with pid 42\nNote: removing the lock file is always wrong";
+        assert_eq!(
+            dpkg_lock_holder(frontend),
+            Some("dpkg frontend lock was locked by another process with pid 42")
+        );
+        assert!(
+            dpkg_lock_holder("dpkg: error: dpkg status database is locked by another process")
+                .is_some()
+        );
+        assert_eq!(
+            dpkg_lock_holder("dpkg: error: cannot access archive 'x.deb': No such file"),
+            None
+        );
     }
 
     #[tokio::test]

@@ -629,6 +629,8 @@ fn debs_install_upgrade_remove_and_purge() {
         return;
     }
     let dir = scratch("dpkg");
+    // dpkg takes one lock for the machine; other tests install too.
+    let _dpkg = covet_tests::syspkg::Format::Deb.lock();
     let v1 = build("deb", Some("0.1.0-1"), &dir.path().join("v1"));
     let v2 = build("deb", Some("0.1.1-1"), &dir.path().join("v2"));
     let _purge = Purge;

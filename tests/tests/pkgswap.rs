@@ -159,6 +159,61 @@ async fn deb_backend_installs_keeps_and_restores_exactly() {
     assert_eq!(Format::Deb.installed_version(&name).as_deref(), Some("1.0"));
 }
 
+/// apt or unattended-upgrades holding dpkg's lock: the install waits for
+/// it (saying so) instead of failing.
+#[tokio::test]
+async fn an_install_waits_for_a_held_dpkg_lock() {
+    if !Format::Deb.or_skip() {
+        return;
+    }
+    let _lock = Format::Deb.lock();
+    let dir = sandbox_dir("dpkglock");
+    let (work, repo) = (dir.path().join("work"), dir.path().join("repo"));
+    let name = syspkg::unique_name("covet-locktest");
+    let _purge = Installed {
+        format: Format::Deb,
+        name: name.clone(),
+    };
+    Format::Deb
+        .build(&work, &repo, &name, "1.0", false)
+        .unwrap();
+    // Another process takes dpkg's frontend lock (as apt does) for 2 s.
+    let ready = dir.path().join("locked");
+    let mut holder = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import fcntl, sys, time\n\
+             f = open('/var/lib/dpkg/lock-frontend', 'w')\n\
+             fcntl.lockf(f, fcntl.LOCK_EX)\n\
+             open(sys.argv[1], 'w').close()\n\
+             time.sleep(2)",
+        ])
+        .arg(&ready)
+        .spawn()
+        .unwrap();
+    while !ready.exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lines = std::sync::Mutex::new(Vec::new());
+    let collect = |_: bool, line: &str| lines.lock().unwrap().push(line.to_owned());
+    let started = std::time::Instant::now();
+    packages::install(&deb_package(&name, &repo), "1.0", "op-1", LONG, &collect)
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(1), "it did wait");
+    assert!(
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("waiting for the dpkg lock: dpkg frontend lock")),
+        "{:?}",
+        lines.lock().unwrap()
+    );
+    assert_eq!(Format::Deb.installed_version(&name).as_deref(), Some("1.0"));
+    holder.wait().unwrap();
+}
+
 const UNIT: &str = "pkgapp.service";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
