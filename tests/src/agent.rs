@@ -38,6 +38,15 @@ impl TestAgent {
         Self::start_with(dir, pki, options).await
     }
 
+    /// [`TestAgent::start`] with `extra_toml` and default options.
+    pub async fn start_with_toml(dir: &Path, extra_toml: String) -> TestAgent {
+        let options = AgentOptions {
+            extra_toml,
+            ..Default::default()
+        };
+        Self::start(dir, options).await
+    }
+
     pub async fn start_with(dir: &Path, pki: TestPki, options: AgentOptions) -> TestAgent {
         let state = dir.join("state");
         let metrics_addr: Option<SocketAddr> = options

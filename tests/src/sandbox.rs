@@ -283,6 +283,20 @@ impl SystemdSandbox {
         self.dir.join("journal")
     }
 
+    /// The agent's `[systemd]` section for this sandbox: its bus, its
+    /// journal, and `settle` when given (the time a started unit must stay up).
+    pub fn agent_toml(&self, settle: Option<&str>) -> String {
+        let mut toml = format!(
+            "\n[systemd]\nbus = \"{}\"\njournal_dir = \"{}\"\n",
+            self.bus_address(),
+            self.journal_dir().display()
+        );
+        if let Some(settle) = settle {
+            toml.push_str(&format!("settle = \"{settle}\"\n"));
+        }
+        toml
+    }
+
     /// Where unit files go.
     pub fn unit_dir(&self) -> PathBuf {
         self.dir.join("config/systemd/user")

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use covet_proto::v1 as pb;
-use covet_tests::agent::{AgentOptions, TestAgent};
+use covet_tests::agent::TestAgent;
 use covet_tests::postgres::{PostgresCluster, postgres_or_skip};
 use covet_tests::sandbox_dir;
 use tonic::Code;
@@ -92,14 +92,7 @@ os_user = "postgres"
         // The harness writes backup_dir = agent_dir/backups: make it the given dir.
         std::os::unix::fs::symlink(b, agent_dir.join("backups")).unwrap();
     }
-    let agent = TestAgent::start(
-        &agent_dir,
-        AgentOptions {
-            extra_toml: toml,
-            ..Default::default()
-        },
-    )
-    .await;
+    let agent = TestAgent::start_with_toml(&agent_dir, toml).await;
     Some(World {
         agent,
         pg,

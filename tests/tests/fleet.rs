@@ -228,12 +228,11 @@ async fn world(count: usize) -> Option<World> {
             String::from_utf8_lossy(&out.stderr)
         );
         let toml = format!(
-            "\n[systemd]\nbus = \"{}\"\njournal_dir = \"{}\"\nsettle = \"500ms\"\n{}\n",
-            sandbox.bus_address(),
-            sandbox.journal_dir().display(),
+            "{}{}\n",
+            sandbox.agent_toml(Some("500ms")),
             app.agent_toml(&pg).replace(
                 &format!("unit = \"{}\"", sampleapp::UNIT),
-                &format!("unit = \"{unit}\"")
+                &format!("unit = \"{unit}\""),
             ),
         );
         let options = AgentOptions {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use covet_agent::config::{AppConfig, PackageConfig};
 use covet_agent::packages::{self, PackageError, RestorePoint};
-use covet_tests::agent::{AgentOptions, TestAgent};
+use covet_tests::agent::TestAgent;
 use covet_tests::http::wait_healthy;
 use covet_tests::sandbox::sandbox_or_skip;
 use covet_tests::sandbox_dir;
@@ -306,14 +306,7 @@ json_value = "ok"
         repo = repo.display(),
         kind = format.kind(),
     );
-    let agent = TestAgent::start(
-        &dir.path().join("agent"),
-        AgentOptions {
-            extra_toml: toml,
-            ..Default::default()
-        },
-    )
-    .await;
+    let agent = TestAgent::start_with_toml(&dir.path().join("agent"), toml).await;
     let upgrade = |version: &str| {
         agent.ctl(
             "operator",

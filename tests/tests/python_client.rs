@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use covet_tests::agent::{AgentOptions, TestAgent};
+use covet_tests::agent::TestAgent;
 use covet_tests::postgres::postgres_or_skip;
 use covet_tests::sampleapp;
 use covet_tests::sandbox::sandbox_or_skip;
@@ -107,21 +107,13 @@ async fn the_python_client_upgrades_over_mtls_with_covetctls_exit_codes() {
     );
     app.wait_json("/health", Duration::from_secs(10)).unwrap();
     let toml = format!(
-        "\n[systemd]\nbus = \"{}\"\njournal_dir = \"{}\"\nsettle = \"500ms\"\n{}\n",
-        sandbox.bus_address(),
-        sandbox.journal_dir().display(),
+        "{}{}\n",
+        sandbox.agent_toml(Some("500ms")),
         app.agent_toml(&pg),
     );
     let agent_dir = dir.path().join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
-    let agent = TestAgent::start(
-        &agent_dir,
-        AgentOptions {
-            extra_toml: toml,
-            ..Default::default()
-        },
-    )
-    .await;
+    let agent = TestAgent::start_with_toml(&agent_dir, toml).await;
 
     let out = run_client(&venv, &agent, "0.2.0");
     let stdout = String::from_utf8_lossy(&out.stdout);

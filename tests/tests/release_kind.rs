@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use covet_tests::agent::{AgentOptions, TestAgent};
+use covet_tests::agent::TestAgent;
 use covet_tests::sandbox::sandbox_or_skip;
 use covet_tests::sandbox_dir;
 
@@ -150,14 +150,7 @@ json_value = "ok"
         releases = releases.display(),
         repo = repo.display(),
     );
-    let agent = TestAgent::start(
-        &dir.path().join("agent"),
-        AgentOptions {
-            extra_toml: toml,
-            ..Default::default()
-        },
-    )
-    .await;
+    let agent = TestAgent::start_with_toml(&dir.path().join("agent"), toml).await;
 
     let out = agent.ctl(
         "operator",

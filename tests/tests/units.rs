@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use covet_proto::v1 as pb;
-use covet_tests::agent::{AgentOptions, TestAgent};
+use covet_tests::agent::TestAgent;
 use covet_tests::sandbox::{SystemdSandbox, sandbox_or_skip};
 use covet_tests::sandbox_dir;
 use tonic::Code;
@@ -55,14 +55,7 @@ unit = "{WEB}"
         bus = sandbox.bus_address(),
         journal = sandbox.journal_dir().display(),
     );
-    let agent = TestAgent::start(
-        &dir.path().join("agent"),
-        AgentOptions {
-            extra_toml: toml,
-            ..Default::default()
-        },
-    )
-    .await;
+    let agent = TestAgent::start_with_toml(&dir.path().join("agent"), toml).await;
     Some(World {
         agent,
         sandbox,
@@ -404,14 +397,7 @@ async fn an_unreachable_bus_is_unavailable_with_the_reason() {
         "\n[systemd]\nbus = \"unix:path={}/no-such-bus\"\n[[app]]\nname = \"web\"\nunit = \"{WEB}\"\n",
         dir.path().display()
     );
-    let agent = TestAgent::start(
-        dir.path(),
-        AgentOptions {
-            extra_toml: toml,
-            ..Default::default()
-        },
-    )
-    .await;
+    let agent = TestAgent::start_with_toml(dir.path(), toml).await;
     let mut client =
         pb::unit_service_client::UnitServiceClient::new(agent.channel("operator").await);
     let status = client.restart_unit(action(WEB)).await.unwrap_err();

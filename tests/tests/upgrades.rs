@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use covet_proto::v1 as pb;
-use covet_tests::agent::{AgentOptions, CtlOutput, TestAgent};
+use covet_tests::agent::{CtlOutput, TestAgent};
 use covet_tests::http::wait_healthy;
 use covet_tests::postgres::{PostgresCluster, postgres_or_skip};
 use covet_tests::sampleapp::{self, SampleApp};
@@ -45,19 +45,11 @@ async fn world_with(extra_app_toml: &str) -> Option<World> {
     wait_healthy(app.port, "0.1.9").await;
     let extra_app_toml = extra_app_toml.replace("PORT", &app.port.to_string());
     let toml = format!(
-        "\n[systemd]\nbus = \"{}\"\njournal_dir = \"{}\"\nsettle = \"500ms\"\n{}\n{extra_app_toml}\n",
-        sandbox.bus_address(),
-        sandbox.journal_dir().display(),
+        "{}{}\n{extra_app_toml}\n",
+        sandbox.agent_toml(Some("500ms")),
         app.agent_toml(&pg),
     );
-    let agent = TestAgent::start(
-        &dir.path().join("agent"),
-        AgentOptions {
-            extra_toml: toml,
-            ..Default::default()
-        },
-    )
-    .await;
+    let agent = TestAgent::start_with_toml(&dir.path().join("agent"), toml).await;
     Some(World {
         agent,
         sandbox,

@@ -7,7 +7,7 @@
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context as _, bail, ensure};
-use covet_tests::agent::{AgentOptions, TestAgent};
+use covet_tests::agent::TestAgent;
 use covet_tests::postgres::PostgresCluster;
 use covet_tests::sampleapp;
 use covet_tests::sandbox::SystemdSandbox;
@@ -127,20 +127,8 @@ async fn demo() -> anyhow::Result<()> {
     );
 
     say("A PKI and the agent, over mutual TLS, allowed to control covet.service only");
-    let toml = format!(
-        "\n[systemd]\nbus = \"{}\"\njournal_dir = \"{}\"\n{}\n",
-        sandbox.bus_address(),
-        sandbox.journal_dir().display(),
-        app.agent_toml(&pg)
-    );
-    let agent = TestAgent::start(
-        &root.join("agent"),
-        AgentOptions {
-            extra_toml: toml,
-            ..Default::default()
-        },
-    )
-    .await;
+    let toml = format!("{}{}\n", sandbox.agent_toml(None), app.agent_toml(&pg));
+    let agent = TestAgent::start_with_toml(&root.join("agent"), toml).await;
     agent.ctl_config(&["operator", "reader", "admin"]);
     println!("    agent listening on {}", agent.endpoint());
     covetctl(&agent, "reader", &["info"])?;
@@ -267,20 +255,8 @@ async fn bench(rounds: u32) -> anyhow::Result<()> {
         covet_tests::http::serving(app.port, "0.1.9").await,
         "the app does not serve"
     );
-    let toml = format!(
-        "\n[systemd]\nbus = \"{}\"\njournal_dir = \"{}\"\n{}\n",
-        sandbox.bus_address(),
-        sandbox.journal_dir().display(),
-        app.agent_toml(&pg)
-    );
-    let agent = TestAgent::start(
-        &root.join("agent"),
-        AgentOptions {
-            extra_toml: toml,
-            ..Default::default()
-        },
-    )
-    .await;
+    let toml = format!("{}{}\n", sandbox.agent_toml(None), app.agent_toml(&pg));
+    let agent = TestAgent::start_with_toml(&root.join("agent"), toml).await;
     agent.ctl_config(&["operator"]);
     let mut samples = Vec::new();
     for round in 1..=rounds {
