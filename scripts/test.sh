@@ -10,6 +10,10 @@ bash packaging/build --install-tools
 
 echo "==> building"
 cargo build --workspace --bins --tests --locked
+# The crate roots deny unwrap/expect/panic outside cfg(test): a panic on a
+# daemon or CLI path would lose the operation.
+echo "==> clippy"
+cargo clippy -p covet-proto -p covet-agent -p covetctl --lib --bins --locked
 echo "==> testing"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast --test-threads 4

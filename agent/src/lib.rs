@@ -5,6 +5,13 @@
 //! `server` module wires TLS, the tower layers (`authz`, `audit`) and the
 //! services together.
 
+// A panic on a daemon or CLI path loses the operation: errors are returned.
+// Test code (compiled only under cfg(test)) may unwrap.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 pub mod api;
 pub mod audit;
 pub mod authz;

@@ -1,6 +1,13 @@
 //! covet-agent: `covet-agent --config FILE` serves; `covet-agent check-config
 //! --config FILE` validates the configuration and lists every problem.
 
+// A panic on a daemon or CLI path loses the operation: errors are returned.
+// Test code (compiled only under cfg(test)) may unwrap.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

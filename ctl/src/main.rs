@@ -1,5 +1,12 @@
 //! covetctl: the command-line client of covet-agent.
 
+// A panic on a daemon or CLI path loses the operation: errors are returned.
+// Test code (compiled only under cfg(test)) may unwrap.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 mod assets;
 mod backups;
 mod fleet;

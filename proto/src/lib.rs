@@ -4,6 +4,12 @@
 //! generated Rust types, clients and servers, and the descriptor set served
 //! over gRPC reflection.
 
+// A panic on a daemon or CLI path loses the operation: errors are returned.
+// Test code (compiled only under cfg(test)) may unwrap.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 #![allow(clippy::all, missing_docs)]
 
 pub mod v1 {
