@@ -37,6 +37,7 @@ use tokio::process::Command;
 
 use crate::backup::archive::{self, ArchiveError, Compression, Progress};
 use crate::config::{AppConfig, PackageConfig, PackageKind};
+use crate::fsutil::tree_fingerprint;
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(20);
 /// `restore` takes no timeout; reinstalling one package file gets this long.
@@ -636,7 +637,8 @@ async fn pip_prepare(pkg: &PackageConfig, op_id: &str) -> Result<RestorePoint, P
 
 /// Snapshots `venv` as `copy` by way of `copy.partial`, so that only a
 /// complete snapshot ever carries the final name; an existing complete one
-/// is reused. Returns the snapshot's [`snapshot_fingerprint`].
+/// is reused. Returns the snapshot's [`tree_fingerprint`]: pip unlinking the
+/// live venv's name for an inode leaves it as it was; writing into it moves it.
 ///
 /// Directories and symlinks are made anew; regular files are hard links to
 /// the venv's own inodes. Creating an inode costs far more than linking one
@@ -658,42 +660,7 @@ fn snapshot_venv(venv: &Path, copy: &Path) -> Result<String, PackageError> {
         rename(&partial, copy)?;
         fsync_dir(parent_of(copy))?;
     }
-    snapshot_fingerprint(copy).map_err(io_error(format!("reading snapshot {}", copy.display())))
-}
-
-/// SHA-256 over every entry of a snapshot: relative path, and for a file its
-/// inode, size and mtime, for a symlink its target. Unlinking the live
-/// venv's name for an inode changes none of these; writing into it does.
-fn snapshot_fingerprint(root: &Path) -> io::Result<String> {
-    let mut entries = Vec::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir)? {
-            let path = entry?.path();
-            let meta = fs::symlink_metadata(&path)?;
-            let rel = path.strip_prefix(root).unwrap_or(&path).display();
-            let what = if meta.is_dir() {
-                stack.push(path.clone());
-                "dir".to_owned()
-            } else if meta.file_type().is_symlink() {
-                format!("link {}", fs::read_link(&path)?.display())
-            } else {
-                format!(
-                    "file {} {} {}.{}",
-                    meta.ino(),
-                    meta.size(),
-                    meta.mtime(),
-                    meta.mtime_nsec()
-                )
-            };
-            entries.push(format!("{rel}\0{what}"));
-        }
-    }
-    entries.sort_unstable();
-    Ok(hex::encode(ring::digest::digest(
-        &ring::digest::SHA256,
-        entries.join("\n").as_bytes(),
-    )))
+    tree_fingerprint(copy).map_err(io_error(format!("reading snapshot {}", copy.display())))
 }
 
 /// Flushes the copy's file system before the rename makes the copy count
@@ -821,13 +788,16 @@ fn pip_restore(venv: &Path, copy: &Path, fingerprint: Option<&str>) -> Result<()
     let aside = aside_of(venv, copy)?;
     let parent = parent_of(venv);
     if exists(copy) {
-        let now = snapshot_fingerprint(copy)
-            .map_err(io_error(format!("reading snapshot {}", copy.display())))?;
-        if fingerprint.is_some_and(|f| f != now) {
-            return Err(PackageError::SnapshotChanged {
-                venv: venv.to_owned(),
-                copy: copy.to_owned(),
-            });
+        // Restore points recorded before snapshots were fingerprinted have none.
+        if let Some(taken) = fingerprint {
+            let now = tree_fingerprint(copy)
+                .map_err(io_error(format!("reading snapshot {}", copy.display())))?;
+            if taken != now {
+                return Err(PackageError::SnapshotChanged {
+                    venv: venv.to_owned(),
+                    copy: copy.to_owned(),
+                });
+            }
         }
         if exists(venv) {
             // Any earlier aside tree is a failed install too.
@@ -2174,7 +2144,7 @@ with zipfile.ZipFile(f"{out}/demo_pkg-{version}-py3-none-any.whl", "w") as wheel
     }
 
     fn restore_point_fingerprint_now(copy: &Path) -> String {
-        snapshot_fingerprint(copy).unwrap()
+        tree_fingerprint(copy).unwrap()
     }
 
     fn fingerprint_of(rp: &RestorePoint) -> &String {

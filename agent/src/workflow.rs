@@ -985,34 +985,11 @@ async fn restore_database(
     Ok(format!("restored from {backup_id}; {}", outcome.describe()))
 }
 
-/// A cheap fingerprint of a tree: relative path, size, mtime and mode of
-/// every entry, so the rollback restores only paths that changed.
+/// The path's [`tree_fingerprint`], so the rollback restores only paths that
+/// changed. A path that cannot be read (e.g. gone) fingerprints as empty:
+/// changed, unless it could not be read before the upgrade either.
 fn fingerprint(path: &Path) -> String {
-    use std::os::unix::fs::MetadataExt;
-    let mut entries = Vec::new();
-    let mut stack = vec![path.to_owned()];
-    while let Some(p) = stack.pop() {
-        let Ok(meta) = p.symlink_metadata() else {
-            continue;
-        };
-        entries.push(format!(
-            "{}|{}|{}|{}",
-            p.display(),
-            meta.size(),
-            meta.mtime(),
-            meta.mode()
-        ));
-        if meta.is_dir()
-            && let Ok(rd) = std::fs::read_dir(&p)
-        {
-            stack.extend(rd.flatten().map(|e| e.path()));
-        }
-    }
-    entries.sort();
-    hex::encode(ring::digest::digest(
-        &ring::digest::SHA256,
-        entries.join("\n").as_bytes(),
-    ))
+    crate::fsutil::tree_fingerprint(path).unwrap_or_default()
 }
 
 fn fingerprints(app: &AppConfig) -> BTreeMap<String, String> {
