@@ -174,7 +174,7 @@ impl Format {
 }
 
 /// A package name no other test run uses.
-pub fn unique_name(prefix: &str) -> String {
+fn unique_name(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -310,6 +310,17 @@ pub fn conffile_text(version: &str) -> String {
 pub struct Installed {
     pub format: Format,
     pub name: String,
+}
+
+impl Installed {
+    /// A package name no other test run uses, starting with `prefix`,
+    /// removed when this is dropped.
+    pub fn unique(format: Format, prefix: &str) -> Installed {
+        Installed {
+            format,
+            name: unique_name(prefix),
+        }
+    }
 }
 
 impl Drop for Installed {

@@ -45,11 +45,8 @@ async fn deb_backend_installs_keeps_and_restores_exactly() {
     let _lock = Format::Deb.lock();
     let dir = sandbox_dir("debswap");
     let (work, repo) = (dir.path().join("work"), dir.path().join("repo"));
-    let name = syspkg::unique_name("covet-debtest");
-    let _purge = Installed {
-        format: Format::Deb,
-        name: name.clone(),
-    };
+    let package = Installed::unique(Format::Deb, "covet-debtest");
+    let name = package.name.clone();
     for version in ["1.0", "2.0"] {
         Format::Deb
             .build(&work, &repo, &name, version, false)
@@ -169,11 +166,8 @@ async fn an_install_waits_for_a_held_dpkg_lock() {
     let _lock = Format::Deb.lock();
     let dir = sandbox_dir("dpkglock");
     let (work, repo) = (dir.path().join("work"), dir.path().join("repo"));
-    let name = syspkg::unique_name("covet-locktest");
-    let _purge = Installed {
-        format: Format::Deb,
-        name: name.clone(),
-    };
+    let package = Installed::unique(Format::Deb, "covet-locktest");
+    let name = package.name.clone();
     Format::Deb
         .build(&work, &repo, &name, "1.0", false)
         .unwrap();
@@ -238,11 +232,8 @@ async fn upgrade_then_roll_back_through_the_agent(format: Format) {
     };
     let _lock = format.lock();
     let (work, repo) = (dir.path().join("work"), dir.path().join("repo"));
-    let name = syspkg::unique_name(&format!("covet-{}app", format.kind()));
-    let _purge = Installed {
-        format,
-        name: name.clone(),
-    };
+    let package = Installed::unique(format, &format!("covet-{}app", format.kind()));
+    let name = package.name.clone();
     for (version, broken) in [("1.0", false), ("2.0", false), ("3.0", true)] {
         format.build(&work, &repo, &name, version, broken).unwrap();
     }
