@@ -20,6 +20,8 @@ pub mod config;
 pub mod db;
 pub mod envfile;
 pub mod fsutil;
+#[cfg(test)]
+mod fuzzing;
 pub mod identity;
 pub mod info;
 pub mod journal;
