@@ -1,7 +1,8 @@
 //! The budget of the property tests that feed hostile input (archives, env
-#![allow(dead_code)] // used by the fuzz_* tests as they are added
 //! files) to the parsers and extractors: a bounded number of cases in CI, or
 //! batches until `COVET_FUZZ_SECS` have passed (`scripts/fuzz.sh`).
+
+#![allow(dead_code)] // until every fuzz_* test uses it
 
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
