@@ -13,6 +13,7 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use crate::audit::set_target;
+use crate::authz;
 use crate::backup::archive::Compression;
 use crate::backup::{
     BackupError, BackupStore, CreateOptions, MANIFEST, Manifest, RestoreOptions, pg_target,
@@ -566,11 +567,7 @@ impl UnitApi {
                 return Err(systemd_error(e));
             }
         };
-        let mut status = state
-            .systemd
-            .status(unit.as_str())
-            .await
-            .map_err(systemd_error)?;
+        let mut status = state.systemd.status(&unit).await.map_err(systemd_error)?;
         if matches!(action, UnitAction::Start | UnitAction::Restart) && job.result == "done" {
             status = self.settle(&unit, status).await?;
         }
@@ -625,12 +622,7 @@ impl UnitApi {
         let deadline = tokio::time::Instant::now() + self.0.config.systemd.settle;
         while tokio::time::Instant::now() < deadline && status.is_active() {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            status = self
-                .0
-                .systemd
-                .status(unit.as_str())
-                .await
-                .map_err(systemd_error)?;
+            status = self.0.systemd.status(&unit).await.map_err(systemd_error)?;
         }
         Ok(status)
     }
@@ -655,10 +647,17 @@ impl pb::unit_service_server::UnitService for UnitApi {
         if names.len() > 256 {
             return Err(Status::invalid_argument("at most 256 units per call"));
         }
-        let mut units = Vec::with_capacity(names.len());
-        for name in &names {
+        // Every name is admitted before any is read: one undeclared unit
+        // refuses the whole call.
+        let admitted = names
+            .iter()
+            .map(|name| ControlledUnit::admit(&self.0.config, name))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(systemd_error)?;
+        let mut units = Vec::with_capacity(admitted.len());
+        for unit in &admitted {
             units.push(unit_state_to_pb(
-                self.0.systemd.status(name).await.map_err(systemd_error)?,
+                self.0.systemd.status(unit).await.map_err(systemd_error)?,
             ));
         }
         Ok(Response::new(pb::GetUnitStatusResponse { units }))
@@ -943,6 +942,31 @@ pub fn caller_record<T>(request: &Request<T>) -> Caller {
         .unwrap_or_default()
 }
 
+/// Operation ids are short (`op-YYYYMMDD-HHMMSS-xxxxxx`); anything longer
+/// or with other characters is refused before it reaches the journal.
+const MAX_OPERATION_ID: usize = 64;
+
+fn operation_id_arg(id: &str) -> Result<&str, Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("operation id is empty"));
+    }
+    if id.len() > MAX_OPERATION_ID {
+        return Err(Status::invalid_argument(format!(
+            "operation id is {} bytes long; ids have at most {MAX_OPERATION_ID} (see `covetctl ops list`)",
+            id.len()
+        )));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(Status::invalid_argument(
+            "operation id may hold only letters, digits, '-' and '_' (see `covetctl ops list`)",
+        ));
+    }
+    Ok(id)
+}
+
 fn ends_operation(e: &EventRecord) -> bool {
     matches!(&e.body, EventBody::StateChanged { state, .. } if state.is_final())
 }
@@ -982,7 +1006,7 @@ impl pb::operation_service_server::OperationService for OperationApi {
             .0
             .ops
             .journal()
-            .get(&request.get_ref().id)
+            .get(operation_id_arg(&request.get_ref().id)?)
             .map_err(journal_error)?;
         Ok(Response::new(operation_to_pb(op)))
     }
@@ -993,9 +1017,11 @@ impl pb::operation_service_server::OperationService for OperationApi {
     ) -> Result<Response<BoxStream<pb::OperationEvent>>, Status> {
         let req = request.into_inner();
         let journal = self.0.ops.journal().clone();
-        // Subscribe before reading the stored events so nothing falls between.
-        let mut live = journal.subscribe(&req.id);
-        let op = journal.get(&req.id).map_err(journal_error)?;
+        let id = operation_id_arg(&req.id)?;
+        // NOT_FOUND before anything is held for the caller; then subscribe
+        // before reading the stored events so nothing falls between.
+        let op = journal.get(id).map_err(journal_error)?;
+        let mut live = journal.subscribe(id).map_err(journal_error)?;
         let stored = journal
             .events_from(&req.id, req.from_sequence.max(1))
             .map_err(journal_error)?;
@@ -1031,10 +1057,16 @@ impl pb::operation_service_server::OperationService for OperationApi {
                     // The channel closed with nothing new: the operation is over.
                     match journal.get(&op.id) {
                         Ok(now) if now.state.is_final() => return,
-                        _ => {
-                            live = journal.subscribe(&op.id);
-                            continue;
-                        }
+                        _ => match journal.subscribe(&op.id) {
+                            Ok(again) => {
+                                live = again;
+                                continue;
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(journal_error(e))).await;
+                                return;
+                            }
+                        },
                     }
                 }
                 for e in batch {
@@ -1053,6 +1085,7 @@ impl pb::operation_service_server::OperationService for OperationApi {
         &self,
         request: Request<pb::CancelOperationRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
+        operation_id_arg(&request.get_ref().id)?;
         set_target(&request, format!("operation={}", request.get_ref().id));
         let id = request.into_inner().id;
         let op = self.0.ops.journal().get(&id).map_err(journal_error)?;
@@ -1803,26 +1836,26 @@ impl pb::upgrade_service_server::UpgradeService for UpgradeApi {
     ) -> Result<Response<pb::Operation>, Status> {
         set_target(&request, format!("app={}", request.get_ref().app));
         let caller = caller_record(&request);
-        let req = request.into_inner();
-        let app = app_or_not_found(&self.0.config, &req.app)?.clone();
+        let app = app_or_not_found(&self.0.config, &request.get_ref().app)?.clone();
         self.busy(&app.name)?;
-        let backup_id = if req.backup_id.is_empty() {
-            self.0
-                .ops
-                .journal()
-                .list()
-                .map_err(journal_error)?
-                .into_iter()
-                .find(|op| op.app == app.name && op.kind == OpKind::Upgrade && op.state == OpState::Succeeded && !op.backup_id.is_empty())
-                .map(|op| op.backup_id)
-                .ok_or_else(|| {
-                    Status::failed_precondition(format!(
-                        "no successful upgrade of {} to roll back; name a backup with --to BACKUP_ID",
-                        app.name
-                    ))
-                })?
-        } else {
-            req.backup_id
+        let last = last_upgrade_backup(self.0.ops.journal(), &app.name)?;
+        let asked = request.get_ref().backup_id.clone();
+        let backup_id = match last {
+            _ if !asked.is_empty() => {
+                // The last upgrade's own backup is the operator's to use
+                // (fleet rollouts name it); any other one is a restore.
+                if last.as_deref() != Some(asked.as_str()) {
+                    authz::require(&request, authz::Power::RollbackToAnyBackup)?;
+                }
+                asked
+            }
+            Some(last) => last,
+            None => {
+                return Err(Status::failed_precondition(format!(
+                    "no successful upgrade of {} to roll back; an admin may name a backup with --to BACKUP_ID",
+                    app.name
+                )));
+            }
         };
         let (dir, manifest) = self
             .0
@@ -1853,6 +1886,21 @@ impl pb::upgrade_service_server::UpgradeService for UpgradeApi {
             .map_err(op_error)?;
         Ok(Response::new(operation_to_pb(op)))
     }
+}
+
+/// The backup taken by the app's last succeeded upgrade, if any.
+fn last_upgrade_backup(journal: &Journal, app: &str) -> Result<Option<String>, Status> {
+    Ok(journal
+        .list()
+        .map_err(journal_error)?
+        .into_iter()
+        .find(|op| {
+            op.app == app
+                && op.kind == OpKind::Upgrade
+                && op.state == OpState::Succeeded
+                && !op.backup_id.is_empty()
+        })
+        .map(|op| op.backup_id))
 }
 
 fn upgrade_steps(
@@ -1899,4 +1947,22 @@ fn upgrade_steps(
         ));
     }
     steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operation_ids_are_short_and_plain() {
+        assert_eq!(
+            operation_id_arg("op-20261201-221500-a1b2c3").unwrap(),
+            "op-20261201-221500-a1b2c3"
+        );
+        for bad in ["", "op/../x", "op 1", "op\n", &"x".repeat(65)] {
+            let e = operation_id_arg(bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+        assert!(operation_id_arg(&"x".repeat(64)).is_ok());
+    }
 }

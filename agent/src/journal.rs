@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -219,6 +219,21 @@ impl Journal {
             path: path.display().to_string(),
             message: e.to_string(),
         };
+        // Operation records name callers and what they did: root's only,
+        // whatever the umask, and mended if an older agent left it wider.
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+                .map_err(|e| store_err(&e))?;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| store_err(&e))?;
+        }
         let db = Database::create(path).map_err(|e| store_err(&e))?;
         // Create the tables up front so readers never meet a missing table.
         let txn = db.begin_write().map_err(|e| store_err(&e))?;
@@ -353,13 +368,30 @@ impl Journal {
         Ok(out)
     }
 
-    /// Live events of `id` from now on.
-    pub fn subscribe(&self, id: &str) -> broadcast::Receiver<EventRecord> {
+    /// Live events of an existing operation from now on. The channel lives
+    /// only while someone watches: the last [`Subscription`] dropped removes
+    /// it, so watchers cannot make the agent hold channels for ids forever.
+    pub fn subscribe(self: &Arc<Self>, id: &str) -> Result<Subscription, JournalError> {
+        // Unknown ids never get a channel.
+        self.get(id)?;
         let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
-        watchers
+        let receiver = watchers
             .entry(id.to_owned())
             .or_insert_with(|| broadcast::channel(256).0)
-            .subscribe()
+            .subscribe();
+        Ok(Subscription {
+            journal: Arc::clone(self),
+            id: id.to_owned(),
+            receiver: Some(receiver),
+        })
+    }
+
+    /// How many operations have live watchers (for tests of the bound).
+    pub fn watched_operations(&self) -> usize {
+        self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     fn notify(&self, event: &EventRecord) {
@@ -371,6 +403,42 @@ impl Journal {
             if ended || tx.receiver_count() == 0 {
                 watchers.remove(&event.operation_id);
             }
+        }
+    }
+}
+
+/// A live view of one operation's events; see [`Journal::subscribe`].
+pub struct Subscription {
+    journal: Arc<Journal>,
+    id: String,
+    receiver: Option<broadcast::Receiver<EventRecord>>,
+}
+
+impl Subscription {
+    /// The next live event; `Err` when events were missed (read the journal
+    /// from the last sequence seen) or the operation's channel is gone.
+    pub async fn recv(&mut self) -> Result<EventRecord, broadcast::error::RecvError> {
+        match self.receiver.as_mut() {
+            Some(rx) => rx.recv().await,
+            None => Err(broadcast::error::RecvError::Closed),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut watchers = self
+            .journal
+            .watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Drop our receiver under the lock so the count below is exact.
+        self.receiver = None;
+        if watchers
+            .get(&self.id)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            watchers.remove(&self.id);
         }
     }
 }
@@ -493,9 +561,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(&dir.path().join("j.redb")).unwrap();
         j.create(&op("op-1")).unwrap();
-        let mut rx = j.subscribe("op-1");
+        let j = Arc::new(j);
+        let mut rx = j.subscribe("op-1").unwrap();
         j.append("op-1", EventBody::Note { text: "hi".into() })
             .unwrap();
         assert_eq!(rx.recv().await.unwrap().sequence, 1);
+    }
+
+    #[test]
+    fn channels_live_only_while_watched_and_only_for_known_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Arc::new(Journal::open(&dir.path().join("j.redb")).unwrap());
+        j.create(&op("op-1")).unwrap();
+        assert!(matches!(
+            j.subscribe("op-made-up"),
+            Err(JournalError::NotFound(_))
+        ));
+        assert_eq!(j.watched_operations(), 0);
+        let a = j.subscribe("op-1").unwrap();
+        let b = j.subscribe("op-1").unwrap();
+        assert_eq!(j.watched_operations(), 1);
+        drop(a);
+        assert_eq!(j.watched_operations(), 1);
+        drop(b);
+        assert_eq!(j.watched_operations(), 0);
     }
 }

@@ -19,7 +19,7 @@ pub enum SystemdError {
     #[error("{0}")]
     InvalidUnit(String),
     #[error(
-        "unit {0} is not declared on this host: only the apps' units and [systemd] allow may be controlled"
+        "unit {0} is not declared on this host: only the apps' units and [systemd] allow may be read or controlled"
     )]
     NotAllowed(String),
     #[error("systemd is unreachable on bus {bus}: {reason}")]
@@ -218,8 +218,10 @@ impl Systemd {
     }
 
     /// Status of any unit (read-only; the name must be valid).
-    pub async fn status(&self, unit: &str) -> Result<UnitState, SystemdError> {
-        validate_unit_name(unit).map_err(SystemdError::InvalidUnit)?;
+    /// The state of a declared unit: undeclared units are not even read, so
+    /// a reader learns nothing about the rest of the host.
+    pub async fn status(&self, unit: &ControlledUnit) -> Result<UnitState, SystemdError> {
+        let unit = unit.as_str();
         self.with_connection(|conn| async move { read_state(&conn, unit).await })
             .await
     }

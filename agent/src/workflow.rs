@@ -86,19 +86,35 @@ pub struct UpgradeSpec {
 }
 
 impl UpgradeSpec {
-    /// The spec as operation parameters, and back (for resuming after a crash).
+    /// The spec as operation parameters, which every reader may see: env
+    /// edits by key name only, never a value (`DATABASE_PASSWORD=...`).
     pub fn to_params(&self) -> BTreeMap<String, String> {
         let mut p = BTreeMap::new();
         p.insert("to_version".into(), self.to_version.clone());
-        p.insert(
-            "spec".into(),
-            serde_json::to_string(self).unwrap_or_default(),
-        );
+        let edits: Vec<String> = self
+            .env_edits
+            .iter()
+            .map(|edit| match edit {
+                EnvEdit::Set { key, .. } => format!("set {key}"),
+                EnvEdit::Rename { from, to } => format!("rename {from} to {to}"),
+                EnvEdit::Unset { key } => format!("unset {key}"),
+            })
+            .collect();
+        if !edits.is_empty() {
+            p.insert("env".into(), edits.join(", "));
+        }
+        if let Some(watch) = self.watch {
+            p.insert(
+                "watch".into(),
+                humantime::format_duration(watch).to_string(),
+            );
+        }
+        for (flag, on) in [("no_rollback", self.no_rollback), ("force", self.force)] {
+            if on {
+                p.insert(flag.into(), "true".into());
+            }
+        }
         p
-    }
-
-    pub fn from_params(params: &BTreeMap<String, String>) -> Option<UpgradeSpec> {
-        serde_json::from_str(params.get("spec")?).ok()
     }
 }
 
@@ -160,7 +176,7 @@ pub async fn preflight(
         .map_err(|e| PreflightError::Precondition(e.to_string()))?;
     let status = deps
         .systemd
-        .status(unit.as_str())
+        .status(&unit)
         .await
         .map_err(|e| PreflightError::Precondition(e.to_string()))?;
     if status.load_state != "loaded" {
@@ -656,11 +672,7 @@ async fn restart_and_settle(
     }
     let deadline = Instant::now() + deps.config.systemd.settle;
     loop {
-        let state = deps
-            .systemd
-            .status(unit.as_str())
-            .await
-            .map_err(|e| e.to_string())?;
+        let state = deps.systemd.status(unit).await.map_err(|e| e.to_string())?;
         if !state.is_active() {
             return Err(format!(
                 "{} is {}/{} after the restart",

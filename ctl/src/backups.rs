@@ -277,6 +277,25 @@ fn print_backups(g: &Global, backups: &[pb::Backup]) {
     }
 }
 
+/// Creates `path` afresh (an old file or link of that name is removed
+/// first), mode 0600 whatever the umask.
+fn create_private(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
 async fn download(
     g: &Global,
     node: &crate::nodes::Node,
@@ -293,10 +312,12 @@ async fn download(
         .await
         .map_err(|s| node.fail(s))?
         .into_inner();
-    // Written next to the target and renamed when complete.
+    // Written next to the target and renamed when complete. A backup holds
+    // secrets: the file is 0600 whatever the umask, and created new, so a
+    // link planted at the partial name is replaced, never written through.
     let partial = to.with_extension("partial");
-    let mut out = std::fs::File::create(&partial)
-        .with_context(|| format!("cannot create {}", partial.display()))?;
+    let mut out =
+        create_private(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
     let mut written = 0u64;
     let result: anyhow::Result<()> = async {
         while let Some(chunk) = stream.message().await.map_err(|s| node.fail(s))? {
