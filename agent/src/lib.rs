@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod notify;
 pub mod ops;
 pub mod packages;
+pub mod private;
 pub mod probes;
 pub mod process;
 pub mod server;

@@ -164,7 +164,7 @@ async fn run(config_path: &Path, notify: &NotifyEnv) -> anyhow::Result<()> {
 /// Where the agent really listens (useful with port 0), written atomically.
 fn write_addr_file(path: &Path, addr: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("addr.tmp");
-    std::fs::write(&tmp, format!("{addr}\n"))
+    covet_agent::private::write_synced(&tmp, format!("{addr}\n").as_bytes())
         .and_then(|()| std::fs::rename(&tmp, path))
         .with_context(|| format!("cannot write {}", path.display()))
 }

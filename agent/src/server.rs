@@ -264,12 +264,8 @@ fn resume(state: &AgentState, op: &crate::journal::OperationRecord) -> bool {
     }
 }
 
-/// Creates `dir` (and parents) with mode 0700 if missing.
+/// Creates `dir` (and parents) with mode 0700, narrowing it if it was wider.
 fn create_private_dir(dir: &PathBuf) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    crate::private::create_dir_all(dir)
         .with_context(|| format!("cannot create state_dir {}", dir.display()))
 }

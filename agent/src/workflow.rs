@@ -478,7 +478,7 @@ async fn forward(
         STEP_BACKUP,
         "files and database, as `backup create` does",
         async {
-            std::fs::create_dir_all(&op_dir)
+            crate::private::create_dir_all(&op_dir)
                 .map_err(|e| format!("cannot create {}: {e}", op_dir.display()))?;
             let opts = CreateOptions {
                 files: true,
@@ -1190,14 +1190,9 @@ pub async fn run_rollback(
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), String> {
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
     let tmp = path.with_extension("tmp");
-    (|| -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })()
-    .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    crate::private::write_synced(&tmp, &bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, String> {
