@@ -106,7 +106,8 @@ enum Command {
     /// Put an app back as it was before its last upgrade (or as in a backup).
     Rollback {
         app: String,
-        /// The backup to roll back to (default: the one of the last upgrade).
+        /// The backup to roll back to (default: the one of the last upgrade;
+        /// any other backup needs the admin role).
         #[arg(long)]
         to: Option<String>,
     },
