@@ -835,6 +835,7 @@ fn step_outcome_to_pb(o: StepOutcome) -> pb::StepOutcome {
         StepOutcome::Succeeded => pb::StepOutcome::Succeeded,
         StepOutcome::Failed => pb::StepOutcome::Failed,
         StepOutcome::Skipped => pb::StepOutcome::Skipped,
+        StepOutcome::Interrupted => pb::StepOutcome::Interrupted,
     }
 }
 

@@ -71,6 +71,8 @@ pub enum StepOutcome {
     Succeeded,
     Failed,
     Skipped,
+    /// The agent died while the step ran; it ended when the agent came back.
+    Interrupted,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -227,14 +227,34 @@ impl Operations {
     /// Operations the journal shows as unfinished: the agent died while they
     /// ran. Each is ended as failed with an explanation, unless `resume`
     /// takes it over (upgrades roll back; see the workflow).
+    /// Their steps that were running when the agent died are ended first
+    /// as interrupted, so no record shows a step running forever.
     pub fn recover_unfinished(&self) -> Result<Vec<OperationRecord>, JournalError> {
-        let unfinished: Vec<OperationRecord> = self
-            .inner
-            .journal
-            .list()?
-            .into_iter()
-            .filter(|op| !op.state.is_final())
-            .collect();
+        let journal = &self.inner.journal;
+        let mut unfinished = Vec::new();
+        for op in journal.list()? {
+            if op.state.is_final() {
+                continue;
+            }
+            let mut running: Vec<&str> = op
+                .steps
+                .iter()
+                .filter(|s| s.outcome == StepOutcome::Running)
+                .map(|s| s.name.as_str())
+                .collect();
+            running.dedup();
+            for step in running {
+                journal.append(
+                    &op.id,
+                    EventBody::StepFinished {
+                        step: step.to_owned(),
+                        outcome: StepOutcome::Interrupted,
+                        detail: "interrupted: the agent stopped while this step ran".into(),
+                    },
+                )?;
+            }
+            unfinished.push(journal.get(&op.id)?);
+        }
         Ok(unfinished)
     }
 

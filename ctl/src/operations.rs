@@ -174,10 +174,10 @@ impl Renderer {
             }
             Event::StepFinished(s) => {
                 self.end_bar();
-                let mark = if outcome_name(s.outcome) == "succeeded" {
-                    "ok"
-                } else {
-                    "FAILED"
+                let mark = match outcome_name(s.outcome).as_str() {
+                    "succeeded" => "ok",
+                    "interrupted" => "INTERRUPTED",
+                    _ => "FAILED",
                 };
                 self.line(format!(
                     "    {mark} {}{}",

@@ -699,6 +699,16 @@ async fn killed_at(step: &str) {
             done.cause
         );
     }
+    // No step is left running: the one the kill cut short ended
+    // interrupted, with an end time.
+    let outcomes: Vec<pb::StepOutcome> = done
+        .steps
+        .iter()
+        .map(|s| pb::StepOutcome::try_from(s.outcome).unwrap())
+        .collect();
+    assert!(!outcomes.contains(&pb::StepOutcome::Running), "{done:?}");
+    assert!(outcomes.contains(&pb::StepOutcome::Interrupted), "{done:?}");
+    assert!(done.steps.iter().all(|s| s.finished.is_some()), "{done:?}");
     // The app may have been stopped by the rollback or never touched.
     let _ = w.sandbox.systemctl(&["start", UNIT]);
     wait_healthy(w.app.port, "0.1.9").await;
