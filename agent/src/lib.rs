@@ -32,6 +32,7 @@ pub mod ops;
 pub mod packages;
 pub mod probes;
 pub mod process;
+pub mod safefs;
 pub mod server;
 pub mod systemd;
 pub mod tls;
