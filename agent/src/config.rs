@@ -471,19 +471,24 @@ impl Config {
                 .and_then(|u| crate::fsutil::user_ids(u).ok().flatten())
                 .map(|(uid, _)| uid);
             let pkg = app.package.as_ref();
-            let declared = app.paths.iter().map(|p| (format!("paths"), p)).chain(
-                [
-                    ("env_file", app.env_file.as_ref()),
-                    ("package.venv", pkg.and_then(|p| p.venv.as_ref())),
-                    (
-                        "package.releases_dir",
-                        pkg.and_then(|p| p.releases_dir.as_ref()),
-                    ),
-                    ("package.current", pkg.and_then(|p| p.current.as_ref())),
-                ]
-                .into_iter()
-                .filter_map(|(k, p)| p.map(|p| (k.to_owned(), p))),
-            );
+            let declared = app
+                .paths
+                .iter()
+                .enumerate()
+                .map(|(j, p)| (format!("paths[{j}]"), p))
+                .chain(
+                    [
+                        ("env_file", app.env_file.as_ref()),
+                        ("package.venv", pkg.and_then(|p| p.venv.as_ref())),
+                        (
+                            "package.releases_dir",
+                            pkg.and_then(|p| p.releases_dir.as_ref()),
+                        ),
+                        ("package.current", pkg.and_then(|p| p.current.as_ref())),
+                    ]
+                    .into_iter()
+                    .filter_map(|(k, p)| p.map(|p| (k.to_owned(), p))),
+                );
             for (field, path) in declared {
                 for (dir, why) in crate::fsutil::untrusted_ancestors(path, app_uid) {
                     out.add(

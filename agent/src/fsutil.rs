@@ -157,12 +157,14 @@ pub fn untrusted_writer(
             mode & 0o7777
         ));
     }
-    if mode & 0o020 != 0 && gid != 0 && !sticky {
-        if let Some(other) = group_members.iter().find(|m| !trusted.contains(m)) {
-            return Some(format!(
-                "it is writable by group {gid}, which has uid {other} as a member"
-            ));
-        }
+    if mode & 0o020 != 0
+        && gid != 0
+        && !sticky
+        && let Some(other) = group_members.iter().find(|m| !trusted.contains(m))
+    {
+        return Some(format!(
+            "it is writable by group {gid}, which has uid {other} as a member"
+        ));
     }
     None
 }

@@ -37,6 +37,10 @@ async fn world(name: &str) -> World {
     std::fs::create_dir_all(app.join("lib/deep")).unwrap();
     std::fs::write(app.join("lib/deep/code.py"), "print('v1')\n").unwrap();
     std::fs::write(app.join("settings.ini"), "a = 1\n").unwrap();
+    // Enough entries that each extraction leaves the racer a wide window.
+    for i in 0..600 {
+        std::fs::write(app.join(format!("lib/deep/m{i}.py")), "x = 1\n").unwrap();
+    }
     std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o777)).unwrap();
     let sentinel = dir.path().join("sentinel");
     std::fs::create_dir_all(sentinel.join("inner")).unwrap();
@@ -209,6 +213,21 @@ async fn restore_racing_symlinks_in_the_parent_never_touches_anything_outside() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn downloads_refuse_symlinks_planted_in_a_backup_directory() {
     let w = world("fs-download").await;
+    // check-config warns about the parent every user can write, and passes.
+    let out = Command::new(covet_tests::bin("covet-agent"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&w.agent.config_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: app[0].paths[0]")
+            && stderr.contains(&w.parent.display().to_string())
+            && stderr.contains("every user"),
+        "{stderr}"
+    );
     let id = backup_files_only(&w.agent);
     let backup = w.agent.dir.join("backups/covet").join(&id);
     let archive = std::fs::read_dir(&backup)
@@ -258,21 +277,22 @@ async fn downloads_refuse_symlinks_planted_in_a_backup_directory() {
             .any(|w| w == b"SECRET-HASH"),
         "bytes of the link's target leaked"
     );
-    // The refusal is FAILED_PRECONDITION and audited as such.
-    let record = w
-        .agent
-        .wait_audit(|r| {
-            r["rpc"]
-                .as_str()
-                .is_some_and(|m| m.contains("DownloadBackup"))
-        })
-        .await;
-    assert!(
-        record.to_string().contains("FAILED_PRECONDITION")
-            || record.to_string().contains("failed_precondition")
-            || record.to_string().contains("9"),
-        "{record}"
+    // Over gRPC: FAILED_PRECONDITION, before any byte is streamed.
+    let mut client = covet_proto::v1::backup_service_client::BackupServiceClient::new(
+        w.agent.channel("admin").await,
     );
+    for file in [archive.as_str(), ""] {
+        let status = client
+            .download_backup(covet_proto::v1::DownloadBackupRequest {
+                id: id.clone(),
+                file: file.to_owned(),
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("symlink"), "{}", status.message());
+    }
 }
 
 /// A release tarball `relapp-VERSION.tar` (GNU format, sparse-aware) with a
