@@ -1475,9 +1475,20 @@ impl pb::backup_service_server::BackupService for BackupApi {
         set_target(&request, format!("backup={}", request.get_ref().id));
         let req = request.into_inner();
         let (dir, m) = self.find(&req.id)?;
+        // Opened here, relative to the backup directory and never through a
+        // symlink, so a refusal is a status and no byte of a link's target
+        // is ever read.
+        let refused = |e: std::io::Error| download_refusal(&m.id, &dir, e);
+        let backup_dir = crate::safefs::Dir::open(&dir).map_err(refused)?;
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         if req.file.is_empty() {
-            tokio::task::spawn_blocking(move || stream_tar(&dir, &m.id, tx));
+            let mut files = Vec::new();
+            for name in backup_dir.names().map_err(refused)? {
+                let file = backup_dir.open_regular(&name).map_err(refused)?;
+                files.push((name.to_string_lossy().into_owned(), file));
+            }
+            let id = m.id.clone();
+            tokio::task::spawn_blocking(move || stream_tar(files, &id, tx));
         } else {
             let Some(file) = m.files.iter().find(|f| f.name == req.file) else {
                 return Err(Status::not_found(format!(
@@ -1492,9 +1503,12 @@ impl pb::backup_service_server::BackupService for BackupApi {
                         .join(", ")
                 )));
             };
+            let opened = backup_dir
+                .open_regular(std::ffi::OsStr::new(&file.name))
+                .map_err(refused)?;
             let path = dir.join(&file.name);
             let total = file.size;
-            tokio::task::spawn_blocking(move || stream_file(&path, total, tx));
+            tokio::task::spawn_blocking(move || stream_file(opened, &path, total, tx));
         }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -1563,22 +1577,31 @@ impl pb::backup_service_server::BackupService for BackupApi {
 
 const CHUNK: usize = 256 * 1024;
 
+/// Why a backup cannot be downloaded: a symlink or other non-file in the
+/// backup directory is FAILED_PRECONDITION (someone tampered with it).
+fn download_refusal(id: &str, dir: &std::path::Path, e: std::io::Error) -> Status {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData => Status::failed_precondition(format!(
+            "backup {id} cannot be downloaded: {e} (a backup directory holds only regular files; inspect {} and delete the backup if it was tampered with)",
+            dir.display()
+        )),
+        _ if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) => {
+            Status::failed_precondition(format!(
+                "backup {id} cannot be downloaded: {} is not a plain directory ({e})",
+                dir.display()
+            ))
+        }
+        _ => Status::internal(format!("cannot read backup {id} in {}: {e}", dir.display())),
+    }
+}
+
 fn stream_file(
+    mut file: std::fs::File,
     path: &std::path::Path,
     total: u64,
     tx: tokio::sync::mpsc::Sender<Result<pb::BackupChunk, Status>>,
 ) {
     use std::io::Read;
-    let mut file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = tx.blocking_send(Err(Status::internal(format!(
-                "cannot read {}: {e}",
-                path.display()
-            ))));
-            return;
-        }
-    };
     let mut offset = 0u64;
     loop {
         let mut buf = vec![0u8; CHUNK];
@@ -1607,9 +1630,10 @@ fn stream_file(
     }
 }
 
-/// Streams a tar of the whole backup directory.
+/// Streams a tar of the whole backup directory: its regular files, opened
+/// beforehand.
 fn stream_tar(
-    dir: &std::path::Path,
+    files: Vec<(String, std::fs::File)>,
     id: &str,
     tx: tokio::sync::mpsc::Sender<Result<pb::BackupChunk, Status>>,
 ) {
@@ -1642,8 +1666,14 @@ fn stream_tar(
         },
     );
     let mut builder = tar::Builder::new(writer);
-    let result = builder
-        .append_dir_all(id, dir)
+    let result = files
+        .into_iter()
+        .try_for_each(|(name, mut file)| {
+            let meta = file.metadata()?;
+            let mut header = tar::Header::new_gnu();
+            header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+            builder.append_data(&mut header, format!("{id}/{name}"), &mut file)
+        })
         .and_then(|()| builder.into_inner())
         .and_then(|mut w| {
             use std::io::Write;

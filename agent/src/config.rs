@@ -458,6 +458,54 @@ impl AppConfig {
     }
 }
 
+impl Config {
+    /// What `check-config` reports without failing: declared paths with an
+    /// ancestor directory that a user other than root and the app's user
+    /// can write (that user could swap what the agent unpacks there).
+    pub fn warnings(&self) -> Vec<Problem> {
+        let mut out = Problems::default();
+        for (i, app) in self.apps.iter().enumerate() {
+            let app_uid = app
+                .user
+                .as_deref()
+                .and_then(|u| crate::fsutil::user_ids(u).ok().flatten())
+                .map(|(uid, _)| uid);
+            let pkg = app.package.as_ref();
+            let declared = app
+                .paths
+                .iter()
+                .enumerate()
+                .map(|(j, p)| (format!("paths[{j}]"), p))
+                .chain(
+                    [
+                        ("env_file", app.env_file.as_ref()),
+                        ("package.venv", pkg.and_then(|p| p.venv.as_ref())),
+                        (
+                            "package.releases_dir",
+                            pkg.and_then(|p| p.releases_dir.as_ref()),
+                        ),
+                        ("package.current", pkg.and_then(|p| p.current.as_ref())),
+                    ]
+                    .into_iter()
+                    .filter_map(|(k, p)| p.map(|p| (k.to_owned(), p))),
+                );
+            for (field, path) in declared {
+                for (dir, why) in crate::fsutil::untrusted_ancestors(path, app_uid) {
+                    out.add(
+                        format!("app[{i}].{field}"),
+                        format!(
+                            "{} is under {}, which another user can write: {why}; make it writable only by root and the app's user",
+                            path.display(),
+                            dir.display()
+                        ),
+                    );
+                }
+            }
+        }
+        out.0
+    }
+}
+
 impl PackageConfig {
     fn check(&self, key: &str, out: &mut Problems) {
         if self.name.is_empty()

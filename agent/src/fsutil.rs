@@ -68,6 +68,128 @@ pub fn tree_fingerprint(root: &Path) -> io::Result<String> {
     )))
 }
 
+/// uid and primary gid of the system user `name`; `None` if there is none.
+pub fn user_ids(name: &str) -> io::Result<Option<(u32, u32)>> {
+    let c_name = CString::new(name)?;
+    let mut buf: Vec<libc::c_char> = vec![0; 16 * 1024];
+    loop {
+        // SAFETY: an all-zero passwd is a valid value for getpwnam_r to fill.
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call; `buf` outlives `entry`.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                c_name.as_ptr(),
+                &mut entry,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            0 if found.is_null() => return Ok(None),
+            0 => return Ok(Some((entry.pw_uid, entry.pw_gid))),
+            // ENOENT and friends: no such user.
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
+            rc => return Err(io::Error::from_raw_os_error(rc)),
+        }
+    }
+}
+
+/// The uids of the named members of group `gid` (`/etc/group`'s list;
+/// users whose primary group it is are not listed there).
+fn group_member_uids(gid: u32) -> Vec<u32> {
+    let mut buf: Vec<libc::c_char> = vec![0; 16 * 1024];
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: an all-zero group is a valid value for getgrgid_r to fill.
+        let mut entry: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call; `buf` outlives `entry`.
+        let rc =
+            unsafe { libc::getgrgid_r(gid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        if rc != 0 || found.is_null() || entry.gr_mem.is_null() {
+            break;
+        }
+        let mut member = entry.gr_mem;
+        // SAFETY: gr_mem is a NULL-terminated array of NUL-terminated
+        // strings inside `buf`.
+        unsafe {
+            while !(*member).is_null() {
+                names.push(
+                    std::ffi::CStr::from_ptr(*member)
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+                member = member.add(1);
+            }
+        }
+        break;
+    }
+    names
+        .iter()
+        .filter_map(|n| user_ids(n).ok().flatten().map(|(uid, _)| uid))
+        .collect()
+}
+
+/// Why a directory lets someone other than `trusted` (root and the app's
+/// user) replace what is in it; `None` when it does not. Pure: mode bits,
+/// owner, group and the group's member uids.
+pub fn untrusted_writer(
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    group_members: &[u32],
+    trusted: &[u32],
+) -> Option<String> {
+    let sticky = mode & 0o1000 != 0;
+    if !trusted.contains(&uid) {
+        return Some(format!("it is owned by uid {uid}, who can change its mode"));
+    }
+    if mode & 0o002 != 0 && !sticky {
+        return Some(format!(
+            "it is writable by every user (mode {:o})",
+            mode & 0o7777
+        ));
+    }
+    if mode & 0o020 != 0
+        && gid != 0
+        && !sticky
+        && let Some(other) = group_members.iter().find(|m| !trusted.contains(m))
+    {
+        return Some(format!(
+            "it is writable by group {gid}, which has uid {other} as a member"
+        ));
+    }
+    None
+}
+
+/// Ancestors of `path` (its parent up to `/`) that a user other than root
+/// and `app_uid` could write, with the reason: such a user could swap
+/// what the agent unpacks there. Missing ancestors are skipped.
+pub fn untrusted_ancestors(path: &Path, app_uid: Option<u32>) -> Vec<(std::path::PathBuf, String)> {
+    let trusted: Vec<u32> = std::iter::once(0).chain(app_uid).collect();
+    path.ancestors()
+        .skip(1)
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .filter_map(|dir| {
+            let meta = fs::metadata(dir).ok()?;
+            let members = if meta.mode() & 0o020 != 0 {
+                group_member_uids(meta.gid())
+            } else {
+                Vec::new()
+            };
+            untrusted_writer(meta.mode(), meta.uid(), meta.gid(), &members, &trusted)
+                .map(|why| (dir.to_path_buf(), why))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +212,55 @@ mod tests {
         // A plain file is a tree of one; a missing path is an error.
         assert!(tree_fingerprint(&root.join("sub/a")).is_ok());
         assert!(tree_fingerprint(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn untrusted_writers_are_named_and_trusted_ones_are_not() {
+        let trusted = [0, 1000];
+        assert_eq!(untrusted_writer(0o755, 0, 0, &[], &trusted), None);
+        assert_eq!(untrusted_writer(0o755, 1000, 1000, &[], &trusted), None);
+        assert!(
+            untrusted_writer(0o755, 1001, 0, &[], &trusted)
+                .unwrap()
+                .contains("uid 1001")
+        );
+        assert!(
+            untrusted_writer(0o777, 0, 0, &[], &trusted)
+                .unwrap()
+                .contains("every user")
+        );
+        // /tmp: sticky, others cannot move or replace our names.
+        assert_eq!(untrusted_writer(0o1777, 0, 0, &[], &trusted), None);
+        assert!(
+            untrusted_writer(0o775, 0, 50, &[1000, 1002], &trusted)
+                .unwrap()
+                .contains("uid 1002")
+        );
+        assert_eq!(untrusted_writer(0o775, 0, 50, &[1000], &trusted), None);
+        assert_eq!(
+            untrusted_writer(0o775, 0, 0, &[1002], &trusted),
+            None,
+            "root's group"
+        );
+    }
+
+    #[test]
+    fn untrusted_ancestors_of_real_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let found = untrusted_ancestors(&open.join("app"), None);
+        assert!(
+            found
+                .iter()
+                .any(|(d, why)| d == &open && why.contains("every user")),
+            "{found:?}"
+        );
+        fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let found = untrusted_ancestors(&open.join("app"), None);
+        assert!(!found.iter().any(|(d, _)| d == &open), "{found:?}");
+        assert_eq!(user_ids("root").unwrap(), Some((0, 0)));
+        assert_eq!(user_ids("no-such-user-covet").unwrap(), None);
     }
 }

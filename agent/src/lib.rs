@@ -33,6 +33,7 @@ pub mod packages;
 pub mod private;
 pub mod probes;
 pub mod process;
+pub mod safefs;
 pub mod server;
 pub mod systemd;
 pub mod tls;

@@ -86,6 +86,9 @@ fn main() -> ExitCode {
 fn check_config(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
+            for w in config.warnings() {
+                eprintln!("  warning: {w}");
+            }
             println!(
                 "{}: ok ({} app(s), listening on {})",
                 path.display(),

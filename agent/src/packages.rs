@@ -38,6 +38,7 @@ use tokio::process::Command;
 use crate::backup::archive::{self, ArchiveError, Compression, Progress};
 use crate::config::{AppConfig, PackageConfig, PackageKind};
 use crate::fsutil::tree_fingerprint;
+use crate::safefs::{self, Dir, Staging};
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(20);
 /// `restore` takes no timeout; reinstalling one package file gets this long.
@@ -274,11 +275,25 @@ pub async fn install(
     timeout: Duration,
     on_line: &(dyn Fn(bool, &str) + Send + Sync),
 ) -> Result<(), PackageError> {
+    install_as(None, pkg, version, op_id, timeout, on_line).await
+}
+
+/// [`install`], with a release artifact's files owned by the app's user
+/// `app_user` (without one: by the owner of `releases_dir`); setuid and
+/// setgid bits of an artifact are always dropped.
+pub async fn install_as(
+    app_user: Option<&str>,
+    pkg: &PackageConfig,
+    version: &str,
+    op_id: &str,
+    timeout: Duration,
+    on_line: &(dyn Fn(bool, &str) + Send + Sync),
+) -> Result<(), PackageError> {
     validate_version(version)?;
     validate_op_id(op_id)?;
     match pkg.kind {
         PackageKind::Pip => pip_install(pkg, version, timeout, on_line).await,
-        PackageKind::Release => release_install(pkg, version, op_id, timeout).await,
+        PackageKind::Release => release_install(pkg, app_user, version, op_id, timeout).await,
         PackageKind::Deb => System::Deb.install(pkg, version, timeout, on_line).await,
         PackageKind::Rpm => {
             System::Rpm(&[])
@@ -922,6 +937,7 @@ fn release_prepare(pkg: &PackageConfig) -> Result<RestorePoint, PackageError> {
 
 async fn release_install(
     pkg: &PackageConfig,
+    app_user: Option<&str>,
     version: &str,
     op_id: &str,
     timeout: Duration,
@@ -930,13 +946,15 @@ async fn release_install(
     let release = match release_source(pkg, version)? {
         ReleaseSource::Unpacked(dir) => dir,
         ReleaseSource::Artifact(artifact, compression) => {
+            let releases_dir = releases_dir_of(pkg)?.to_owned();
+            let owner = release_owner(app_user, &releases_dir)?;
             let unpack = Unpack {
                 artifact,
                 compression,
-                releases_dir: releases_dir_of(pkg)?.to_owned(),
+                owner,
+                releases_dir,
                 top_dir: format!("{}-{version}", pkg.name),
                 version: version.to_owned(),
-                op_id: op_id.to_owned(),
             };
             unpack.run(timeout).await?
         }
@@ -945,15 +963,33 @@ async fn release_install(
     blocking(move || point_symlink(&current, &release, &link_suffix)).await
 }
 
+/// Who owns an unpacked release: the app's user, else `releases_dir`'s owner.
+fn release_owner(app_user: Option<&str>, releases_dir: &Path) -> Result<(u32, u32), PackageError> {
+    match app_user {
+        Some(user) => crate::fsutil::user_ids(user)
+            .map_err(io_error(format!("looking up user {user:?}")))?
+            .ok_or_else(|| PackageError::CannotRestore {
+                path: releases_dir.to_owned(),
+                why: format!("the app's user {user:?} does not exist on this host"),
+            }),
+        None => {
+            let meta = fs::metadata(releases_dir)
+                .map_err(io_error(format!("reading {}", releases_dir.display())))?;
+            Ok((meta.uid(), meta.gid()))
+        }
+    }
+}
+
 /// Unpacking one release artifact into `releases_dir/VERSION/`.
 struct Unpack {
     artifact: PathBuf,
     compression: Compression,
+    /// uid and gid every unpacked object gets.
+    owner: (u32, u32),
     releases_dir: PathBuf,
     /// Conventional single top directory (`NAME-VERSION/`), hoisted if present.
     top_dir: String,
     version: String,
-    op_id: String,
 }
 
 impl Unpack {
@@ -979,46 +1015,102 @@ impl Unpack {
         })?
     }
 
+    /// The staging directory has an unpredictable name, is checked with
+    /// fstat, and is used (extraction, the rename into place) only through
+    /// descriptors, so a user who can write `releases_dir` cannot redirect
+    /// any of it.
     fn unpack(&self, cancel: &AtomicBool) -> Result<PathBuf, PackageError> {
         let target = self.releases_dir.join(&self.version);
-        let staging = self
-            .releases_dir
-            .join(format!(".{}.staging-{}", self.version, self.op_id));
-        remove_tree(&staging)?;
-        fs::create_dir(&staging).map_err(io_error(format!("creating {}", staging.display())))?;
+        let releases = Dir::open(&self.releases_dir)
+            .map_err(io_error(format!("opening {}", self.releases_dir.display())))?;
+        let staging = Staging::create(releases, &format!("{}.staging", self.version)).map_err(
+            io_error(format!(
+                "making a staging directory in {}",
+                self.releases_dir.display()
+            )),
+        )?;
+        let staging_path = self.releases_dir.join(&staging.name);
         let progress = Progress {
             cancel,
             ..Progress::silent()
         };
-        let extracted = archive::extract(&self.artifact, self.compression, &staging, &progress)
-            .map_err(|source| PackageError::Archive {
-                artifact: self.artifact.clone(),
-                source,
-            })
-            .and_then(|_| self.move_into_place(&staging, &target));
+        let options = archive::ExtractOptions {
+            owner: Some(self.owner),
+        };
+        let extracted = archive::extract_into(
+            &self.artifact,
+            self.compression,
+            &staging.dir,
+            &staging_path,
+            options,
+            &progress,
+        )
+        .map_err(|source| PackageError::Archive {
+            artifact: self.artifact.clone(),
+            source,
+        })
+        .and_then(|_| self.move_into_place(&staging, &target));
         if extracted.is_err() {
             // Best effort: the error at hand says more than a cleanup failure.
-            let _ = remove_tree(&staging);
+            let _ = staging.remove();
         }
         extracted?;
-        fsync_dir(&self.releases_dir)?;
+        staging
+            .parent
+            .sync()
+            .map_err(io_error(format!("syncing {}", self.releases_dir.display())))?;
         Ok(target)
     }
 
-    fn move_into_place(&self, staging: &Path, target: &Path) -> Result<(), PackageError> {
-        let top = staging.join(&self.top_dir);
-        if top.is_dir() && single_entry(staging)? {
-            rename(&top, target)?;
-            fs::remove_dir(staging).map_err(io_error(format!("removing {}", staging.display())))
-        } else {
-            rename(staging, target)
+    fn move_into_place(&self, staging: &Staging, target: &Path) -> Result<(), PackageError> {
+        let renaming = |e| {
+            io_error(format!(
+                "renaming {} to {}",
+                staging.name.to_string_lossy(),
+                target.display()
+            ))(e)
+        };
+        let version = std::ffi::OsStr::new(&self.version);
+        let top = std::ffi::OsStr::new(&self.top_dir);
+        let names = staging.dir.names().map_err(renaming)?;
+        let hoisted = names.len() == 1
+            && names[0] == top
+            && staging
+                .dir
+                .stat_at(top)
+                .map_err(renaming)?
+                .is_some_and(|st| safefs::is_dir(&st));
+        if hoisted {
+            staging
+                .dir
+                .rename(top, &staging.parent, version)
+                .map_err(renaming)?;
+            return staging.remove().map_err(renaming);
         }
+        // The staging directory itself becomes the release: readable by
+        // all, owned like its contents, then renamed by name, so check that
+        // the name still is this directory.
+        let root = staging.dir.as_file().map_err(renaming)?;
+        if is_root() {
+            std::os::unix::fs::fchown(&root, Some(self.owner.0), Some(self.owner.1))
+                .map_err(renaming)?;
+        }
+        root.set_permissions(fs::Permissions::from_mode(0o755))
+            .map_err(renaming)?;
+        if !staging.still_in_place() {
+            return Err(PackageError::CannotRestore {
+                path: target.to_owned(),
+                why: format!(
+                    "the staging directory {} was moved or replaced while unpacking",
+                    staging.name.to_string_lossy()
+                ),
+            });
+        }
+        staging
+            .parent
+            .rename(&staging.name, &staging.parent, version)
+            .map_err(renaming)
     }
-}
-
-fn single_entry(dir: &Path) -> Result<bool, PackageError> {
-    let entries = fs::read_dir(dir).map_err(io_error(format!("listing {}", dir.display())))?;
-    Ok(entries.count() == 1)
 }
 
 /// Points `link` at `target` atomically: a new symlink `LINK.SUFFIX` is

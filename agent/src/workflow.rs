@@ -518,7 +518,8 @@ async fn forward(
                     line,
                 )
             };
-            ctx.waiting(packages::install(
+            ctx.waiting(packages::install_as(
+                app.user.as_deref(),
                 &pkg,
                 &spec.to_version,
                 &ctx.id,

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::fs::{self, File, FileTimes, Metadata, OpenOptions, Permissions};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -20,6 +20,8 @@ use gzp::deflate::Mgzip;
 use gzp::par::compress::{ParCompress, ParCompressBuilder};
 use gzp::{GzpError, ZWriter};
 use tar::{EntryType, Header};
+
+use crate::safefs::{self, Dir};
 
 /// Size of file reads, archive writes and decompressed reads.
 const IO_CHUNK: usize = 1 << 20;
@@ -78,6 +80,17 @@ pub enum ArchiveError {
     Corrupt { archive: PathBuf, why: String },
     #[error("no space left on the backup disk writing {}", path.display())]
     NoSpace { path: PathBuf },
+    #[error(
+        "{} unpacks to {needed} bytes (apparent size, sparse files counted in full) but {} has only {free} bytes free: free space there or refuse this archive",
+        archive.display(),
+        target.display()
+    )]
+    TooLarge {
+        archive: PathBuf,
+        needed: u64,
+        free: u64,
+        target: PathBuf,
+    },
     #[error("archive operation canceled")]
     Canceled,
 }
@@ -176,26 +189,6 @@ pub fn test_read(
             Path::new(""),
         )
     })
-}
-
-/// Extracts `archive` into `staging` (an empty directory the caller created next to the restore target), refusing — before writing anything outside `staging` and failing the whole extraction — any entry that: has an absolute path, contains `..` components, is a block/char device or FIFO, is a hard link whose target escapes `staging`, or whose path goes through a symlink extracted earlier (symlinks themselves are restored verbatim, wherever they point: extraction never follows one). Preserves modes (incl. setuid bits only when root), ownership when running as root (numeric uid/gid from the archive), mtimes, symlinks. Returns stats.
-///
-/// Symlink chains are resolved too (`a -> ..` plus `b/c -> ../a/..`), and
-/// checked again once all links exist. On error `staging` holds a partial
-/// tree: the caller removes it. A full restore disk is an `Io` error (the
-/// `NoSpace` message names the backup disk).
-pub fn extract(
-    archive: &Path,
-    compression: Compression,
-    staging: &Path,
-    progress: &Progress,
-) -> Result<ArchiveStats, ArchiveError> {
-    let mut extractor = Extractor::new(archive, staging);
-    let stats = for_each_entry(archive, compression, progress, &mut |entry, meter| {
-        extractor.extract_entry(entry, meter)
-    })?;
-    extractor.apply_dir_attrs()?;
-    Ok(stats)
 }
 
 // ---------------------------------------------------------------------------
@@ -855,6 +848,95 @@ fn copy_entry_body(
 // Extracting
 // ---------------------------------------------------------------------------
 
+/// How extracted objects are owned.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExtractOptions {
+    /// Every object gets this uid/gid instead of the archive's, and
+    /// setuid/setgid bits are dropped (release artifacts: built elsewhere,
+    /// owned by the app's user). `None`: the archive's ids when root
+    /// (backups, which restore what was there).
+    pub owner: Option<(u32, u32)>,
+}
+
+/// Sum of the apparent sizes of every entry (a sparse entry counts its full
+/// logical size): what an extraction may write at most. Reads the whole
+/// stream, headers only, without writing anything.
+pub fn apparent_size(
+    archive: &Path,
+    compression: Compression,
+    progress: &Progress,
+) -> Result<u64, ArchiveError> {
+    let mut total = 0u64;
+    let mut tar = tar::Archive::new(open_archive(archive, compression)?);
+    for entry in tar.entries().map_err(archive_error(archive))? {
+        if progress.cancel.load(Ordering::Relaxed) {
+            return Err(ArchiveError::Canceled);
+        }
+        let entry = entry.map_err(archive_error(archive))?;
+        total = total.saturating_add(entry.size());
+    }
+    Ok(total)
+}
+
+/// [`extract_into`] a directory opened from its path (whose last component
+/// must not be a symlink), owned as the archive says.
+pub fn extract(
+    archive: &Path,
+    compression: Compression,
+    staging: &Path,
+    progress: &Progress,
+) -> Result<ArchiveStats, ArchiveError> {
+    let dir = Dir::open(staging).map_err(io_at(staging))?;
+    extract_into(
+        archive,
+        compression,
+        &dir,
+        staging,
+        ExtractOptions::default(),
+        progress,
+    )
+}
+
+/// Extracts `archive` into the open directory `staging` (shown as
+/// `staging_path` in messages). First the budget: the apparent size of all
+/// entries must fit in the free space of `staging`'s file system, or
+/// nothing is written. Then every entry is created relative to `staging`'s
+/// descriptor (never through a symlink, even one swapped in meanwhile),
+/// refusing — before writing anything outside `staging` and failing the
+/// whole extraction — any entry that has an absolute path, contains `..`,
+/// is a device or FIFO, is a hard link whose target escapes `staging`, or
+/// whose path goes through a symlink extracted earlier (symlinks themselves
+/// are restored verbatim, wherever they point). Attributes are set on open
+/// descriptors; holes of sparse entries stay holes. Modes keep setuid bits
+/// only when root and no `owner` is imposed.
+///
+/// On error `staging` holds a partial tree: the caller removes it.
+pub fn extract_into(
+    archive: &Path,
+    compression: Compression,
+    staging: &Dir,
+    staging_path: &Path,
+    options: ExtractOptions,
+    progress: &Progress,
+) -> Result<ArchiveStats, ArchiveError> {
+    let budget = apparent_size(archive, compression, progress)?;
+    let free = staging.free_bytes().map_err(io_at(staging_path))?;
+    if budget > free {
+        return Err(ArchiveError::TooLarge {
+            archive: archive.to_path_buf(),
+            needed: budget,
+            free,
+            target: staging_path.to_path_buf(),
+        });
+    }
+    let mut extractor = Extractor::new(archive, staging, staging_path, options, budget);
+    let stats = for_each_entry(archive, compression, progress, &mut |entry, meter| {
+        extractor.extract_entry(entry, meter)
+    })?;
+    extractor.apply_dir_attrs()?;
+    Ok(stats)
+}
+
 /// Metadata to restore on an extracted object.
 #[derive(Clone, Copy)]
 struct Attrs {
@@ -878,31 +960,49 @@ impl Attrs {
             mode: header.mode().map_err(|_| bad("mode"))?,
             uid: id(header.uid(), "uid")?,
             gid: id(header.gid(), "gid")?,
-            mtime: UNIX_EPOCH + Duration::from_secs(mtime),
+            mtime: UNIX_EPOCH + Duration::from_secs(mtime.min(i64::MAX as u64)),
         })
     }
 }
 
 struct Extractor<'x> {
     archive: &'x Path,
+    root: &'x Dir,
     staging: &'x Path,
     as_root: bool,
+    options: ExtractOptions,
+    /// Apparent bytes the budget allows, and those written so far.
+    budget: u64,
+    written: u64,
     /// Symlinks created so far, by path relative to staging, with targets.
     symlinks: HashMap<PathBuf, PathBuf>,
     /// Directories get their mode and mtime last: adding entries changes
     /// mtimes, and a read-only mode would block adding them.
     dirs: Vec<(PathBuf, Attrs)>,
+    /// Parents seen, when an owner is imposed.
+    implied_dirs: std::collections::HashSet<PathBuf>,
     buf: Vec<u8>,
 }
 
 impl<'x> Extractor<'x> {
-    fn new(archive: &'x Path, staging: &'x Path) -> Self {
+    fn new(
+        archive: &'x Path,
+        root: &'x Dir,
+        staging: &'x Path,
+        options: ExtractOptions,
+        budget: u64,
+    ) -> Self {
         Extractor {
             archive,
+            root,
             staging,
             as_root: is_root(),
+            options,
+            budget,
+            written: 0,
             symlinks: HashMap::new(),
             dirs: Vec::new(),
+            implied_dirs: std::collections::HashSet::new(),
             buf: vec![0; IO_CHUNK],
         }
     }
@@ -927,7 +1027,11 @@ impl<'x> Extractor<'x> {
             return Ok(());
         }
         self.refuse_through_symlink(&rel).map_err(refuse)?;
-        let attrs = Attrs::of(entry.header(), self.archive, &name)?;
+        let mut attrs = Attrs::of(entry.header(), self.archive, &name)?;
+        if let Some((uid, gid)) = self.options.owner {
+            attrs.uid = uid;
+            attrs.gid = gid;
+        }
         match kind {
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 self.extract_file(entry, meter, &rel, attrs, &name)
@@ -968,12 +1072,57 @@ impl<'x> Extractor<'x> {
     /// Symlinks are restored as they were, wherever they point (a
     /// virtualenv's `bin/python3 -> /usr/bin/python3` must come back): they
     /// are inert here, because extraction never follows one. Every later
-    /// entry whose path goes through a symlink is refused, files are created
-    /// with `O_NOFOLLOW | O_EXCL`, and an earlier entry of the same name is
-    /// removed, never followed. Only an empty target is refused.
+    /// entry whose path goes through a symlink is refused, every object is
+    /// created relative to its parent's descriptor with `O_NOFOLLOW |
+    /// O_EXCL` (the parent reached without symlinks), and an earlier entry
+    /// of the same name is removed, never followed. Only an empty target is
+    /// refused.
     fn check_symlink_target(&self, _rel: &Path, target: &Path) -> Result<(), String> {
         if target.as_os_str().is_empty() {
             return Err("empty symlink target".into());
+        }
+        Ok(())
+    }
+
+    /// The open parent directory of `rel` (created as needed) and its name.
+    fn parent_of<'r>(&mut self, rel: &'r Path) -> Result<(Dir, &'r std::ffi::OsStr), ArchiveError> {
+        let path = self.staging.join(rel);
+        let name = rel.file_name().ok_or_else(|| ArchiveError::Unsafe {
+            entry: rel.display().to_string(),
+            why: "no file name".into(),
+        })?;
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        let dir = self
+            .root
+            .create_dirs_beneath(parent, 0o777)
+            .map_err(io_at(&path))?;
+        if let Some((uid, gid)) = self.options.owner {
+            // Directories the archive implies without listing them belong
+            // to the imposed owner too (listed ones are applied later).
+            for implied in parent.ancestors().filter(|a| !a.as_os_str().is_empty()) {
+                if self.implied_dirs.insert(implied.to_path_buf()) {
+                    let attrs = Attrs {
+                        mode: 0o755,
+                        uid,
+                        gid,
+                        mtime: SystemTime::now(),
+                    };
+                    self.dirs.insert(0, (implied.to_path_buf(), attrs));
+                }
+            }
+        }
+        Ok((dir, name))
+    }
+
+    fn charge(&mut self, bytes: u64) -> Result<(), ArchiveError> {
+        self.written = self.written.saturating_add(bytes);
+        if self.written > self.budget {
+            return Err(ArchiveError::TooLarge {
+                archive: self.archive.to_path_buf(),
+                needed: self.written,
+                free: self.budget,
+                target: self.staging.to_path_buf(),
+            });
         }
         Ok(())
     }
@@ -986,17 +1135,29 @@ impl<'x> Extractor<'x> {
         attrs: Attrs,
         name: &str,
     ) -> Result<(), ArchiveError> {
+        self.charge(entry.size())?;
         let path = self.staging.join(rel);
-        self.clear_slot(rel, &path)?;
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(io_at(&path))?;
+        let (parent, file_name) = self.parent_of(rel)?;
+        self.clear_slot(rel, &parent, file_name)?;
+        let mut out = parent.create_file(file_name, 0o600).map_err(io_at(&path))?;
+        let sparse = entry.header().entry_type().is_gnu_sparse();
+        let size = entry.size();
         let mut buf = std::mem::take(&mut self.buf);
-        let copied = copy_entry_body(entry, &mut out, &mut buf, meter, self.archive, name, &path);
+        let copied = if sparse {
+            let mut holes = HoleWriter::new(&mut out);
+            copy_entry_body(
+                entry,
+                &mut holes,
+                &mut buf,
+                meter,
+                self.archive,
+                name,
+                &path,
+            )
+            .and_then(|()| holes.finish(size).map_err(io_at(&path)))
+        } else {
+            copy_entry_body(entry, &mut out, &mut buf, meter, self.archive, name, &path)
+        };
         self.buf = buf;
         copied?;
         self.apply_attrs(&out, attrs).map_err(io_at(&path))
@@ -1004,10 +1165,15 @@ impl<'x> Extractor<'x> {
 
     fn extract_dir(&mut self, rel: &Path, attrs: Attrs) -> Result<(), ArchiveError> {
         let path = self.staging.join(rel);
-        let is_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
-        if !is_dir {
-            self.clear_slot(rel, &path)?;
-            fs::create_dir(&path).map_err(io_at(&path))?;
+        let (parent, name) = self.parent_of(rel)?;
+        let existing = parent.stat_at(name).map_err(io_at(&path))?;
+        if !existing.as_ref().is_some_and(safefs::is_dir) {
+            self.clear_slot(rel, &parent, name)?;
+            parent.mkdir(name, 0o700).map_err(io_at(&path))?;
+        }
+        if self.options.owner.is_some() && !self.implied_dirs.insert(rel.to_path_buf()) {
+            // Listed after a child implied it: the listed attributes win.
+            self.dirs.retain(|(dir, _)| dir != rel);
         }
         self.dirs.push((rel.to_path_buf(), attrs));
         Ok(())
@@ -1020,15 +1186,21 @@ impl<'x> Extractor<'x> {
         attrs: Attrs,
     ) -> Result<(), ArchiveError> {
         let path = self.staging.join(rel);
-        self.clear_slot(rel, &path)?;
-        std::os::unix::fs::symlink(target, &path).map_err(io_at(&path))?;
+        let (parent, name) = self.parent_of(rel)?;
+        self.clear_slot(rel, &parent, name)?;
+        parent.symlink(target, name).map_err(io_at(&path))?;
         self.symlinks
             .insert(rel.to_path_buf(), target.to_path_buf());
         if self.as_root {
-            std::os::unix::fs::lchown(&path, Some(attrs.uid), Some(attrs.gid))
+            parent
+                .lchown(name, attrs.uid, attrs.gid)
                 .map_err(io_at(&path))?;
         }
-        set_symlink_mtime(&path, attrs.mtime).map_err(io_at(&path))
+        let secs = attrs
+            .mtime
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        parent.set_mtime_nofollow(name, secs).map_err(io_at(&path))
     }
 
     /// Hard links are made to what this extraction already created; a link
@@ -1040,28 +1212,39 @@ impl<'x> Extractor<'x> {
             self.symlinks.insert(rel.to_path_buf(), link_target);
         }
         let path = self.staging.join(rel);
-        self.clear_slot(rel, &path)?;
-        let original = self.staging.join(target);
-        fs::hard_link(&original, &path).map_err(|e| LinkError::Io(io_at(&path)(e)))
+        let (parent, name) = self.parent_of(rel)?;
+        self.clear_slot(rel, &parent, name)?;
+        let from_name = target
+            .file_name()
+            .ok_or_else(|| LinkError::Unsafe("the hard link has no target name".into()))?;
+        let from = self
+            .root
+            .open_dir_beneath(target.parent().unwrap_or(Path::new("")))
+            .map_err(|e| LinkError::Io(io_at(&path)(e)))?;
+        parent
+            .hard_link(&from, from_name, name)
+            .map_err(|e| LinkError::Io(io_at(&path)(e)))
     }
 
-    /// Makes room for a new object at `path`: creates its parents and
-    /// removes an earlier entry of the same name (never following it).
-    fn clear_slot(&mut self, rel: &Path, path: &Path) -> Result<(), ArchiveError> {
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(io_at(parent))?;
-        }
-        match fs::symlink_metadata(path) {
-            Ok(meta) if meta.is_dir() => {
+    /// Makes room for a new object `name` in `parent`: removes an earlier
+    /// entry of the same name (never following it).
+    fn clear_slot(
+        &mut self,
+        rel: &Path,
+        parent: &Dir,
+        name: &std::ffi::OsStr,
+    ) -> Result<(), ArchiveError> {
+        let path = self.staging.join(rel);
+        match parent.stat_at(name).map_err(io_at(&path))? {
+            Some(st) if safefs::is_dir(&st) => {
                 self.dirs.retain(|(dir, _)| dir != rel);
-                fs::remove_dir(path).map_err(io_at(path))
+                parent.remove(name, true).map_err(io_at(&path))
             }
-            Ok(_) => {
+            Some(_) => {
                 self.symlinks.remove(rel);
-                fs::remove_file(path).map_err(io_at(path))
+                parent.remove(name, false).map_err(io_at(&path))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_at(path)(e)),
+            None => Ok(()),
         }
     }
 
@@ -1070,7 +1253,11 @@ impl<'x> Extractor<'x> {
         if self.as_root {
             std::os::unix::fs::fchown(file, Some(attrs.uid), Some(attrs.gid))?;
         }
-        let mask = if self.as_root { 0o7777 } else { 0o1777 };
+        let mask = if self.as_root && self.options.owner.is_none() {
+            0o7777
+        } else {
+            0o1777
+        };
         file.set_permissions(Permissions::from_mode(attrs.mode & mask))?;
         file.set_times(FileTimes::new().set_modified(attrs.mtime))
     }
@@ -1079,11 +1266,57 @@ impl<'x> Extractor<'x> {
         // Deepest first, so a read-only parent never blocks a child.
         for (rel, attrs) in self.dirs.iter().rev() {
             let path = self.staging.join(rel);
-            File::open(&path)
+            self.root
+                .open_dir_beneath(rel)
+                .and_then(|dir| dir.as_file())
                 .and_then(|dir| self.apply_attrs(&dir, *attrs))
                 .map_err(io_at(&path))?;
         }
         Ok(())
+    }
+}
+
+/// Writes a sparse entry's body, seeking over runs of zeros so that holes
+/// stay holes; `finish` sets the final length (a trailing hole).
+struct HoleWriter<'f> {
+    file: &'f mut File,
+    /// Zeros seen and not yet written: skipped by the next write's seek.
+    pending: u64,
+    at: u64,
+}
+
+impl<'f> HoleWriter<'f> {
+    fn new(file: &'f mut File) -> Self {
+        HoleWriter {
+            file,
+            pending: 0,
+            at: 0,
+        }
+    }
+
+    fn finish(self, size: u64) -> io::Result<()> {
+        self.file.set_len(size)
+    }
+}
+
+impl Write for HoleWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.iter().all(|&b| b == 0) {
+            self.pending += buf.len() as u64;
+            return Ok(buf.len());
+        }
+        if self.pending > 0 {
+            self.at += self.pending;
+            self.pending = 0;
+            self.file.seek(SeekFrom::Start(self.at))?;
+        }
+        let n = self.file.write(buf)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
     }
 }
 
@@ -1136,15 +1369,10 @@ fn inside_path(raw: &[u8]) -> Result<PathBuf, String> {
     Ok(rel)
 }
 
-fn set_symlink_mtime(path: &Path, mtime: SystemTime) -> io::Result<()> {
-    let secs = mtime.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let secs = i64::try_from(secs).unwrap_or(i64::MAX);
-    crate::fsutil::set_times_nofollow(path, (secs, 0), (secs, 0))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStringExt;
     use std::os::unix::fs::symlink;
     use std::process::Command;
     use std::sync::atomic::AtomicU64;
@@ -1676,5 +1904,280 @@ mod tests {
             );
             assert!(!dest.exists());
         }
+    }
+
+    // ----------------------------------------------------- hostile archives
+
+    /// A tar number field in base-256 (any size fits).
+    fn num(field: &mut [u8], value: u64) {
+        field.fill(0);
+        field[0] = 0x80;
+        let bytes = value.to_be_bytes();
+        let n = field.len();
+        field[n - 8..].copy_from_slice(&bytes);
+    }
+
+    /// One raw entry: a GNU header with `name` bytes as given (no checks),
+    /// `kind`, a declared `size`, then `data` (possibly fewer bytes than
+    /// declared), padded.
+    fn raw_entry(out: &mut Vec<u8>, name: &[u8], kind: u8, link: &[u8], size: u64, data: &[u8]) {
+        if name.len() > 99 {
+            // GNU long name entry first.
+            let mut long = name.to_vec();
+            long.push(0);
+            raw_entry(out, b"././@LongLink", b'L', b"", long.len() as u64, &long);
+        }
+        let mut header = Header::new_gnu();
+        let raw = header.as_old_mut();
+        let n = name.len().min(99);
+        raw.name[..n].copy_from_slice(&name[..n]);
+        let l = link.len().min(99);
+        raw.linkname[..l].copy_from_slice(&link[..l]);
+        header.set_mode(0o4755);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(MTIME);
+        header.set_entry_type(EntryType::new(kind));
+        num(&mut header.as_old_mut().size, size);
+        header.set_cksum();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        let pad = (512 - data.len() % 512) % 512;
+        out.extend(std::iter::repeat_n(0, pad));
+    }
+
+    /// A GNU sparse entry of apparent size `apparent` holding 512 bytes of
+    /// `X` at its end.
+    fn sparse_entry(out: &mut Vec<u8>, name: &[u8], apparent: u64) {
+        let mut header = Header::new_gnu();
+        header.as_old_mut().name[..name.len()].copy_from_slice(name);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(MTIME);
+        header.set_entry_type(EntryType::GNUSparse);
+        num(&mut header.as_old_mut().size, 512);
+        let gnu = header.as_gnu_mut().unwrap();
+        num(&mut gnu.realsize, apparent);
+        num(&mut gnu.sparse[0].offset, apparent - 512);
+        num(&mut gnu.sparse[0].numbytes, 512);
+        header.set_cksum();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(&[b'X'; 512]);
+    }
+
+    fn finish_tar(out: &mut Vec<u8>) {
+        out.extend_from_slice(&[0; 1024]);
+    }
+
+    #[test]
+    fn sparse_entries_stay_sparse_and_bombs_are_refused_before_writing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut tar = Vec::new();
+        sparse_entry(&mut tar, b"holes", 64 << 20);
+        finish_tar(&mut tar);
+        let archive = tmp.path().join("sparse.tar");
+        fs::write(&archive, &tar).unwrap();
+        let staging = tmp.path().join("staging");
+        fs::create_dir(&staging).unwrap();
+        extract(&archive, Compression::None, &staging, &Progress::silent()).unwrap();
+        let meta = fs::metadata(staging.join("holes")).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        assert!(
+            meta.blocks() * 512 < 1 << 20,
+            "holes were written: {} blocks",
+            meta.blocks()
+        );
+        let body = fs::read(staging.join("holes")).unwrap();
+        assert!(body[..(64 << 20) - 512].iter().all(|&b| b == 0));
+        assert!(body[(64 << 20) - 512..].iter().all(|&b| b == b'X'));
+
+        // 10 KiB on disk, a petabyte apparent: refused, nothing written.
+        let mut bomb = Vec::new();
+        raw_entry(&mut bomb, b"first", b'0', b"", 3, b"abc");
+        sparse_entry(&mut bomb, b"bomb", 1 << 50);
+        finish_tar(&mut bomb);
+        let archive = tmp.path().join("bomb.tar");
+        fs::write(&archive, &bomb).unwrap();
+        let staging = tmp.path().join("staging2");
+        fs::create_dir(&staging).unwrap();
+        let err = extract(&archive, Compression::None, &staging, &Progress::silent()).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            matches!(err, ArchiveError::TooLarge { needed, .. } if needed == (1 << 50) + 3),
+            "{message}"
+        );
+        assert!(
+            message.contains(&((1u64 << 50) + 3).to_string()) && message.contains("free"),
+            "{message}"
+        );
+        assert_eq!(
+            fs::read_dir(&staging).unwrap().count(),
+            0,
+            "nothing was written"
+        );
+    }
+
+    #[test]
+    fn imposed_owner_strips_setuid_and_owns_implied_directories() {
+        if !is_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let mut tar = Vec::new();
+        raw_entry(&mut tar, b"rel-1/bin/helper", b'0', b"", 2, b"hi");
+        raw_entry(&mut tar, b"rel-1/lib/", b'5', b"", 0, b"");
+        finish_tar(&mut tar);
+        let archive = tmp.path().join("rel.tar");
+        fs::write(&archive, &tar).unwrap();
+        let staging = tmp.path().join("staging");
+        fs::create_dir(&staging).unwrap();
+        let dir = Dir::open(&staging).unwrap();
+        let options = ExtractOptions {
+            owner: Some((65534, 65534)),
+        };
+        extract_into(
+            &archive,
+            Compression::None,
+            &dir,
+            &staging,
+            options,
+            &Progress::silent(),
+        )
+        .unwrap();
+        let helper = fs::metadata(staging.join("rel-1/bin/helper")).unwrap();
+        assert_eq!((helper.uid(), helper.gid()), (65534, 65534));
+        assert_eq!(helper.mode() & 0o7777, 0o755, "setuid dropped");
+        for d in ["rel-1", "rel-1/bin", "rel-1/lib"] {
+            let m = fs::metadata(staging.join(d)).unwrap();
+            assert_eq!(m.uid(), 65534, "{d}");
+            assert_eq!(m.mode() & 0o6000, 0, "{d}");
+        }
+        // Without an imposed owner (a backup, as root), the archive's bits stay.
+        let plain = tmp.path().join("plain");
+        fs::create_dir(&plain).unwrap();
+        extract(&archive, Compression::None, &plain, &Progress::silent()).unwrap();
+        let helper = fs::metadata(plain.join("rel-1/bin/helper")).unwrap();
+        assert_eq!(helper.mode() & 0o7777, 0o4755);
+    }
+
+    /// Hostile entry names: `..`, absolute paths into the sentinel, long
+    /// names, names through links, plain names that later entries reuse.
+    fn hostile_names(sentinel: &Path) -> Vec<Vec<u8>> {
+        let abs = sentinel.join("victim").into_os_string().into_vec();
+        let abs_dir = sentinel.join("vdir/new").into_os_string().into_vec();
+        let mut names: Vec<Vec<u8>> = [
+            "a",
+            "a/b",
+            "a/b/c",
+            "l",
+            "l/x",
+            "l/../x",
+            "../x",
+            "../../vdir/y",
+            "./a/../..",
+            "m",
+            "m/n",
+            "h",
+            "h/z",
+            "a/l2",
+            "a/l2/w",
+            "",
+            ".",
+            "./",
+            "a//b",
+            "dev",
+        ]
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
+        names.push(abs);
+        names.push(abs_dir);
+        names.push(vec![b'd'; 300]);
+        names.push([b"a/".as_slice(), &[b'e'; 150], b"/../../.."].concat());
+        names
+    }
+
+    fn hostile_targets(sentinel: &Path) -> Vec<Vec<u8>> {
+        let mut targets: Vec<Vec<u8>> = [
+            "..", "../..", "a", "l", "a/b", "/", "../vdir", "l/x", "m", ".",
+        ]
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
+        targets.push(sentinel.as_os_str().as_bytes().to_vec());
+        targets.push(sentinel.join("victim").into_os_string().into_vec());
+        targets.push(sentinel.join("vdir").into_os_string().into_vec());
+        targets
+    }
+
+    /// What must not change: every object in the sentinel but the target.
+    fn sentinel_state(sentinel: &Path) -> Vec<String> {
+        let mut state: Vec<String> = fs::read_dir(sentinel)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        state.sort();
+        for name in ["victim", "vdir"] {
+            state.push(crate::fsutil::tree_fingerprint(&sentinel.join(name)).unwrap());
+            let m = fs::symlink_metadata(sentinel.join(name)).unwrap();
+            state.push(format!("{} {} {:o}", m.uid(), m.gid(), m.mode()));
+        }
+        state.push(fs::read_to_string(sentinel.join("victim")).unwrap());
+        state
+    }
+
+    #[test]
+    fn fuzz_hostile_archives_never_escape() {
+        use proptest::prelude::*;
+        let tmp = tempfile::tempdir().unwrap();
+        let sentinel = tmp.path().join("sentinel");
+        fs::create_dir_all(sentinel.join("vdir")).unwrap();
+        fs::write(sentinel.join("victim"), "untouched").unwrap();
+        let names = hostile_names(&sentinel);
+        let targets = hostile_targets(&sentinel);
+        let before = sentinel_state(&sentinel);
+        // kind: regular, hard link, symlink, char dev, block dev, dir, FIFO,
+        // sparse, unknown; declared size: small, data-sized, huge; data
+        // possibly cut short; the end marker possibly missing.
+        let entry = (
+            0..names.len(),
+            prop::sample::select(vec![
+                b'0', b'1', b'2', b'3', b'4', b'5', b'6', b'S', b'x', b'7',
+            ]),
+            0..targets.len(),
+            prop::sample::select(vec![0u64, 3, 600, 1 << 40]),
+            0usize..700,
+        );
+        let strategy = (prop::collection::vec(entry, 1..12), any::<bool>());
+        let counter = AtomicU64::new(0);
+        crate::fuzzing::run(256, strategy, |(entries, finished)| {
+            let case = counter.fetch_add(1, Ordering::Relaxed);
+            let target = sentinel.join(format!("target-{case}"));
+            fs::create_dir(&target).unwrap();
+            let mut tar = Vec::new();
+            for (name, kind, link, size, data_len) in entries {
+                let data = vec![b'q'; data_len];
+                if kind == b'S' {
+                    let name = &names[name];
+                    if !name.is_empty() && name.len() < 99 {
+                        sparse_entry(&mut tar, name, 1 << 40);
+                    }
+                    continue;
+                }
+                raw_entry(&mut tar, &names[name], kind, &targets[link], size, &data);
+            }
+            if finished {
+                finish_tar(&mut tar);
+            }
+            let archive = tmp.path().join(format!("case-{case}.tar"));
+            fs::write(&archive, &tar).unwrap();
+            // Any outcome is fine but an escape, a panic or a hang.
+            let _ = extract(&archive, Compression::None, &target, &Progress::silent());
+            let _ = fs::remove_dir_all(&target);
+            let _ = fs::remove_file(&archive);
+            prop_assert_eq!(sentinel_state(&sentinel), before.clone());
+            Ok(())
+        });
     }
 }

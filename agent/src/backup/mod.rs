@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::{AppConfig, RetentionConfig};
 use crate::db::{self, PgTarget};
 use crate::ops::OpContext;
+use crate::safefs::{Dir, Staging};
 use archive::{ArchiveError, Compression, Progress};
+use std::ffi::OsString;
 
 pub const MANIFEST: &str = "manifest.json";
 pub const DUMP_FILE: &str = "database.dump.zst";
@@ -635,15 +637,7 @@ impl BackupStore {
                 }
                 let step = format!("restore {}", target.display());
                 ctx.step_started(&step, "extract into a staging directory, then swap");
-                match stage_and_swap(
-                    ctx,
-                    &step,
-                    &dir.join(&file.name),
-                    compression,
-                    &target,
-                    &rid,
-                )
-                .await
+                match stage_and_swap(ctx, &step, &dir.join(&file.name), compression, &target).await
                 {
                     Ok(s) => {
                         ctx.step_finished(
@@ -704,9 +698,9 @@ impl BackupStore {
         // Everything is in place: the replaced trees can go.
         for s in &swapped {
             if let Some(old) = &s.previous {
-                let _ = remove_path(old);
+                let _ = s.staging.parent.remove_tree(old);
             }
-            let _ = std::fs::remove_dir_all(&s.staging);
+            let _ = s.staging.remove();
             report.paths.push(s.target.clone());
         }
         Ok(report)
@@ -766,21 +760,26 @@ async fn run_archive(
     .map_err(|e| BackupError::Refused(format!("archive task failed: {e}")))?
 }
 
-/// A path swapped in by a restore, and where what it replaced went.
+/// A path swapped in by a restore, and where what it replaced went; every
+/// name lives in the directory `staging.parent` (held open).
 #[derive(Debug)]
 struct SwappedPath {
     target: PathBuf,
-    previous: Option<PathBuf>,
-    staging: PathBuf,
+    name: OsString,
+    previous: Option<OsString>,
+    staging: Staging,
 }
 
+/// Extracts into a fresh staging directory beside `target` (unpredictable
+/// name, checked with fstat, used only through its descriptor), then swaps
+/// by rename between the held directories: a user who can write the
+/// target's parent cannot redirect any of it elsewhere.
 async fn stage_and_swap(
     ctx: &OpContext,
     step: &str,
     archive_path: &Path,
     compression: Compression,
     target: &Path,
-    rid: &str,
 ) -> Result<SwappedPath, BackupError> {
     let parent = target
         .parent()
@@ -791,61 +790,77 @@ async fn stage_and_swap(
     let name = target
         .file_name()
         .ok_or_else(|| BackupError::Refused(format!("{} has no file name", target.display())))?
-        .to_string_lossy()
-        .into_owned();
+        .to_owned();
     std::fs::create_dir_all(&parent).map_err(io("cannot create", &parent))?;
-    let staging = parent.join(format!(".{name}.restore-{rid}"));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir(&staging).map_err(io("cannot create", &staging))?;
+    let parent_dir = Dir::open(&parent).map_err(io("cannot open", &parent))?;
+    let staging = Staging::create(parent_dir, &format!("{}.restore", name.to_string_lossy()))
+        .map_err(io("cannot make a staging directory in", &parent))?;
+    let staging_path = parent.join(&staging.name);
     let archive_path = archive_path.to_owned();
-    let staged_root = staging.clone();
     let progress_ctx = ctx.clone();
     let step_name = step.to_owned();
     let cancel = ctx.cancel_flag();
-    let extracted = tokio::task::spawn_blocking(move || {
+    let joined = tokio::task::spawn_blocking(move || {
         let on_bytes = |n: u64| progress_ctx.progress(&step_name, n, 0, "bytes");
         let progress = Progress {
             on_bytes: &on_bytes,
             cancel: &cancel,
         };
-        archive::extract(&archive_path, compression, &staged_root, &progress)
+        let result = archive::extract_into(
+            &archive_path,
+            compression,
+            &staging.dir,
+            &staging_path,
+            archive::ExtractOptions::default(),
+            &progress,
+        );
+        (staging, result)
     })
     .await
-    .map_err(|e| BackupError::Refused(format!("extract task failed: {e}")));
-    let extracted = match extracted {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(BackupError::from(e)),
-        Err(e) => Err(e),
+    .map_err(|e| BackupError::Refused(format!("extract task failed: {e}")))?;
+    let (staging, extracted) = joined;
+    let staged = match extracted {
+        Ok(_) => staging
+            .dir
+            .stat_at(&name)
+            .map_err(io("cannot read", target)),
+        Err(e) => Err(BackupError::from(e)),
     };
-    let staged = staging.join(&name);
-    if let Err(e) = extracted.and_then(|()| {
-        if staged.symlink_metadata().is_ok() {
-            Ok(())
-        } else {
-            Err(BackupError::Corrupt {
-                id: String::new(),
-                why: format!("the archive does not hold {name}"),
-            })
-        }
+    if let Err(e) = staged.and_then(|st| match st {
+        Some(_) => Ok(()),
+        None => Err(BackupError::Corrupt {
+            id: String::new(),
+            why: format!("the archive does not hold {}", name.to_string_lossy()),
+        }),
     }) {
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = staging.remove();
         return Err(e);
     }
-    let previous = parent.join(format!(".{name}.before-{rid}"));
-    let had_previous = target.symlink_metadata().is_ok();
-    if had_previous {
-        std::fs::rename(target, &previous).map_err(io("cannot move aside", target))?;
+    let held = &staging.parent;
+    let previous = OsString::from(format!(
+        ".{}.before-{}",
+        name.to_string_lossy(),
+        crate::safefs::random_suffix().map_err(io("cannot name the old copy of", target))?
+    ));
+    let had_previous = held
+        .stat_at(&name)
+        .map_err(io("cannot read", target))?
+        .is_some();
+    if had_previous && let Err(e) = held.rename(&name, held, &previous) {
+        let _ = staging.remove();
+        return Err(io("cannot move aside", target)(e));
     }
-    if let Err(e) = std::fs::rename(&staged, target) {
+    if let Err(e) = staging.dir.rename(&name, held, &name) {
         if had_previous {
-            let _ = std::fs::rename(&previous, target);
+            let _ = held.rename(&previous, held, &name);
         }
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = staging.remove();
         return Err(io("cannot swap in", target)(e));
     }
-    let _ = fsync_dir(&parent);
+    let _ = held.sync();
     Ok(SwappedPath {
         target: target.to_owned(),
+        name,
         previous: had_previous.then_some(previous),
         staging,
     })
@@ -854,22 +869,14 @@ async fn stage_and_swap(
 /// Puts back what a failed restore replaced, newest first.
 fn undo_swaps(swapped: &[SwappedPath]) {
     for s in swapped.iter().rev() {
-        let _ = remove_path(&s.target);
+        let held = &s.staging.parent;
+        let _ = held.remove_tree(&s.name);
         if let Some(old) = &s.previous
-            && let Err(e) = std::fs::rename(old, &s.target)
+            && let Err(e) = held.rename(old, held, &s.name)
         {
-            tracing::error!(target = %s.target.display(), "cannot put back {}: {e}", old.display());
+            tracing::error!(target = %s.target.display(), "cannot put back {}: {e}", old.to_string_lossy());
         }
-        let _ = std::fs::remove_dir_all(&s.staging);
-    }
-}
-
-fn remove_path(path: &Path) -> std::io::Result<()> {
-    match path.symlink_metadata() {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
-        Ok(_) => std::fs::remove_file(path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
+        let _ = s.staging.remove();
     }
 }
 
