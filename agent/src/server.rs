@@ -36,6 +36,14 @@ impl Agent {
         // Read the host's identity now, off the request path.
         crate::info::HostInfo::current();
         create_private_dir(&config.state_dir)?;
+        // Backups are made later; a backup_dir not there yet (a disk still
+        // to be mounted) is said, not fatal.
+        if let Err(e) = crate::private::create_dir_all(&config.backup_dir) {
+            tracing::warn!(
+                "cannot create backup_dir {}: {e}",
+                config.backup_dir.display()
+            );
+        }
         let audit_path = config.state_dir.join("audit.log");
         let audit = AuditLog::open(&audit_path)
             .with_context(|| format!("cannot open audit log {}", audit_path.display()))?;

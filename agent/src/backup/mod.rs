@@ -241,7 +241,7 @@ impl BackupStore {
                 .unwrap_or(64 << 20);
         }
         let dir = self.app_dir(&app.name);
-        std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        crate::private::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
         let free = free_bytes(&dir).map_err(io("cannot stat", &dir))?;
         if free < needed.saturating_add(reserve) {
             return Err(BackupError::NoSpace {
@@ -265,7 +265,7 @@ impl BackupStore {
         let id = crate::journal::new_id(&app.name);
         let app_dir = self.app_dir(&app.name);
         let partial = app_dir.join(format!(".{id}.partial"));
-        std::fs::create_dir_all(&partial).map_err(io("cannot create", &partial))?;
+        crate::private::create_dir_all(&partial).map_err(io("cannot create", &partial))?;
         let result = self.fill(ctx, app, opts, estimate, &id, &partial).await;
         match result {
             Ok(manifest) => {
@@ -385,7 +385,7 @@ impl BackupStore {
         let path = dir.join(MANIFEST);
         let bytes = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| BackupError::Refused(e.to_string()))?;
-        write_synced(&path, &bytes).map_err(io("cannot write", &path))?;
+        crate::private::write_synced(&path, &bytes).map_err(io("cannot write", &path))?;
         fsync_dir(dir).map_err(io("cannot sync", dir))?;
         Ok(manifest)
     }
@@ -910,13 +910,6 @@ pub async fn sha256_file(path: &Path) -> Result<String, BackupError> {
     })
     .await
     .map_err(|e| BackupError::Refused(format!("checksum task failed: {e}")))?
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
