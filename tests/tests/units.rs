@@ -115,9 +115,19 @@ async fn start_restart_stop_a_real_unit_and_wait_for_each_job() {
     );
     assert!(serves(w.port), "the unit serves again when restart returns");
 
+    // An undeclared unit, installed or not, refuses the whole call.
+    for undeclared in ["other.service", "nosuch.service"] {
+        let refused = client
+            .get_unit_status(pb::GetUnitStatusRequest {
+                units: vec![WEB.into(), undeclared.into()],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    }
     let listed = client
         .get_unit_status(pb::GetUnitStatusRequest {
-            units: vec![WEB.into(), "nosuch.service".into()],
+            units: vec![WEB.into(), CRASHY.into()],
         })
         .await
         .unwrap()
@@ -130,7 +140,7 @@ async fn start_restart_stop_a_real_unit_and_wait_for_each_job() {
         listed[0].fragment_path
     );
     assert!(listed[0].since.is_some());
-    assert_eq!(listed[1].load_state, "not-found");
+    assert_eq!(listed[1].name, CRASHY);
     // No names: every controllable unit.
     let all = client
         .get_unit_status(pb::GetUnitStatusRequest::default())
