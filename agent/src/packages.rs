@@ -1034,8 +1034,10 @@ impl Unpack {
             cancel,
             ..Progress::silent()
         };
+        // A release artifact comes from elsewhere: it is measured first.
         let options = archive::ExtractOptions {
             owner: Some(self.owner),
+            known_size: None,
         };
         let extracted = archive::extract_into(
             &self.artifact,

@@ -856,6 +856,11 @@ pub struct ExtractOptions {
     /// owned by the app's user). `None`: the archive's ids when root
     /// (backups, which restore what was there).
     pub owner: Option<(u32, u32)>,
+    /// The apparent size of the entries as recorded when the archive was
+    /// made (a backup's checksummed manifest). It is checked against free
+    /// space up front instead of reading the whole archive twice; while
+    /// extracting, the free space itself is then the budget.
+    pub known_size: Option<u64>,
 }
 
 /// Sum of the apparent sizes of every entry (a sparse entry counts its full
@@ -919,16 +924,26 @@ pub fn extract_into(
     options: ExtractOptions,
     progress: &Progress,
 ) -> Result<ArchiveStats, ArchiveError> {
-    let budget = apparent_size(archive, compression, progress)?;
     let free = staging.free_bytes().map_err(io_at(staging_path))?;
-    if budget > free {
+    let needed = match options.known_size {
+        Some(known) => known,
+        None => apparent_size(archive, compression, progress)?,
+    };
+    if needed > free {
         return Err(ArchiveError::TooLarge {
             archive: archive.to_path_buf(),
-            needed: budget,
+            needed,
             free,
             target: staging_path.to_path_buf(),
         });
     }
+    // A recorded size is a promise of the agent that wrote it; the running
+    // check then only keeps the disk from filling.
+    let budget = if options.known_size.is_some() {
+        free
+    } else {
+        needed
+    };
     let mut extractor = Extractor::new(archive, staging, staging_path, options, budget);
     let stats = for_each_entry(archive, compression, progress, &mut |entry, meter| {
         extractor.extract_entry(entry, meter)
@@ -1971,6 +1986,45 @@ mod tests {
     }
 
     #[test]
+    fn a_recorded_size_is_checked_up_front_and_the_disk_bounds_the_rest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut bomb = Vec::new();
+        raw_entry(&mut bomb, b"first", b'0', b"", 3, b"abc");
+        sparse_entry(&mut bomb, b"bomb", 1 << 50);
+        finish_tar(&mut bomb);
+        let archive = tmp.path().join("bomb.tar");
+        fs::write(&archive, &bomb).unwrap();
+        let extract_with = |known_size: u64, name: &str| {
+            let staging = tmp.path().join(name);
+            fs::create_dir(&staging).unwrap();
+            let dir = Dir::open(&staging).unwrap();
+            let options = ExtractOptions {
+                owner: None,
+                known_size: Some(known_size),
+            };
+            let result = extract_into(
+                &archive,
+                Compression::None,
+                &dir,
+                &staging,
+                options,
+                &Progress::silent(),
+            );
+            (staging, result)
+        };
+        // A recorded size that does not fit is refused before anything.
+        let (staging, result) = extract_with(1 << 60, "a");
+        assert!(matches!(result, Err(ArchiveError::TooLarge { needed, .. }) if needed == 1 << 60));
+        assert_eq!(fs::read_dir(&staging).unwrap().count(), 0);
+        // A recorded size that lies is stopped by the free space.
+        let (_, result) = extract_with(3, "b");
+        assert!(
+            matches!(result, Err(ArchiveError::TooLarge { .. })),
+            "{result:?}"
+        );
+    }
+
+    #[test]
     fn sparse_entries_stay_sparse_and_bombs_are_refused_before_writing() {
         let tmp = tempfile::tempdir().unwrap();
         let mut tar = Vec::new();
@@ -2035,6 +2089,7 @@ mod tests {
         let dir = Dir::open(&staging).unwrap();
         let options = ExtractOptions {
             owner: Some((65534, 65534)),
+            known_size: None,
         };
         extract_into(
             &archive,

@@ -77,6 +77,10 @@ pub struct ManifestFile {
     pub source_path: String,
     pub size: u64,
     pub sha256: String,
+    /// Bytes of file contents the archive holds (its extraction budget);
+    /// 0 in manifests of older agents, whose archives are measured instead.
+    #[serde(default)]
+    pub content_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -356,6 +360,7 @@ impl BackupStore {
                     source_path: path.display().to_string(),
                     size: stats.compressed_bytes,
                     sha256,
+                    content_bytes: stats.uncompressed_bytes,
                 });
             }
         }
@@ -428,6 +433,7 @@ impl BackupStore {
                 source_path: String::new(),
                 size: stats.compressed_bytes,
                 sha256,
+                content_bytes: 0,
             },
             ManifestDb {
                 dbname: pg.dbname.clone(),
@@ -637,7 +643,16 @@ impl BackupStore {
                 }
                 let step = format!("restore {}", target.display());
                 ctx.step_started(&step, "extract into a staging directory, then swap");
-                match stage_and_swap(ctx, &step, &dir.join(&file.name), compression, &target).await
+                let known_size = (file.content_bytes > 0).then_some(file.content_bytes);
+                match stage_and_swap(
+                    ctx,
+                    &step,
+                    &dir.join(&file.name),
+                    compression,
+                    &target,
+                    known_size,
+                )
+                .await
                 {
                     Ok(s) => {
                         ctx.step_finished(
@@ -780,6 +795,7 @@ async fn stage_and_swap(
     archive_path: &Path,
     compression: Compression,
     target: &Path,
+    known_size: Option<u64>,
 ) -> Result<SwappedPath, BackupError> {
     let parent = target
         .parent()
@@ -811,7 +827,10 @@ async fn stage_and_swap(
             compression,
             &staging.dir,
             &staging_path,
-            archive::ExtractOptions::default(),
+            archive::ExtractOptions {
+                owner: None,
+                known_size,
+            },
             &progress,
         );
         (staging, result)
