@@ -285,3 +285,169 @@ fn tricky_vars(dump: &[u8]) -> Vec<(String, String)> {
     vars.sort();
     vars
 }
+
+/// A system user and group made for one test, removed after.
+struct TestUser {
+    name: String,
+    group: String,
+}
+
+impl TestUser {
+    fn create(tag: &str) -> Option<TestUser> {
+        let suffix = std::process::id() % 100_000;
+        let (name, group) = (format!("cv{tag}{suffix}"), format!("cv{tag}g{suffix}"));
+        let ok = |args: &[&str], program: &str| {
+            Command::new(program)
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ok(&[&group], "/usr/sbin/groupadd") {
+            eprintln!("skipped: groupadd failed (not root?)");
+            return None;
+        }
+        let user = TestUser { name, group };
+        if !ok(
+            &[
+                "-M",
+                "-N",
+                "-s",
+                "/usr/sbin/nologin",
+                "-G",
+                &user.group,
+                &user.name,
+            ],
+            "/usr/sbin/useradd",
+        ) {
+            return None;
+        }
+        Some(user)
+    }
+
+    fn id(&self, flag: &str) -> String {
+        let out = Command::new("/usr/bin/id")
+            .args([flag, &self.name])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("/usr/sbin/userdel").arg(&self.name).status();
+        let _ = Command::new("/usr/sbin/groupdel").arg(&self.group).status();
+    }
+}
+
+/// `upgrade --dry-run` of a venv owned by an unprivileged user: the scratch
+/// venv is made and pip-installed by that user in a dir it owns, the hook
+/// runs as the app's user with its supplementary groups and sees the env
+/// file exactly as systemd reads it (edits applied), and nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_runs_python_pip_and_hooks_as_their_users_with_the_unit_environment() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Some(user) = TestUser::create("env") else {
+        return;
+    };
+    let dir = sandbox_dir("sec-dryrun");
+    // The user must reach the app's files, as on a real host.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let root = dir.path().join("app");
+    std::fs::create_dir_all(&root).unwrap();
+    let wheelhouse = covet_tests::sampleapp::build_wheelhouse(&root.join("wheelhouse")).unwrap();
+    let venv = root.join("venv");
+    covet_tests::sampleapp::make_venv(&venv, &wheelhouse, "0.1.9").unwrap();
+    let chown = Command::new("/bin/chown")
+        .args(["-R", &user.name, venv.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let env_file = root.join("app.env");
+    std::fs::write(&env_file, format!("DATABASE_URI=postgres://x\n{TRICKY}")).unwrap();
+    // The hook reports who ran it, who owns the scratch venv pip filled, and its env.
+    let hook = root.join("hook");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\n/usr/bin/id -u\n/usr/bin/id -G\n\
+             /usr/bin/stat -c %U {parent}/.covet-plan-*/venv/lib/python3*/site-packages/covetpy-0.2.0.dist-info/RECORD\n\
+             /usr/bin/env -0 | /usr/bin/od -An -tx1 -v | /usr/bin/tr -d ' \\n'\n/bin/echo\n",
+            parent = root.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let toml = format!(
+        "\n[[app]]\nname = \"covet\"\nunit = \"covet.service\"\nuser = \"{user}\"\nenv_file = \"{env}\"\n\
+         env_keys = [\"DATABASE_*\", \"T_*\"]\n[app.package]\nkind = \"pip\"\nname = \"covetpy\"\n\
+         venv = \"{venv}\"\nfind_links = [\"{wheels}\"]\n[app.migrate]\ncommand = [\"/bin/true\"]\n\
+         dry_run = [\"{hook}\"]\n",
+        user = user.name,
+        env = env_file.display(),
+        venv = venv.display(),
+        wheels = wheelhouse.display(),
+        hook = hook.display(),
+    );
+    let agent = TestAgent::start_with_toml(&dir.path().join("agent"), toml).await;
+    let env_before = std::fs::read(&env_file).unwrap();
+    // Through covetctl, as an operator would, with room for a scratch venv.
+    let out = agent.ctl(
+        "operator",
+        &[
+            "-o",
+            "json",
+            "--timeout",
+            "120s",
+            "upgrade",
+            "covet",
+            "--to",
+            "0.2.0",
+            "--dry-run",
+            "--env-rename",
+            "DATABASE_URI=DATABASE_URL",
+            "--env-set",
+            "T_NEW=a b",
+        ],
+    );
+    let plan = out.json();
+    let lines: Vec<String> = plan["migration_dry_run"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}\n{}", out.stdout, out.stderr))
+        .iter()
+        .map(|l| l.as_str().unwrap().to_owned())
+        .collect();
+    let blockers = plan["blockers"].to_string();
+    assert!(!blockers.contains("dry run"), "{blockers}\n{}", agent.log());
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(lines[0], user.id("-u"), "the hook ran as the app's user");
+    assert_eq!(lines[1], user.id("-G"), "with the user's groups");
+    assert!(lines[1].split(' ').count() >= 2, "{lines:?}");
+    assert_eq!(lines[2], user.name, "pip ran as the venv's owner");
+    let bytes: Vec<u8> = (0..lines[3].len() / 2)
+        .map(|i| u8::from_str_radix(&lines[3][2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let seen = tricky_vars(&bytes);
+    let mut want: Vec<(String, String)> = covet_agent::envfile::parse_values(TRICKY)
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("T_"))
+        .chain([("T_NEW".to_owned(), "a b".to_owned())])
+        .collect();
+    want.sort();
+    assert_eq!(seen, want);
+    let dump = String::from_utf8_lossy(&bytes);
+    assert!(dump.contains("DATABASE_URL=postgres://x\0"), "{dump:?}");
+    // Nothing left: no scratch dir, the env file and the venv untouched.
+    let leftovers: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".covet-plan-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(std::fs::read(&env_file).unwrap(), env_before);
+    assert_eq!(std::fs::metadata(&venv).unwrap().uid(), user_uid(&user));
+}
+
+fn user_uid(user: &TestUser) -> u32 {
+    user.id("-u").parse().unwrap()
+}
