@@ -222,8 +222,9 @@ pub async fn preflight(
 }
 
 /// The target version's migrations, dry-run, without touching the app: for
-/// pip, the version is installed into a scratch virtualenv under `state_dir`
-/// and the declared dry-run program is run from there (with the env edits
+/// pip, the version is installed, as the venv's owner, into a scratch
+/// virtualenv next to the app's venv and the declared dry-run program is
+/// run from there as the hook user (with the env edits
 /// applied in memory); other kinds run the declared command as it is.
 pub async fn migration_dry_run(
     _deps: &Deps,
