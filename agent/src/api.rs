@@ -1723,6 +1723,18 @@ fn env_edits_from_pb(edits: Vec<pb::EnvEdit>) -> Result<Vec<crate::envfile::EnvE
         .collect()
 }
 
+/// The request's env edits, if well-formed and allowed by the app's `env_keys`.
+fn editable_env_edits(
+    app: &crate::config::AppConfig,
+    edits: Vec<pb::EnvEdit>,
+) -> Result<Vec<crate::envfile::EnvEdit>, Status> {
+    let edits = env_edits_from_pb(edits)?;
+    crate::envfile::validate(&edits).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    crate::envfile::check_editable(&app.env_keys, &edits)
+        .map_err(|e| Status::permission_denied(format!("app {}: {e}", app.name)))?;
+    Ok(edits)
+}
+
 fn preflight_error(e: crate::workflow::PreflightError) -> Status {
     match e {
         crate::workflow::PreflightError::Invalid(m) => Status::invalid_argument(m),
@@ -1753,7 +1765,7 @@ impl UpgradeApi {
         let spec = crate::workflow::UpgradeSpec {
             app: app.name.clone(),
             to_version: req.to_version,
-            env_edits: env_edits_from_pb(req.env_edits)?,
+            env_edits: editable_env_edits(&app, req.env_edits)?,
             no_rollback: req.no_rollback,
             watch,
             force: req.force,

@@ -156,6 +156,14 @@ pub struct AppConfig {
     /// System user that the app's hooks (migrations) run as.
     #[serde(default)]
     pub user: Option<String>,
+    /// Lets hooks run as root when no `user` is declared (off: such an app is refused).
+    #[serde(default)]
+    pub run_hooks_as_root: bool,
+    /// Env-file keys that upgrades may set, rename or unset, as globs
+    /// (`DATABASE_*`); none when absent. Keys that change how programs load
+    /// code (`LD_*`, `PYTHON*`, `PATH`, ...) are refused even when declared.
+    #[serde(default)]
+    pub env_keys: Vec<String>,
     /// Paths that belong to the app and are backed up and restored.
     #[serde(default)]
     pub paths: Vec<PathBuf>,
@@ -438,6 +446,18 @@ impl AppConfig {
         }
         if let Some(db) = &self.database {
             db.check(&format!("{key}.database"), out);
+        }
+        for (i, pattern) in self.env_keys.iter().enumerate() {
+            if let Err(e) = crate::envfile::validate_key_pattern(pattern) {
+                out.add(format!("{key}.env_keys[{i}]"), e);
+            }
+        }
+        if self.migrate.is_some() && self.user.is_none() && !self.run_hooks_as_root {
+            out.add(
+                format!("{key}.user"),
+                "an app with [app.migrate] hooks must declare the user they run as \
+                 (hooks never run as root unless run_hooks_as_root = true)",
+            );
         }
         if let Some(m) = &self.migrate {
             let k = format!("{key}.migrate");

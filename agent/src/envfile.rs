@@ -71,6 +71,145 @@ pub fn validate(edits: &[EnvEdit]) -> Result<(), EnvError> {
     Ok(())
 }
 
+/// Names that change how programs find and load code (the dynamic linker,
+/// interpreters, shells, pip, git, OpenSSL engines): never editable through
+/// the API, even when `env_keys` declares them, since a hook would then run
+/// what the editor chose.
+const CODE_LOADING_PREFIXES: &[&str] = &[
+    "LD_",
+    "DYLD_",
+    "PYTHON",
+    "PERL",
+    "RUBY",
+    "NODE_",
+    "GCONV_",
+    "BASH_FUNC_",
+    "MALLOC_",
+    "PIP_",
+    "GIT_",
+    "LUA_",
+    "TCL",
+];
+const CODE_LOADING_NAMES: &[&str] = &[
+    "BROWSER",
+    "BASH_ENV",
+    "ENV",
+    "PATH",
+    "IFS",
+    "HOME",
+    "SHELL",
+    "SHELLOPTS",
+    "BASHOPTS",
+    "PS4",
+    "PROMPT_COMMAND",
+    "EDITOR",
+    "VISUAL",
+    "PAGER",
+    "GLIBC_TUNABLES",
+    "LOCPATH",
+    "NLSPATH",
+    "HOSTALIASES",
+    "RESOLV_HOST_CONF",
+    "OPENSSL_CONF",
+    "OPENSSL_ENGINES",
+    "JAVA_TOOL_OPTIONS",
+    "_JAVA_OPTIONS",
+    "JDK_JAVA_OPTIONS",
+    "VIRTUAL_ENV",
+    "TMPDIR",
+];
+
+/// Whether setting `key` can make a program run other code.
+pub fn loads_code(key: &str) -> bool {
+    let upper = key.to_ascii_uppercase();
+    CODE_LOADING_NAMES.contains(&upper.as_str())
+        || CODE_LOADING_PREFIXES.iter().any(|p| upper.starts_with(p))
+}
+
+/// An `env_keys` entry: a name with `*` wildcards.
+pub fn validate_key_pattern(pattern: &str) -> Result<(), String> {
+    let ok = !pattern.is_empty()
+        && pattern.len() <= MAX_KEY_LEN
+        && pattern
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '*');
+    if !ok {
+        return Err(format!(
+            "{pattern:?} is not a key pattern: use letters, digits, `_` and `*` wildcards"
+        ));
+    }
+    if !pattern.contains('*') && loads_code(pattern) {
+        return Err(format!(
+            "{pattern} changes how programs load code and is never editable; remove it"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `key` matches the glob `pattern` (`*` matches any run of characters).
+pub fn key_matches(pattern: &str, key: &str) -> bool {
+    let (p, k) = (pattern.as_bytes(), key.as_bytes());
+    let (mut pi, mut ki) = (0, 0);
+    // Where the last `*` was and what it matched up to: classic backtracking, linear enough.
+    let mut star: Option<(usize, usize)> = None;
+    while ki < k.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ki));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == k[ki] {
+            pi += 1;
+            ki += 1;
+        } else if let Some((sp, sk)) = star {
+            pi = sp + 1;
+            ki = sk + 1;
+            star = Some((sp, sk + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// A key an edit may not touch, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotEditable {
+    pub key: String,
+    pub why: &'static str,
+}
+
+impl std::fmt::Display for NotEditable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "env key {} may not be edited: {}", self.key, self.why)
+    }
+}
+
+/// Checks that every key the edits touch (both names of a rename) is
+/// declared by the app's `env_keys` and does not load code.
+pub fn check_editable(env_keys: &[String], edits: &[EnvEdit]) -> Result<(), NotEditable> {
+    for edit in edits {
+        let keys: &[&String] = match edit {
+            EnvEdit::Set { key, .. } | EnvEdit::Unset { key } => &[key],
+            EnvEdit::Rename { from, to } => &[from, to],
+        };
+        for key in keys {
+            let why = if loads_code(key) {
+                "it changes how programs load code, so it is never editable through the agent, \
+                 whatever env_keys declares; edit the env file on the host"
+            } else if !env_keys.iter().any(|p| key_matches(p, key)) {
+                "it is not declared in the app's env_keys in the agent config; add it (or a \
+                 glob such as PREFIX_*) there"
+            } else {
+                continue;
+            };
+            return Err(NotEditable {
+                key: (*key).clone(),
+                why,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The diff the edits would make, values redacted
 /// (`- DATABASE_URI=<redacted>`, `+ DATABASE_URL=<redacted>`), without
 /// writing anything. Fails as [`apply`] would.
@@ -94,7 +233,9 @@ pub fn apply(path: &Path, edits: &[EnvEdit], keep: &Path) -> Result<Vec<String>,
     let diff = file.apply_all(edits, &path)?;
     let meta = metadata(&path)?;
     if !keep.exists() {
-        write_atomically(keep, original.as_bytes(), &meta)?;
+        // The kept original is the agent's own copy of secrets: 0600, root's.
+        crate::private::write_synced(keep, original.as_bytes())
+            .map_err(|e| io_error(format!("saving {}", keep.display()), e))?;
     }
     if !diff.is_empty() {
         write_atomically(&path, file.render().as_bytes(), &meta)?;
@@ -102,10 +243,12 @@ pub fn apply(path: &Path, edits: &[EnvEdit], keep: &Path) -> Result<Vec<String>,
     Ok(diff)
 }
 
-/// Puts the original saved by [`apply`] back atomically (same mode and
-/// owner as the saved copy). Safe to run more than once.
+/// Puts the original saved by [`apply`] back atomically, with the mode and
+/// owner of the live env file (the kept copy is the agent's private 0600
+/// file), or of the kept copy when the live one is gone. Safe to run more
+/// than once.
 pub fn restore(path: &Path, keep: &Path) -> Result<(), EnvError> {
-    let path = resolve(path)?;
+    let path = resolve(path).unwrap_or_else(|_| path.to_owned());
     let original = match fs::read(keep) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -115,7 +258,185 @@ pub fn restore(path: &Path, keep: &Path) -> Result<(), EnvError> {
         }
         Err(source) => return Err(io_error(format!("reading {}", keep.display()), source)),
     };
-    write_atomically(&path, &original, &metadata(keep)?)
+    let like = match metadata(&path) {
+        Ok(live) => live,
+        Err(_) => metadata(keep)?,
+    };
+    write_atomically(&path, &original, &like)
+}
+
+/// The variables of an env file's text exactly as systemd 252's
+/// `EnvironmentFile=` sets them (checked against the real systemd by
+/// `tests/tests/security_env.rs`): leading whitespace skipped; `#`/`;` start a
+/// comment, and a comment ending in `\` swallows the next line; `export ` is
+/// not special (that line is invalid and ignored); the key is trimmed; single
+/// quotes are literal; in double quotes `\` escapes `"`, `\`, `` ` ``, `$` and
+/// a newline, and is kept before anything else; unquoted, `\` escapes any
+/// character and a newline continues the value, trailing whitespace is
+/// trimmed; quoted and unquoted parts concatenate; lines without `=` or with
+/// an invalid name are ignored; the last assignment of a key wins.
+pub fn parse_values(text: &str) -> Vec<(String, String)> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum State {
+        PreKey,
+        Key,
+        PreValue,
+        Value,
+        ValueEscape,
+        SingleQuote,
+        DoubleQuote,
+        DoubleQuoteEscape,
+        Comment,
+        CommentEscape,
+    }
+    let is_newline = |c: char| c == '\n' || c == '\r';
+    let is_space = |c: char| matches!(c, ' ' | '\t' | '\n' | '\r');
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut push = |key: &str, value: String| {
+        if !is_valid_name(key) {
+            return;
+        }
+        match out.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value,
+            None => out.push((key.to_owned(), value)),
+        }
+    };
+    let mut state = State::PreKey;
+    let mut key = String::new();
+    let mut value = String::new();
+    // Byte lengths to cut trailing whitespace back to (None: nothing to cut).
+    let mut key_ws: Option<usize> = None;
+    let mut value_ws: Option<usize> = None;
+    let trimmed = |s: &str, at: Option<usize>| s[..at.unwrap_or(s.len())].to_owned();
+    for c in text.chars() {
+        match state {
+            State::PreKey => {
+                if c == '#' || c == ';' {
+                    state = State::Comment;
+                } else if !is_space(c) {
+                    state = State::Key;
+                    key.clear();
+                    key.push(c);
+                    key_ws = None;
+                }
+            }
+            State::Key => {
+                if is_newline(c) {
+                    state = State::PreKey;
+                } else if c == '=' {
+                    state = State::PreValue;
+                    value.clear();
+                    value_ws = None;
+                } else {
+                    if !is_space(c) {
+                        key_ws = None;
+                    } else if key_ws.is_none() {
+                        key_ws = Some(key.len());
+                    }
+                    key.push(c);
+                }
+            }
+            State::PreValue => {
+                if is_newline(c) {
+                    state = State::PreKey;
+                    push(&trimmed(&key, key_ws), std::mem::take(&mut value));
+                } else if c == '\'' {
+                    state = State::SingleQuote;
+                } else if c == '"' {
+                    state = State::DoubleQuote;
+                } else if c == '\\' {
+                    state = State::ValueEscape;
+                } else if !is_space(c) {
+                    state = State::Value;
+                    value.push(c);
+                }
+            }
+            State::Value => {
+                if is_newline(c) {
+                    state = State::PreKey;
+                    let v = trimmed(&value, value_ws);
+                    push(&trimmed(&key, key_ws), v);
+                    value.clear();
+                    value_ws = None;
+                } else if c == '\\' {
+                    state = State::ValueEscape;
+                    value_ws = None;
+                } else {
+                    if !is_space(c) {
+                        value_ws = None;
+                    } else if value_ws.is_none() {
+                        value_ws = Some(value.len());
+                    }
+                    value.push(c);
+                }
+            }
+            State::ValueEscape => {
+                state = State::Value;
+                if !is_newline(c) {
+                    value.push(c);
+                }
+            }
+            State::SingleQuote => {
+                if c == '\'' {
+                    state = State::PreValue;
+                } else {
+                    value.push(c);
+                }
+            }
+            State::DoubleQuote => {
+                if c == '"' {
+                    state = State::PreValue;
+                } else if c == '\\' {
+                    state = State::DoubleQuoteEscape;
+                } else {
+                    value.push(c);
+                }
+            }
+            State::DoubleQuoteEscape => {
+                state = State::DoubleQuote;
+                if matches!(c, '"' | '\\' | '`' | '$') {
+                    value.push(c);
+                } else if c != '\n' {
+                    value.push('\\');
+                    value.push(c);
+                }
+            }
+            State::Comment => {
+                if c == '\\' {
+                    state = State::CommentEscape;
+                } else if is_newline(c) {
+                    state = State::PreKey;
+                }
+            }
+            State::CommentEscape => state = State::Comment,
+        }
+    }
+    match state {
+        State::Value => {
+            let v = trimmed(&value, value_ws);
+            push(&trimmed(&key, key_ws), v);
+        }
+        State::PreValue
+        | State::ValueEscape
+        | State::SingleQuote
+        | State::DoubleQuote
+        | State::DoubleQuoteEscape => push(&trimmed(&key, key_ws), value),
+        State::PreKey | State::Key | State::Comment | State::CommentEscape => {}
+    }
+    out
+}
+
+/// [`parse_values`] of the file at `path`; the one reader of env files, for
+/// hooks, dry runs and checks alike, so they see what the unit sees.
+pub fn read_values(path: &Path) -> Result<Vec<(String, String)>, EnvError> {
+    Ok(parse_values(&read_text(path)?))
+}
+
+/// systemd's rule for names: ASCII letters, digits and `_`, not starting with a digit.
+fn is_valid_name(key: &str) -> bool {
+    !key.is_empty()
+        && !key.starts_with(|c: char| c.is_ascii_digit())
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn validate_key(key: &str) -> Result<(), EnvError> {
@@ -433,7 +754,7 @@ DB_POOL_SIZE = 10
         assert_eq!(fs::read_to_string(&keep).unwrap(), GUIDE_FILE);
         let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
         assert_eq!(mode(&path), 0o640);
-        assert_eq!(mode(&keep), 0o640);
+        assert_eq!(mode(&keep), 0o600);
     }
 
     #[test]
@@ -642,5 +963,174 @@ EMPTY=''
         assert_eq!(key_of("A"), None);
         assert_eq!(key_of("1A=1"), None);
         assert_eq!(key_of(""), None);
+    }
+
+    /// The file checked against the real systemd 252 (see tests/tests/security_env.rs).
+    #[test]
+    fn values_read_exactly_like_systemd() {
+        let text = "A=plain\n  B = spaced value   \nexport C=exp\n\
+            D=\"dq \\\" \\\\ \\$ \\` \\n \\a end\"\nE='sq \\n \"x\" \\\\'\n\
+            F=un\\ esc\\aped\\\\ # not comment\nG=cont\\\ninued\nH=\"dq cont\\\ninued\"\n\
+            # comment \\\nI=swallowed\n; semi\nJ=has=equals\nK='a'b\"c\"\nL= 'x' y\nM\n\
+            N=#hash\n1BAD=x\nO-P=y\nQ=last\nQ=again\nT=\nU=x\\ \nR=\"unterminated\nS=inside\n";
+        let got = parse_values(text);
+        let want: Vec<(String, String)> = [
+            ("A", "plain"),
+            ("B", "spaced value"),
+            ("D", "dq \" \\ $ ` \\n \\a end"),
+            ("E", "sq \\n \"x\" \\\\"),
+            ("F", "un escaped\\ # not comment"),
+            ("G", "continued"),
+            ("H", "dq continued"),
+            ("J", "has=equals"),
+            ("K", "ab\"c\""),
+            ("L", "xy"),
+            ("N", "#hash"),
+            ("Q", "again"),
+            ("T", ""),
+            ("U", "x "),
+            ("R", "unterminated\nS=inside\n"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(got, want);
+        assert!(parse_values("").is_empty());
+        assert_eq!(parse_values("A=1"), vec![("A".into(), "1".into())]);
+    }
+
+    /// Hostile env files: the reader never panics or hangs, returns only
+    /// valid names, and every value it returns came from the file's bytes.
+    #[test]
+    fn fuzz_env_file_reading() {
+        use proptest::prelude::*;
+        let piece = prop_oneof![
+            Just("=".to_owned()),
+            Just("\\".to_owned()),
+            Just("\\\n".to_owned()),
+            Just("\"".to_owned()),
+            Just("'".to_owned()),
+            Just("\n".to_owned()),
+            Just("\r".to_owned()),
+            Just("#".to_owned()),
+            Just(";".to_owned()),
+            Just(" ".to_owned()),
+            Just("export ".to_owned()),
+            "[A-Za-z_][A-Za-z0-9_]{0,6}",
+            "\\PC{0,4}",
+        ];
+        let files = proptest::collection::vec(piece, 0..60).prop_map(|p| p.concat());
+        crate::fuzzing::run(2000, files, |text| {
+            let values = parse_values(&text);
+            for (k, v) in &values {
+                prop_assert!(is_valid_name(k), "invalid name {k:?} from {text:?}");
+                prop_assert!(text.contains(k.as_str()));
+                prop_assert!(v.len() <= text.len());
+            }
+            let mut names: Vec<&String> = values.iter().map(|(k, _)| k).collect();
+            names.dedup();
+            prop_assert_eq!(names.len(), values.len());
+            Ok(())
+        });
+    }
+
+    /// Edits keep the file parseable: a value written by `set` reads back unchanged.
+    #[test]
+    fn fuzz_set_values_read_back() {
+        use proptest::prelude::*;
+        let value = "[ -~\t]{0,40}";
+        crate::fuzzing::run(1000, value, |value| {
+            let mut file = EnvFile::parse("# c\nA=1\n");
+            file.set("K", &value, &mut Vec::new());
+            let values = parse_values(&file.render());
+            prop_assert_eq!(
+                values,
+                vec![
+                    ("A".to_owned(), "1".to_owned()),
+                    ("K".to_owned(), value.clone())
+                ]
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn only_declared_keys_that_load_no_code_are_editable() {
+        let keys = vec!["DATABASE_*".to_owned(), "SECRET".to_owned()];
+        let set = |k: &str| EnvEdit::Set {
+            key: k.into(),
+            value: "v".into(),
+        };
+        assert!(check_editable(&keys, &[set("DATABASE_URL"), set("SECRET")]).is_ok());
+        for bad in [
+            "PYTHONWARNINGS",
+            "LD_PRELOAD",
+            "BROWSER",
+            "OTHER",
+            "SECRETS",
+            "PATH",
+        ] {
+            assert_eq!(check_editable(&keys, &[set(bad)]).unwrap_err().key, bad);
+        }
+        let all = vec!["*".to_owned()];
+        assert!(check_editable(&all, &[set("ANYTHING")]).is_ok());
+        assert_eq!(
+            check_editable(&all, &[set("LD_PRELOAD")]).unwrap_err().key,
+            "LD_PRELOAD"
+        );
+        let rename = EnvEdit::Rename {
+            from: "DATABASE_URI".into(),
+            to: "PYTHONPATH".into(),
+        };
+        assert_eq!(
+            check_editable(&keys, &[rename]).unwrap_err().key,
+            "PYTHONPATH"
+        );
+        let unset = EnvEdit::Unset {
+            key: "LD_AUDIT".into(),
+        };
+        assert_eq!(check_editable(&all, &[unset]).unwrap_err().key, "LD_AUDIT");
+        assert!(check_editable(&[], &[set("DATABASE_URL")]).is_err());
+        assert!(check_editable(&[], &[]).is_ok());
+    }
+
+    #[test]
+    fn globs_match_like_shells() {
+        assert!(key_matches("DATABASE_*", "DATABASE_URL"));
+        assert!(key_matches("DATABASE_*", "DATABASE_"));
+        assert!(!key_matches("DATABASE_*", "DATABASE"));
+        assert!(key_matches("*_URL", "DATABASE_URL"));
+        assert!(key_matches("A*B*C", "AxxBxxC"));
+        assert!(!key_matches("A*B*C", "AxxBxxD"));
+        assert!(key_matches("ABC", "ABC"));
+        assert!(!key_matches("ABC", "ABCD"));
+        assert!(validate_key_pattern("DATABASE_*").is_ok());
+        assert!(validate_key_pattern("LD_PRELOAD").is_err());
+        assert!(validate_key_pattern("A-B").is_err());
+        assert!(validate_key_pattern("").is_err());
+    }
+
+    #[test]
+    fn fuzz_key_globs_agree_with_a_regex() {
+        use proptest::prelude::*;
+        crate::fuzzing::run(2000, ("[AB*]{0,6}", "[AB]{0,8}"), |(pattern, key)| {
+            let regex = format!("^{}$", pattern.replace('*', ".*"));
+            let want = regex_lite_match(&regex, &key);
+            prop_assert_eq!(key_matches(&pattern, &key), want);
+            Ok(())
+        });
+    }
+
+    /// A tiny reference: `^...$` with `.*` only, by exhaustive recursion.
+    fn regex_lite_match(regex: &str, key: &str) -> bool {
+        fn go(p: &[u8], k: &[u8]) -> bool {
+            match p {
+                [] => k.is_empty(),
+                [b'.', b'*', rest @ ..] => (0..=k.len()).any(|i| go(rest, &k[i..])),
+                [c, rest @ ..] => k.first() == Some(c) && go(rest, &k[1..]),
+            }
+        }
+        let inner = &regex.as_bytes()[1..regex.len() - 1];
+        go(inner, key.as_bytes())
     }
 }

@@ -2,7 +2,6 @@
 //! app's user, with the app's env file as environment, bounded in time, each
 //! output line handed to the caller as it comes.
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -22,38 +21,8 @@ pub enum ProcessError {
     Timeout { program: String, after: Duration },
     #[error("{program} exited with {status}")]
     Failed { program: String, status: String },
-    #[error("cannot read env file {path}: {source}")]
-    EnvFile {
-        path: String,
-        source: std::io::Error,
-    },
     #[error("canceled")]
     Canceled,
-}
-
-/// The variables of an env file (`KEY=VALUE` lines, `export ` and quotes
-/// allowed), as systemd's EnvironmentFile= would set them.
-pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, ProcessError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ProcessError::EnvFile {
-        path: path.display().to_string(),
-        source,
-    })?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| {
-            let l = l.strip_prefix("export ").unwrap_or(l);
-            let (k, v) = l.split_once('=')?;
-            let v = v.trim();
-            let v = v
-                .strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
-                .unwrap_or(v);
-            Some((k.trim().to_owned(), v.to_owned()))
-        })
-        .collect())
 }
 
 /// uid, gid and home of a system user.
@@ -80,6 +49,41 @@ fn lookup_user(name: &str) -> Result<(u32, u32, String), ProcessError> {
         .to_string_lossy()
         .into_owned();
     Ok((pwd.pw_uid, pwd.pw_gid, home))
+}
+
+/// The groups of `name` as initgroups(3) would set them: its primary group
+/// `gid` and every group listing it.
+pub fn supplementary_groups(name: &str, gid: u32) -> Result<Vec<libc::gid_t>, ProcessError> {
+    let c = std::ffi::CString::new(name).map_err(|_| ProcessError::UnknownUser(name.to_owned()))?;
+    let mut count: libc::c_int = 64;
+    // A user in more groups than the buffer holds: grow it and ask again.
+    for _ in 0..8 {
+        let mut groups: Vec<libc::gid_t> = vec![0; count.max(1) as usize];
+        let asked = count;
+        // SAFETY: `groups` holds `count` entries; getgrouplist writes at most that many.
+        let rc = unsafe { libc::getgrouplist(c.as_ptr(), gid, groups.as_mut_ptr(), &mut count) };
+        if rc >= 0 {
+            groups.truncate(count.max(0) as usize);
+            return Ok(groups);
+        }
+        count = count.max(asked.saturating_mul(2));
+    }
+    Err(ProcessError::UnknownUser(name.to_owned()))
+}
+
+/// The name of the user with id `uid`, if there is one.
+pub fn user_name(uid: u32) -> Option<String> {
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: all pointers are valid for the call; getpwuid_r writes into `pwd`/`buf`.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    // SAFETY: on success pw_name points into `buf`, NUL-terminated.
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 /// What one run did.
@@ -114,7 +118,22 @@ pub async fn run(
     match user {
         Some(name) => {
             let (uid, gid, home) = lookup_user(name)?;
-            cmd.uid(uid).gid(gid).env("HOME", home).env("USER", name);
+            let groups = supplementary_groups(name, gid)?;
+            cmd.env("HOME", home).env("USER", name);
+            // What initgroups(3) + setgid + setuid do, with the group list read
+            // before the fork: only async-signal-safe syscalls run in the child.
+            // SAFETY: the closure calls setgroups/setgid/setuid only.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
+                        || libc::setgid(gid) != 0
+                        || libc::setuid(uid) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         None => {
             cmd.env("HOME", "/");
@@ -179,19 +198,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn env_files_read_like_systemd() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("e.env");
-        std::fs::write(&p, "# c\nA=1\nexport B=\"two words\"\n\nC='x'\n").unwrap();
-        let env = read_env_file(&p).unwrap();
-        assert_eq!(
-            env,
-            vec![
-                ("A".into(), "1".into()),
-                ("B".into(), "two words".into()),
-                ("C".into(), "x".into())
-            ]
-        );
+    fn groups_of_root_include_its_primary_group() {
+        let groups = supplementary_groups("root", 0).unwrap();
+        assert!(groups.contains(&0));
+        assert_eq!(user_name(0).as_deref(), Some("root"));
+        assert!(supplementary_groups("no-such-user-covet", 0).is_ok_and(|g| g == vec![0]));
     }
 
     #[tokio::test]

@@ -222,11 +222,12 @@ pub async fn preflight(
 }
 
 /// The target version's migrations, dry-run, without touching the app: for
-/// pip, the version is installed into a scratch virtualenv under `state_dir`
-/// and the declared dry-run program is run from there (with the env edits
+/// pip, the version is installed, as the venv's owner, into a scratch
+/// virtualenv next to the app's venv and the declared dry-run program is
+/// run from there as the hook user (with the env edits
 /// applied in memory); other kinds run the declared command as it is.
 pub async fn migration_dry_run(
-    deps: &Deps,
+    _deps: &Deps,
     app: &AppConfig,
     spec: &UpgradeSpec,
 ) -> Result<Vec<String>, String> {
@@ -239,33 +240,68 @@ pub async fn migration_dry_run(
         ]);
     };
     let mut env = match &app.env_file {
-        Some(p) => crate::process::read_env_file(p).map_err(|e| e.to_string())?,
+        Some(p) => crate::envfile::read_values(p).map_err(|e| e.to_string())?,
         None => Vec::new(),
     };
     apply_in_memory(&mut env, &spec.env_edits);
-    let scratch = deps
-        .config
-        .state_dir
-        .join("tmp")
-        .join(crate::journal::new_id("plan"));
+    let user = hook_user(app)?;
+    let mut scratch = None;
     let result = async {
-        let argv = target_argv(app, spec, argv, &scratch).await?;
+        let argv = target_argv(app, spec, argv, &mut scratch).await?;
         let never = std::sync::atomic::AtomicBool::new(false);
-        crate::process::run(
-            &argv,
-            app.user.as_deref(),
-            &env,
-            m.timeout,
-            &never,
-            &|_, _| {},
-        )
-        .await
-        .map(|r| r.lines)
-        .map_err(|e| e.to_string())
+        crate::process::run(&argv, user, &env, m.timeout, &never, &|_, _| {})
+            .await
+            .map(|r| r.lines)
+            .map_err(|e| e.to_string())
     }
     .await;
-    let _ = std::fs::remove_dir_all(&scratch);
+    if let Some(dir) = scratch {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     result
+}
+
+/// The user an app's hooks run as: its `user`, or root only when the config
+/// says `run_hooks_as_root = true` (check-config refuses anything else).
+pub fn hook_user(app: &AppConfig) -> Result<Option<&str>, String> {
+    match (&app.user, app.run_hooks_as_root) {
+        (Some(user), _) => Ok(Some(user.as_str())),
+        (None, true) => Ok(None),
+        (None, false) => Err(format!(
+            "app {} declares no user for its hooks and hooks never run as root: set \
+             user (or run_hooks_as_root = true) in its [[app]] config",
+            app.name
+        )),
+    }
+}
+
+/// A fresh scratch directory for the dry run's virtualenv, next to the app's
+/// venv (so its owner can reach it, unlike the 0700 state dir), with an
+/// unpredictable name, created without following links, owned by `owner`.
+fn scratch_dir_for(venv: &Path, owner: (u32, u32)) -> Result<PathBuf, String> {
+    let parent = venv.parent().unwrap_or(Path::new("/var/tmp"));
+    let mut random = [0u8; 12];
+    getrandom_fill(&mut random)?;
+    let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let dir = parent.join(format!(".covet-plan-{suffix}"));
+    crate::private::create_dir(&dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let owned = std::os::unix::fs::chown(&dir, Some(owner.0), Some(owner.1)).and_then(|()| {
+        // Holds only the target version's code, which the hook's user must read.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+    });
+    if let Err(e) = owned {
+        let _ = std::fs::remove_dir(&dir);
+        return Err(format!("cannot hand {} to its user: {e}", dir.display()));
+    }
+    Ok(dir)
+}
+
+fn getrandom_fill(buf: &mut [u8]) -> Result<(), String> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))
 }
 
 /// The dry-run argv as the target version would run it: for pip, the
@@ -275,7 +311,7 @@ async fn target_argv(
     app: &AppConfig,
     spec: &UpgradeSpec,
     argv: &[String],
-    scratch: &Path,
+    scratch_slot: &mut Option<PathBuf>,
 ) -> Result<Vec<String>, String> {
     let mut argv = argv.to_vec();
     let pkg = app
@@ -285,9 +321,23 @@ async fn target_argv(
     let (Some(pkg), Some(venv)) = (pkg, pkg.and_then(|p| p.venv.clone())) else {
         return Ok(argv);
     };
+    use std::os::unix::fs::MetadataExt;
+    // Python and pip run as the venv's owner (an sdist's setup.py is code),
+    // in a scratch dir that owner owns.
+    let meta = std::fs::metadata(&venv)
+        .map_err(|e| format!("cannot read virtualenv {}: {e}", venv.display()))?;
+    let owner = (meta.uid(), meta.gid());
+    let owner_name = match owner.0 {
+        0 => None,
+        uid => Some(crate::process::user_name(uid).ok_or_else(|| {
+            format!(
+                "the owner (uid {uid}) of {} is no system user",
+                venv.display()
+            )
+        })?),
+    };
+    let scratch = scratch_slot.insert(scratch_dir_for(&venv, owner)?);
     let scratch_venv = scratch.join("venv");
-    std::fs::create_dir_all(scratch)
-        .map_err(|e| format!("cannot create {}: {e}", scratch.display()))?;
     let never = std::sync::atomic::AtomicBool::new(false);
     let make_venv = [
         venv.join("bin/python").display().to_string(),
@@ -297,7 +347,7 @@ async fn target_argv(
     ];
     crate::process::run(
         &make_venv,
-        None,
+        owner_name.as_deref(),
         &[],
         Duration::from_secs(120),
         &never,
@@ -555,7 +605,7 @@ async fn forward(
     if let Some(m) = &app.migrate {
         step(ctx, STEP_MIGRATE, &m.command.join(" "), async {
             let env = match &app.env_file {
-                Some(p) => crate::process::read_env_file(p).map_err(|e| e.to_string())?,
+                Some(p) => crate::envfile::read_values(p).map_err(|e| e.to_string())?,
                 None => Vec::new(),
             };
             let on_line = |err: bool, line: &str| {
@@ -570,14 +620,10 @@ async fn forward(
                 )
             };
             let cancel = ctx.cancel_flag();
+            let user = hook_user(app)?;
             let report = ctx
                 .waiting(crate::process::run(
-                    &m.command,
-                    app.user.as_deref(),
-                    &env,
-                    m.timeout,
-                    &cancel,
-                    &on_line,
+                    &m.command, user, &env, m.timeout, &cancel, &on_line,
                 ))
                 .await
                 .map_err(|e| e.to_string())?;
@@ -812,7 +858,7 @@ pub async fn rollback_after(
         let result = rb_step(ctx, "rollback: database", "undo the migrations", async {
             if let Some(argv) = app.migrate.as_ref().and_then(|m| m.rollback.clone()) {
                 let env = match &app.env_file {
-                    Some(p) => crate::process::read_env_file(p).unwrap_or_default(),
+                    Some(p) => crate::envfile::read_values(p).unwrap_or_default(),
                     None => Vec::new(),
                 };
                 let never = std::sync::atomic::AtomicBool::new(false);
@@ -831,16 +877,8 @@ pub async fn rollback_after(
                         line,
                     )
                 };
-                match crate::process::run(
-                    &argv,
-                    app.user.as_deref(),
-                    &env,
-                    timeout,
-                    &never,
-                    &on_line,
-                )
-                .await
-                {
+                let user = hook_user(app)?;
+                match crate::process::run(&argv, user, &env, timeout, &never, &on_line).await {
                     Ok(_) => return Ok("the app's migrate rollback command succeeded".to_owned()),
                     Err(e) => ctx.note(format!(
                         "the migrate rollback command failed ({e}); restoring the dump instead"

@@ -271,6 +271,8 @@ name = "{APP}"
 unit = "{UNIT}"
 paths = [{venv}, {env_file}]
 env_file = {env_file}
+env_keys = ["DATABASE_*"]
+run_hooks_as_root = true
 
 [app.package]
 kind = "pip"
