@@ -44,11 +44,12 @@ const fn act(method: &'static str, min_role: Role) -> Rule {
     }
 }
 
+/// Probes reach out from the host on the caller's behalf: audited too.
 const fn look(method: &'static str, min_role: Role) -> Rule {
     Rule {
         method,
         min_role,
-        audited: false,
+        audited: true,
     }
 }
 
@@ -279,9 +280,8 @@ where
                 pending.finish(&status);
                 return Ok(response);
             }
-            if !audited {
-                return Ok(response);
-            }
+            // Unaudited streams are wrapped too: one can still end refused
+            // (its certificate revoked), and refusals are always audited.
             let (parts, body) = response.into_parts();
             let body = AuditedBody {
                 inner: body,

@@ -60,6 +60,48 @@ pub struct Config {
     pub backup: BackupDefaults,
     #[serde(default, rename = "app")]
     pub apps: Vec<AppConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: what one peer may hold of the agent (issue #11 items 8, 9,
+/// 12). The defaults suit a production host; tests lower them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// TLS handshakes in progress, all sources together.
+    pub handshakes: usize,
+    /// TLS handshakes in progress from one source address.
+    pub handshakes_per_source: usize,
+    /// A client must finish its handshake within this many milliseconds.
+    pub handshake_timeout_ms: u64,
+    /// Calls open at once on one connection (streams included).
+    pub streams_per_connection: usize,
+    /// Follows and watches (FollowLogs, WatchMetrics, ...) open at once by
+    /// one certificate, over all its connections.
+    pub follows_per_identity: usize,
+    /// Refused handshakes from one source within this many milliseconds are
+    /// written as one summary record with a count.
+    pub refusal_audit_interval_ms: u64,
+    /// An HTTP/2 PING goes to a connection idle this many milliseconds...
+    pub keepalive_interval_ms: u64,
+    /// ...and a peer that does not answer it within this many is dropped.
+    pub keepalive_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            handshakes: 1024,
+            handshakes_per_source: 32,
+            handshake_timeout_ms: 3000,
+            streams_per_connection: 100,
+            follows_per_identity: 16,
+            refusal_audit_interval_ms: 60_000,
+            keepalive_interval_ms: 30_000,
+            keepalive_timeout_ms: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -25,6 +25,7 @@ mod fuzzing;
 pub mod identity;
 pub mod info;
 pub mod journal;
+pub mod limits;
 pub mod logs;
 pub mod metrics;
 pub mod notify;

@@ -54,6 +54,7 @@ fn main() -> ExitCode {
             // SAFETY: no thread has been started yet (tracing and the runtime come next).
             let notify = unsafe { NotifyEnv::take() };
             init_tracing();
+            covet_agent::limits::raise_open_files_limit();
             let notify = notify.unwrap_or_else(|e| {
                 tracing::warn!("NOTIFY_SOCKET unusable, not notifying systemd: {e}");
                 NotifyEnv::default()

@@ -48,7 +48,7 @@ impl Agent {
         let audit = AuditLog::open(&audit_path)
             .with_context(|| format!("cannot open audit log {}", audit_path.display()))?;
         let tls = Arc::new(
-            ReloadableTls::new(config.tls.clone(), audit.clone())
+            ReloadableTls::new(config.tls.clone(), config.limits.clone(), audit.clone())
                 .context("cannot set up TLS from [tls]")?,
         );
         let listener = TcpListener::bind(config.listen)
@@ -144,10 +144,19 @@ impl Agent {
             .build_v1alpha()
             .context("reflection v1alpha")?;
 
+        let limit_layer = crate::limits::LimitLayer::new(tls.deny_list(), &state.config.limits);
+        let limits = &state.config.limits;
+        let keepalive = std::time::Duration::from_millis(limits.keepalive_interval_ms.max(100));
+        let keepalive_timeout =
+            std::time::Duration::from_millis(limits.keepalive_timeout_ms.max(100));
         let incoming = crate::tls::accept_loop(listener, tls);
         let mut rx = shutdown_rx;
         tonic::transport::Server::builder()
+            // Dead peers are dropped: an unanswered PING ends the connection.
+            .http2_keepalive_interval(Some(keepalive))
+            .http2_keepalive_timeout(Some(keepalive_timeout))
             .layer(AuditLayer::new(audit))
+            .layer(limit_layer)
             .layer(AuthzLayer)
             .add_service(health_service)
             .add_service(reflection_v1)

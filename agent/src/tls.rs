@@ -2,11 +2,13 @@
 //! certificate verifier with the deny list, and the accept loop that turns
 //! TCP connections into authenticated streams carrying the peer's identity.
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,16 +20,20 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use crate::audit::{AuditLog, AuditRecord};
-use crate::config::TlsConfig;
+use crate::audit::{AuditLog, AuditRecord, Claimed, RefusalAudit};
+use crate::config::{LimitsConfig, TlsConfig};
 use crate::identity::PeerIdentity;
 
-/// A slow or silent client gets this long to finish its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+tokio::task_local! {
+    /// Why the verifier refused this connection's certificate and whom it
+    /// claimed to be: the verifier does not know the peer address, the
+    /// accept task that runs the handshake does, and audits both.
+    static REFUSAL: RefCell<Option<(Option<Claimed>, String)>>;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -107,26 +113,14 @@ fn normalize_hex(s: &str) -> String {
 #[derive(Debug)]
 struct CovetClientVerifier {
     webpki: Arc<dyn ClientCertVerifier>,
-    deny: DenyList,
-    audit: AuditLogHandle,
-}
-
-/// `AuditLog` is not `Debug`; the verifier must be.
-struct AuditLogHandle(AuditLog);
-
-impl std::fmt::Debug for AuditLogHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AuditLog({})", self.0.path().display())
-    }
+    deny: Arc<DenyList>,
 }
 
 impl CovetClientVerifier {
+    /// Hands the refusal to the accept task (see [`REFUSAL`]).
     fn refuse(&self, identity: Option<&PeerIdentity>, why: &str) {
-        self.audit.0.record(
-            &AuditRecord::new("tls-handshake", "refused")
-                .caller(identity)
-                .message(why),
-        );
+        let claimed = identity.map(Claimed::from_identity);
+        let _ = REFUSAL.try_with(|r| *r.borrow_mut() = Some((claimed, why.to_owned())));
     }
 }
 
@@ -218,7 +212,7 @@ fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'sta
 }
 
 /// Builds the server configuration from the files named in `[tls]`.
-pub fn server_config(tls: &TlsConfig, audit: &AuditLog) -> Result<ServerConfig, TlsError> {
+pub fn server_config(tls: &TlsConfig, deny: Arc<DenyList>) -> Result<ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for ca in read_certs("CA bundle", &tls.ca)? {
@@ -226,11 +220,7 @@ pub fn server_config(tls: &TlsConfig, audit: &AuditLog) -> Result<ServerConfig, 
     }
     let webpki =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
-    let verifier = CovetClientVerifier {
-        webpki,
-        deny: DenyList::load(tls.deny.as_deref())?,
-        audit: AuditLogHandle(audit.clone()),
-    };
+    let verifier = CovetClientVerifier { webpki, deny };
     let chain = read_certs("certificate", &tls.cert)?;
     let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|source| TlsError::Read {
         what: "key",
@@ -253,26 +243,44 @@ pub fn server_config(tls: &TlsConfig, audit: &AuditLog) -> Result<ServerConfig, 
 /// The live server configuration; new connections use the newest one.
 pub struct ReloadableTls {
     tls: TlsConfig,
+    limits: LimitsConfig,
     audit: AuditLog,
     current: RwLock<Arc<ServerConfig>>,
+    /// The deny list in force; open connections watch it (see `limits`).
+    deny: watch::Sender<Arc<DenyList>>,
 }
 
 impl ReloadableTls {
-    pub fn new(tls: TlsConfig, audit: AuditLog) -> Result<ReloadableTls, TlsError> {
-        let config = server_config(&tls, &audit)?;
+    pub fn new(
+        tls: TlsConfig,
+        limits: LimitsConfig,
+        audit: AuditLog,
+    ) -> Result<ReloadableTls, TlsError> {
+        let deny = Arc::new(DenyList::load(tls.deny.as_deref())?);
+        let config = server_config(&tls, deny.clone())?;
         Ok(ReloadableTls {
             tls,
+            limits,
             audit,
             current: RwLock::new(Arc::new(config)),
+            deny: watch::Sender::new(deny),
         })
     }
 
     /// Re-reads certificate, key, CA and deny list. On error the previous
-    /// configuration stays in force.
+    /// configuration stays in force. Open connections of newly denied
+    /// certificates are refused from now on.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let config = server_config(&self.tls, &self.audit)?;
+        let deny = Arc::new(DenyList::load(self.tls.deny.as_deref())?);
+        let config = server_config(&self.tls, deny.clone())?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        self.deny.send_replace(deny);
         Ok(())
+    }
+
+    /// The deny list in force, changing on every reload.
+    pub fn deny_list(&self) -> watch::Receiver<Arc<DenyList>> {
+        self.deny.subscribe()
     }
 
     fn acceptor(&self) -> TlsAcceptor {
@@ -290,6 +298,8 @@ impl ReloadableTls {
 pub struct PeerInfo {
     pub remote: SocketAddr,
     pub identity: Arc<PeerIdentity>,
+    /// Calls open on this connection (see `limits::LimitLayer`).
+    pub open_calls: Arc<AtomicUsize>,
 }
 
 pin_project_lite::pin_project! {
@@ -348,30 +358,126 @@ impl AsyncWrite for PeerStream {
     }
 }
 
+/// Handshakes in progress, all together and per source address, so one
+/// source (or many idle sockets) cannot hold every slot or file descriptor.
+struct HandshakeSlots {
+    all: Arc<Semaphore>,
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+    per_source_max: usize,
+}
+
+/// One handshake's slot; released on drop.
+struct HandshakeSlot {
+    slots: Arc<HandshakeSlots>,
+    source: IpAddr,
+    _all: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl HandshakeSlots {
+    fn try_take(self: &Arc<Self>, source: IpAddr) -> Result<HandshakeSlot, &'static str> {
+        let all = self
+            .all
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "too many TLS handshakes in progress")?;
+        let mut per_source = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
+        let count = per_source.entry(source).or_default();
+        if *count >= self.per_source_max {
+            return Err("too many TLS handshakes in progress from this address");
+        }
+        *count += 1;
+        Ok(HandshakeSlot {
+            slots: self.clone(),
+            source,
+            _all: all,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut per_source = self
+            .slots
+            .per_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = per_source.get_mut(&self.source) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                per_source.remove(&self.source);
+            }
+        }
+    }
+}
+
 /// Accepts TCP connections, runs each handshake in its own task (so one slow
-/// client never holds up the others), and yields verified streams.
+/// client never holds up the others) within the handshake limits, and yields
+/// verified streams. Refusals are audited with the peer address, aggregated
+/// per source.
 pub fn accept_loop(
     listener: TcpListener,
     tls: Arc<ReloadableTls>,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<PeerStream>> {
     let (tx, rx) = mpsc::channel(64);
+    let limits = tls.limits.clone();
+    let slots = Arc::new(HandshakeSlots {
+        all: Arc::new(Semaphore::new(limits.handshakes.max(1))),
+        per_source: Mutex::default(),
+        per_source_max: limits.handshakes_per_source.max(1),
+    });
+    let handshake_timeout = Duration::from_millis(limits.handshake_timeout_ms.max(1));
+    let refusals = RefusalAudit::new(tls.audit.clone());
+    {
+        let refusals = refusals.clone();
+        let every = Duration::from_millis(limits.refusal_audit_interval_ms.max(10));
+        let streams = tx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            while !streams.is_closed() {
+                tick.tick().await;
+                refusals.flush();
+            }
+        });
+    }
     tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(10);
         loop {
             let (tcp, remote) = match listener.accept().await {
-                Ok(conn) => conn,
+                Ok(conn) => {
+                    backoff = Duration::from_millis(10);
+                    conn
+                }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off, keep listening.
+                    // Out of file descriptors and the like: back off (up to
+                    // 1 s) instead of spinning, keep listening.
                     tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let slot = match slots.try_take(remote.ip()) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    // Closing at once frees the descriptor; audited, aggregated.
+                    drop(tcp);
+                    refusals.refused(
+                        AuditRecord::new("tls-handshake", "refused")
+                            .peer(Some(remote))
+                            .message(why),
+                    );
                     continue;
                 }
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = tls.acceptor();
-            let audit = tls.audit.clone();
+            let refusals = refusals.clone();
             let streams = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            tokio::spawn(REFUSAL.scope(RefCell::new(None), async move {
+                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+                drop(slot);
+                match handshake {
                     Ok(Ok(stream)) => match peer_info(&stream, remote) {
                         Some(info) => {
                             let _ = streams
@@ -385,10 +491,13 @@ pub fn accept_loop(
                             tracing::warn!(%remote, "handshake without a usable client certificate")
                         }
                     },
-                    Ok(Err(e)) => handshake_failed(&audit, remote, &e),
+                    Ok(Err(e)) => {
+                        let verdict = REFUSAL.with(|r| r.borrow_mut().take());
+                        handshake_failed(&refusals, remote, verdict, &e)
+                    }
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                 }
-            });
+            }));
             if tx.is_closed() {
                 break;
             }
@@ -403,26 +512,57 @@ fn peer_info(stream: &TlsStream<TcpStream>, remote: SocketAddr) -> Option<PeerIn
     Some(PeerInfo {
         remote,
         identity: Arc::new(identity),
+        open_calls: Arc::default(),
     })
 }
 
-fn handshake_failed(audit: &AuditLog, remote: SocketAddr, e: &std::io::Error) {
+fn handshake_failed(
+    refusals: &RefusalAudit,
+    remote: SocketAddr,
+    verdict: Option<(Option<Claimed>, String)>,
+    e: &std::io::Error,
+) {
     let rustls_error = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-    match rustls_error {
-        // The verifier has already audited these, with the identity.
-        Some(rustls::Error::InvalidCertificate(_)) => {}
-        Some(rustls::Error::NoCertificatesPresented) => audit.record(
-            &AuditRecord::new("tls-handshake", "refused")
-                .peer(Some(remote))
-                .message("no client certificate presented"),
-        ),
-        Some(other) => audit.record(
-            &AuditRecord::new("tls-handshake", "refused")
-                .peer(Some(remote))
-                .message(other.to_string()),
-        ),
-        None => tracing::debug!(%remote, "TLS handshake failed: {e}"),
+    let refused = AuditRecord::new("tls-handshake", "refused").peer(Some(remote));
+    match (verdict, rustls_error) {
+        // The verifier said why, and whom the certificate claims to be.
+        (Some((claimed, why)), _) => refusals.refused(refused.claimed(claimed).message(why)),
+        (None, Some(rustls::Error::NoCertificatesPresented)) => {
+            refusals.refused(refused.message("no client certificate presented"))
+        }
+        (None, Some(other)) => refusals.refused(refused.message(other.to_string())),
+        (None, None) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod handshake_slot_tests {
+    use super::*;
+
+    #[test]
+    fn handshakes_are_bounded_per_source_and_in_all() {
+        let slots = Arc::new(HandshakeSlots {
+            all: Arc::new(Semaphore::new(3)),
+            per_source: Mutex::default(),
+            per_source_max: 2,
+        });
+        let a: IpAddr = [127, 0, 0, 2].into();
+        let b: IpAddr = [127, 0, 0, 3].into();
+        let c: IpAddr = [127, 0, 0, 4].into();
+        let first = slots.try_take(a).unwrap();
+        let _second = slots.try_take(a).unwrap();
+        let err = slots.try_take(a).err().unwrap();
+        assert!(err.contains("from this address"), "{err}");
+        let _other = slots.try_take(b).unwrap();
+        let err = slots.try_take(c).err().unwrap();
+        assert_eq!(err, "too many TLS handshakes in progress");
+        drop(first);
+        slots.try_take(a).unwrap();
+        // Slots given back leave no entry behind.
+        drop(_second);
+        drop(_other);
+        assert!(slots.per_source.lock().unwrap().is_empty());
     }
 }

@@ -170,14 +170,14 @@ async fn foreign_expired_and_missing_certificates_are_refused_and_audited() {
     let why = refused(&agent, &foreign).await;
     assert!(why.contains("not issued by the agent's CA"), "{why}");
     agent
-        .wait_audit(|r| r["rpc"] == "tls-handshake" && r["caller_cn"] == "mallory")
+        .wait_audit(|r| r["rpc"] == "tls-handshake" && r["claimed"]["cn"] == "mallory")
         .await;
 
     let expired = agent.pki.expired("old");
     let why = refused(&agent, &expired).await;
     assert!(why.contains("expired"), "{why}");
     let record = agent
-        .wait_audit(|r| r["rpc"] == "tls-handshake" && r["caller_cn"] == "old")
+        .wait_audit(|r| r["rpc"] == "tls-handshake" && r["claimed"]["cn"] == "old")
         .await;
     assert!(record["message"].as_str().unwrap().contains("expired"));
 
@@ -252,7 +252,7 @@ async fn revocation_takes_effect_on_sighup_without_dropping_the_listener() {
     let why = refused(&agent, &operator).await;
     assert!(why.contains("revoked") || why.contains("refused"), "{why}");
     let record = agent
-        .wait_audit(|r| r["rpc"] == "tls-handshake" && r["caller_serial"] == serial.as_str())
+        .wait_audit(|r| r["rpc"] == "tls-handshake" && r["claimed"]["serial"] == serial.as_str())
         .await;
     assert!(record["message"].as_str().unwrap().contains("revoked"));
     // Others still get in on the same listener.
