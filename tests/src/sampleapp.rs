@@ -271,7 +271,7 @@ name = "{APP}"
 unit = "{UNIT}"
 paths = [{venv}, {env_file}]
 env_file = {env_file}
-env_keys = ["DATABASE_*"]
+env_keys = ["DATABASE_*", "COVET_*"]
 run_hooks_as_root = true
 
 [app.package]
