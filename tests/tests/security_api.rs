@@ -71,7 +71,8 @@ async fn watching_made_up_operations_is_not_found_and_holds_no_memory() {
         .map(|i| format!("op-20261201-{i:06}-ffffff"))
         .collect();
     let mut calls = tokio::task::JoinSet::new();
-    for chunk in ids.chunks(500) {
+    // Eight at a time: under the per-identity cap on open watches.
+    for chunk in ids.chunks(1250) {
         let chunk = chunk.to_vec();
         let watch = watch.clone();
         calls.spawn(async move {
