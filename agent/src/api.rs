@@ -622,7 +622,7 @@ impl UnitApi {
         let deadline = tokio::time::Instant::now() + self.0.config.systemd.settle;
         while tokio::time::Instant::now() < deadline && status.is_active() {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            status = self.0.systemd.status(&unit).await.map_err(systemd_error)?;
+            status = self.0.systemd.status(unit).await.map_err(systemd_error)?;
         }
         Ok(status)
     }

@@ -4,7 +4,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -282,7 +281,7 @@ fn resume(state: &AgentState, op: &crate::journal::OperationRecord) -> bool {
 }
 
 /// Creates `dir` (and parents) with mode 0700, narrowing it if it was wider.
-fn create_private_dir(dir: &PathBuf) -> anyhow::Result<()> {
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     crate::private::create_dir_all(dir)
         .with_context(|| format!("cannot create state_dir {}", dir.display()))
 }
