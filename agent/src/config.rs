@@ -73,6 +73,10 @@ pub struct LimitsConfig {
     pub handshakes: usize,
     /// TLS handshakes in progress from one source address.
     pub handshakes_per_source: usize,
+    /// Connections open at once (handshaking or established), all sources.
+    pub connections: usize,
+    /// Connections open at once from one source address.
+    pub connections_per_source: usize,
     /// A client must finish its handshake within this many milliseconds.
     pub handshake_timeout_ms: u64,
     /// Calls open at once on one connection (streams included).
@@ -94,6 +98,8 @@ impl Default for LimitsConfig {
         LimitsConfig {
             handshakes: 1024,
             handshakes_per_source: 32,
+            connections: 8192,
+            connections_per_source: 256,
             handshake_timeout_ms: 3000,
             streams_per_connection: 100,
             follows_per_identity: 16,

@@ -308,6 +308,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: TlsStream<TcpStream>,
         info: PeerInfo,
+        // Given back when the connection ends.
+        _connection: SourceSlot,
     }
 }
 
@@ -358,35 +360,47 @@ impl AsyncWrite for PeerStream {
     }
 }
 
-/// Handshakes in progress, all together and per source address, so one
-/// source (or many idle sockets) cannot hold every slot or file descriptor.
-struct HandshakeSlots {
+/// Slots for something connections hold (a handshake in progress, an open
+/// connection), all together and per source address, so one source (or many
+/// idle sockets) cannot hold every slot or file descriptor.
+struct SourceSlots {
+    /// What a slot stands for, in refusals: "TLS handshakes in progress".
+    what: &'static str,
     all: Arc<Semaphore>,
     per_source: Mutex<HashMap<IpAddr, usize>>,
     per_source_max: usize,
 }
 
-/// One handshake's slot; released on drop.
-struct HandshakeSlot {
-    slots: Arc<HandshakeSlots>,
+/// One slot; released on drop.
+struct SourceSlot {
+    slots: Arc<SourceSlots>,
     source: IpAddr,
     _all: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl HandshakeSlots {
-    fn try_take(self: &Arc<Self>, source: IpAddr) -> Result<HandshakeSlot, &'static str> {
+impl SourceSlots {
+    fn new(what: &'static str, all: usize, per_source: usize) -> Arc<SourceSlots> {
+        Arc::new(SourceSlots {
+            what,
+            all: Arc::new(Semaphore::new(all.max(1))),
+            per_source: Mutex::default(),
+            per_source_max: per_source.max(1),
+        })
+    }
+
+    fn try_take(self: &Arc<Self>, source: IpAddr) -> Result<SourceSlot, String> {
         let all = self
             .all
             .clone()
             .try_acquire_owned()
-            .map_err(|_| "too many TLS handshakes in progress")?;
+            .map_err(|_| format!("too many {}", self.what))?;
         let mut per_source = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
         let count = per_source.entry(source).or_default();
         if *count >= self.per_source_max {
-            return Err("too many TLS handshakes in progress from this address");
+            return Err(format!("too many {} from this address", self.what));
         }
         *count += 1;
-        Ok(HandshakeSlot {
+        Ok(SourceSlot {
             slots: self.clone(),
             source,
             _all: all,
@@ -394,7 +408,7 @@ impl HandshakeSlots {
     }
 }
 
-impl Drop for HandshakeSlot {
+impl Drop for SourceSlot {
     fn drop(&mut self) {
         let mut per_source = self
             .slots
@@ -420,11 +434,17 @@ pub fn accept_loop(
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<PeerStream>> {
     let (tx, rx) = mpsc::channel(64);
     let limits = tls.limits.clone();
-    let slots = Arc::new(HandshakeSlots {
-        all: Arc::new(Semaphore::new(limits.handshakes.max(1))),
-        per_source: Mutex::default(),
-        per_source_max: limits.handshakes_per_source.max(1),
-    });
+    let slots = SourceSlots::new(
+        "TLS handshakes in progress",
+        limits.handshakes,
+        limits.handshakes_per_source,
+    );
+    // Held for a connection's whole life, handshake included.
+    let connections = SourceSlots::new(
+        "open connections",
+        limits.connections,
+        limits.connections_per_source,
+    );
     let handshake_timeout = Duration::from_millis(limits.handshake_timeout_ms.max(1));
     let refusals = RefusalAudit::new(tls.audit.clone());
     {
@@ -457,8 +477,11 @@ pub fn accept_loop(
                     continue;
                 }
             };
-            let slot = match slots.try_take(remote.ip()) {
-                Ok(slot) => slot,
+            let taken = connections
+                .try_take(remote.ip())
+                .and_then(|connection| Ok((connection, slots.try_take(remote.ip())?)));
+            let (connection, slot) = match taken {
+                Ok(taken) => taken,
                 Err(why) => {
                     // Closing at once frees the descriptor; audited, aggregated.
                     drop(tcp);
@@ -484,6 +507,7 @@ pub fn accept_loop(
                                 .send(Ok(PeerStream {
                                     inner: stream,
                                     info,
+                                    _connection: connection,
                                 }))
                                 .await;
                         }
@@ -543,11 +567,7 @@ mod handshake_slot_tests {
 
     #[test]
     fn handshakes_are_bounded_per_source_and_in_all() {
-        let slots = Arc::new(HandshakeSlots {
-            all: Arc::new(Semaphore::new(3)),
-            per_source: Mutex::default(),
-            per_source_max: 2,
-        });
+        let slots = SourceSlots::new("TLS handshakes in progress", 3, 2);
         let a: IpAddr = [127, 0, 0, 2].into();
         let b: IpAddr = [127, 0, 0, 3].into();
         let c: IpAddr = [127, 0, 0, 4].into();
@@ -564,5 +584,14 @@ mod handshake_slot_tests {
         drop(_second);
         drop(_other);
         assert!(slots.per_source.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn refusals_name_what_ran_out() {
+        let connections = SourceSlots::new("open connections", 10, 1);
+        let a: IpAddr = [127, 0, 0, 2].into();
+        let _held = connections.try_take(a).unwrap();
+        let err = connections.try_take(a).err().unwrap();
+        assert_eq!(err, "too many open connections from this address");
     }
 }

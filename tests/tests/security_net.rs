@@ -440,3 +440,65 @@ async fn a_peer_that_stops_answering_is_pinged_and_dropped() {
     }
     assert!(pinged, "no PING from the agent in {received:02x?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_source_are_bounded_and_given_back() {
+    let dir = sandbox_dir("net-conns");
+    let agent = TestAgent::start(
+        dir.path(),
+        AgentOptions {
+            // The connection cap bites before the handshake cap, and idle
+            // sockets stay within their handshake time for the whole test.
+            extra_toml: "[limits]\nconnections_per_source = 5\nhandshakes_per_source = 100\nhandshake_timeout_ms = 30000\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    agent.ctl_config(&["reader"]);
+    let attacker = Ipv4Addr::new(127, 0, 0, 9);
+    let held = idle_connections(attacker, agent.addr, 5).await;
+    // The sixth from that address is closed at once.
+    let mut sixth = connect_from(attacker, agent.addr).await;
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::io::AsyncReadExt::read(&mut sixth, &mut buf),
+    )
+    .await
+    .expect("the agent closes a connection over the per-source cap at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Others are not held up.
+    agent.ctl("reader", &["info"]).assert_ok();
+    agent
+        .wait_audit(|r| {
+            r["peer"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("127.0.0.9:"))
+                && r["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("too many open connections from this address"))
+        })
+        .await;
+    // Slots come back when connections end.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = connect_from(attacker, agent.addr).await;
+    let read = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::io::AsyncReadExt::read(&mut again, &mut buf),
+    )
+    .await;
+    assert!(
+        read.is_err(),
+        "a connection after the others ended was closed: {read:?}"
+    );
+}
+
+/// `n` idle TCP connections from `from`.
+async fn idle_connections(from: Ipv4Addr, to: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        held.push(connect_from(from, to).await);
+    }
+    held
+}
