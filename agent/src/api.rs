@@ -1697,6 +1697,7 @@ impl AgentState {
             systemd: self.systemd.clone(),
             backups: self.backups.clone(),
             probe_policy: self.probe_policy.clone(),
+            journal: self.ops.journal().clone(),
         }
     }
 }
@@ -1860,7 +1861,7 @@ impl pb::upgrade_service_server::UpgradeService for UpgradeApi {
             }
             Err(crate::workflow::PreflightError::Precondition(m)) => plan.blockers.push(m),
         }
-        plan.steps = upgrade_steps(&app, &spec);
+        plan.steps = crate::workflow::plan_lines(&app, &spec, &plan.from_version);
         plan.migration_dry_run = match crate::workflow::migration_dry_run(&deps, &app, &spec).await
         {
             Ok(lines) => lines,
@@ -1881,24 +1882,24 @@ impl pb::upgrade_service_server::UpgradeService for UpgradeApi {
         let caller = caller_record(&request);
         let app = app_or_not_found(&self.0.config, &request.get_ref().app)?.clone();
         self.busy(&app.name)?;
-        let last = last_upgrade_backup(self.0.ops.journal(), &app.name)?;
         let asked = request.get_ref().backup_id.clone();
-        let backup_id = match last {
-            _ if !asked.is_empty() => {
-                // The last upgrade's own backup is the operator's to use
-                // (fleet rollouts name it); any other one is a restore.
-                if last.as_deref() != Some(asked.as_str()) {
-                    authz::require(&request, authz::Power::RollbackToAnyBackup)?;
-                }
-                asked
-            }
-            Some(last) => last,
-            None => {
-                return Err(Status::failed_precondition(format!(
-                    "no successful upgrade of {} to roll back; an admin may name a backup with --to BACKUP_ID",
-                    app.name
-                )));
-            }
+        let (target, last_upgrade) =
+            crate::workflow::rollback_target(self.0.ops.journal(), &app.name, &asked).map_err(
+                |e| match e {
+                    crate::workflow::TargetError::NoUpgrade(_) => {
+                        Status::failed_precondition(e.to_string())
+                    }
+                    crate::workflow::TargetError::Journal(e) => journal_error(e),
+                },
+            )?;
+        // The last upgrade is the operator's to undo (fleet rollouts name
+        // its backup); going back to any other backup is a restore.
+        if !last_upgrade {
+            authz::require(&request, authz::Power::RollbackToAnyBackup)?;
+        }
+        let backup_id = match &target {
+            crate::workflow::RollbackOf::Upgrade(op) => op.backup_id.clone(),
+            crate::workflow::RollbackOf::Backup(id) => id.clone(),
         };
         let (dir, manifest) = self
             .0
@@ -1911,7 +1912,7 @@ impl pb::upgrade_service_server::UpgradeService for UpgradeApi {
                 Status::failed_precondition(format!("{e}; refusing to roll back to it"))
             })?;
         let deps = self.0.workflow_deps();
-        let params = [("backup".to_owned(), backup_id.clone())].into();
+        let params = crate::workflow::rollback_params(&target);
         let op_spec = OpSpec {
             kind: OpKind::Rollback,
             app: app.name.clone(),
@@ -1923,73 +1924,11 @@ impl pb::upgrade_service_server::UpgradeService for UpgradeApi {
             .0
             .ops
             .start(op_spec, move |ctx| {
-                ctx.update(|op| op.backup_id = backup_id.clone());
-                crate::workflow::run_rollback(deps, ctx, app, backup_id)
+                crate::workflow::run_rollback(deps, ctx, app, target)
             })
             .map_err(op_error)?;
         Ok(Response::new(operation_to_pb(op)))
     }
-}
-
-/// The backup taken by the app's last succeeded upgrade, if any.
-fn last_upgrade_backup(journal: &Journal, app: &str) -> Result<Option<String>, Status> {
-    Ok(journal
-        .list()
-        .map_err(journal_error)?
-        .into_iter()
-        .find(|op| {
-            op.app == app
-                && op.kind == OpKind::Upgrade
-                && op.state == OpState::Succeeded
-                && !op.backup_id.is_empty()
-        })
-        .map(|op| op.backup_id))
-}
-
-fn upgrade_steps(
-    app: &crate::config::AppConfig,
-    spec: &crate::workflow::UpgradeSpec,
-) -> Vec<String> {
-    let mut steps = vec![
-        "preflight: version available, unit loaded, app healthy, disk space".to_owned(),
-        format!(
-            "backup: {} path(s){}",
-            app.paths.len(),
-            if app.database.is_some() {
-                " and the database"
-            } else {
-                ""
-            }
-        ),
-        format!(
-            "package: install {} {}",
-            app.package.as_ref().map(|p| p.name.as_str()).unwrap_or("?"),
-            spec.to_version
-        ),
-    ];
-    if !spec.env_edits.is_empty() {
-        steps.push(format!(
-            "config: {} edit(s) of the env file",
-            spec.env_edits.len()
-        ));
-    }
-    if let Some(m) = &app.migrate {
-        steps.push(format!("migrate: {}", m.command.join(" ")));
-    }
-    steps.push(format!("restart: {}", app.unit));
-    if app.health.is_some() {
-        steps.push("health: the health probe must pass".into());
-    }
-    if !app.smoke.is_empty() {
-        steps.push(format!("smoke: {} check(s)", app.smoke.len()));
-    }
-    if let Some(w) = spec.watch {
-        steps.push(format!(
-            "watch: probe health for {}",
-            humantime::format_duration(w)
-        ));
-    }
-    steps
 }
 
 #[cfg(test)]

@@ -471,6 +471,24 @@ impl Config {
 }
 
 impl AppConfig {
+    /// What a backup of the app holds: its declared `paths`, and also its
+    /// env file and a pip package's virtualenv when no declared path holds
+    /// them already, so a rollback can always put those back.
+    pub fn backup_paths(&self) -> Vec<PathBuf> {
+        let mut paths = self.paths.clone();
+        let venv = self
+            .package
+            .as_ref()
+            .filter(|p| p.kind == PackageKind::Pip)
+            .and_then(|p| p.venv.clone());
+        for extra in [self.env_file.clone(), venv].into_iter().flatten() {
+            if !paths.iter().any(|p| extra.starts_with(p)) {
+                paths.push(extra);
+            }
+        }
+        paths
+    }
+
     fn check(&self, key: &str, out: &mut Problems) {
         if let Err(e) = validate_name(&self.name) {
             out.add(format!("{key}.name"), e);

@@ -116,6 +116,11 @@ pub enum PackageError {
         copy.display()
     )]
     SnapshotChanged { venv: PathBuf, copy: PathBuf },
+    /// What a restore point kept is no longer there (a later upgrade
+    /// discarded it, or a restore already used it): the package must come
+    /// back another way.
+    #[error("the restore point of {name} is gone: {what}")]
+    RestorePointGone { name: String, what: String },
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
     #[error("{0}")]
@@ -308,7 +313,10 @@ pub async fn install_as(
 /// the aside tree removed. release: `current` is pointed back atomically.
 /// deb, rpm: the kept file is reinstalled (or the package removed if it was
 /// not installed), unless the previous version is already there.
-/// Safe to run again, e.g. after a crash half way.
+/// Safe to run again after a crash half way; once a pip snapshot or a
+/// release tree is gone (used, or discarded by a later upgrade), it fails
+/// with [`PackageError::RestorePointGone`] and the caller takes the package
+/// back another way (the backup).
 pub async fn restore(rp: &RestorePoint) -> Result<(), PackageError> {
     match rp {
         RestorePoint::Pip {
@@ -325,7 +333,17 @@ pub async fn restore(rp: &RestorePoint) -> Result<(), PackageError> {
             previous_target,
         } => {
             let (current, target) = (current.clone(), previous_target.clone());
-            blocking(move || point_symlink(&current, &target, "tmp-restore")).await
+            blocking(move || {
+                // A relative target is read from the link's own directory.
+                if !parent_of(&current).join(&target).is_dir() {
+                    return Err(PackageError::RestorePointGone {
+                        name: current.display().to_string(),
+                        what: format!("the release tree {} it pointed at", target.display()),
+                    });
+                }
+                point_symlink(&current, &target, "tmp-restore")
+            })
+            .await
         }
         RestorePoint::Deb {
             name,
@@ -828,6 +846,13 @@ fn pip_restore(venv: &Path, copy: &Path, fingerprint: Option<&str>) -> Result<()
                 "neither the virtualenv nor its copy {} exists",
                 copy.display()
             ),
+        });
+    } else if !exists(&aside) {
+        // No restore of this copy was under way: the copy was discarded
+        // (a later upgrade) or used by an earlier restore.
+        return Err(PackageError::RestorePointGone {
+            name: venv.display().to_string(),
+            what: format!("its snapshot {}", copy.display()),
         });
     }
     remove_tree(&aside)
@@ -1541,11 +1566,9 @@ impl System<'_> {
                     return Ok(());
                 }
                 if !kept.is_file() {
-                    return Err(PackageError::CannotRestore {
-                        path: kept.clone(),
-                        why: format!(
-                            "the kept package file is gone; reinstall {name} {version} by hand"
-                        ),
+                    return Err(PackageError::RestorePointGone {
+                        name: name.to_owned(),
+                        what: format!("the kept package file {} of {version}", kept.display()),
                     });
                 }
                 self.install_file(kept, RESTORE_TIMEOUT, &log).await?;
@@ -1566,9 +1589,9 @@ impl System<'_> {
                 self.run_writing(&args, RESTORE_TIMEOUT, &log).await?;
                 self.expect(name, Installed::No).await
             }
-            (Some(version), None) => Err(PackageError::CannotRestore {
-                path: PathBuf::from(name),
-                why: format!("the restore point keeps no package file of {version}"),
+            (Some(version), None) => Err(PackageError::RestorePointGone {
+                name: name.to_owned(),
+                what: format!("it keeps no package file of {version}"),
             }),
         }
     }
@@ -2186,7 +2209,11 @@ with zipfile.ZipFile(f"{out}/demo_pkg-{version}-py3-none-any.whl", "w") as wheel
         assert!(matches!(err, PackageError::VersionMissing { .. }), "{err}");
 
         restore(&rp).await.unwrap();
-        restore(&rp).await.unwrap();
+        // Used up: a second restore cannot vouch for the venv any more.
+        assert!(matches!(
+            restore(&rp).await,
+            Err(PackageError::RestorePointGone { .. })
+        ));
         assert_eq!(installed_version(&app).await.as_deref(), Some("1.0"));
         assert_eq!(tree_listing(&venv), before);
         let output = StdCommand::new(venv.join("bin/python"))
@@ -2224,6 +2251,12 @@ with zipfile.ZipFile(f"{out}/demo_pkg-{version}-py3-none-any.whl", "w") as wheel
         restore(&rp).await.unwrap();
         assert_eq!(fs::read_to_string(venv.join("marker")).unwrap(), "old");
         assert!(!copy.exists() && !aside.exists());
+        // Used once, the restore point cannot be used again: a second
+        // restore must not claim the old version is back.
+        assert!(matches!(
+            restore(&rp).await,
+            Err(PackageError::RestorePointGone { .. })
+        ));
 
         let foreign = RestorePoint::Pip {
             venv,

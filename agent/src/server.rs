@@ -229,48 +229,21 @@ fn recover(state: &AgentState) {
     }
 }
 
-/// Upgrades and rollbacks interrupted by a crash are finished, by policy
-/// by rolling back: the steps that started are undone. Returns whether the
-/// operation was taken over.
+/// Hands an interrupted operation to the workflow when its crash policy
+/// takes it over (see [`crate::workflow::finish_interrupted`]). Returns
+/// whether it did.
 fn resume(state: &AgentState, op: &crate::journal::OperationRecord) -> bool {
-    use crate::journal::OpKind;
     let Some(app) = state.config.app(&op.app).cloned() else {
         return false;
     };
+    if !crate::workflow::takes_over(op) {
+        return false;
+    }
     let deps = state.workflow_deps();
     let record = op.clone();
-    let note = "the agent restarted while this operation ran; finishing it by rolling back";
-    let result = match op.kind {
-        OpKind::Upgrade => state.ops.resume(op, move |ctx| async move {
-            ctx.note(note);
-            if !crate::workflow::changed_anything(&record) {
-                return crate::ops::Outcome::Failed(format!(
-                    "interrupted by an agent restart during step {:?}; nothing was changed",
-                    record.current_step
-                ));
-            }
-            let cause = format!(
-                "interrupted by an agent restart during step {:?}",
-                record.current_step
-            );
-            Box::pin(crate::workflow::rollback_after(
-                &deps,
-                &ctx,
-                &app,
-                Some(&record),
-                &cause,
-            ))
-            .await
-        }),
-        OpKind::Rollback if !op.backup_id.is_empty() => {
-            let backup = op.backup_id.clone();
-            state.ops.resume(op, move |ctx| async move {
-                ctx.note("the agent restarted during this rollback; running it again");
-                crate::workflow::run_rollback(deps, ctx, app, backup).await
-            })
-        }
-        _ => return false,
-    };
+    let result = state.ops.resume(op, move |ctx| {
+        Box::pin(crate::workflow::finish_interrupted(deps, ctx, app, record))
+    });
     match result {
         Ok(()) => true,
         Err(e) => {

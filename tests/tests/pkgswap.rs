@@ -337,13 +337,18 @@ json_value = "ok"
     );
     wait_healthy(port, "2.0").await;
     assert_eq!(format.installed_version(&name).as_deref(), Some("2.0"));
-    // Success discards the kept 1.0.
-    let kept_dirs: Vec<_> = fs::read_dir(dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(".repo.before-"))
-        .collect();
-    assert!(kept_dirs.is_empty(), "{kept_dirs:?}");
+    // The kept 1.0 stays until the next upgrade succeeds: rolling back
+    // this one needs no repository.
+    let kept_dirs = || -> Vec<String> {
+        fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(".repo.before-"))
+            .collect()
+    };
+    assert_eq!(kept_dirs().len(), 1, "{:?}", kept_dirs());
+    // App data the new version changed is put back by the standalone rollback.
+    fs::write(data.join("notes.txt"), "written by 2.0\n").unwrap();
 
     let out = upgrade("3.0");
     assert_eq!(
@@ -373,5 +378,41 @@ json_value = "ok"
         fs::read_to_string(format!("/opt/{name}/server.py")).unwrap(),
         syspkg::server_script("2.0", false)
     );
+
+    // `covetctl rollback` undoes the last succeeded upgrade (1.0 -> 2.0)
+    // through the same steps: the kept 1.0 package, then the app's data.
+    fs::remove_file(repo.join(format.file_name(&name, "1.0"))).unwrap();
+    let out = agent.ctl("operator", &["-o", "json", "rollback", "pkgapp"]);
+    assert_eq!(
+        out.code,
+        0,
+        "{}\n{}\n{}",
+        out.stdout,
+        out.stderr,
+        agent.log()
+    );
+    let op = out.json();
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    wait_healthy(port, "1.0").await;
+    assert_eq!(format.installed_version(&name).as_deref(), Some("1.0"));
+    assert_eq!(
+        fs::read_to_string(format!("/opt/{name}/server.py")).unwrap(),
+        syspkg::server_script("1.0", false)
+    );
+    assert_eq!(fs::read_to_string(&conf).unwrap(), edited);
+    assert_eq!(
+        fs::read_to_string(data.join("notes.txt")).unwrap(),
+        "kept by the backup\n"
+    );
+    assert!(kept_dirs().is_empty(), "{:?}", kept_dirs());
+    // Undone once: there is no succeeded upgrade left to undo.
+    let out = agent.ctl("operator", &["rollback", "pkgapp"]);
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("no successful upgrade"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(format.installed_version(&name).as_deref(), Some("1.0"));
     let _ = sandbox.systemctl(&["stop", UNIT]);
 }

@@ -186,4 +186,48 @@ json_value = "ok"
         .filter(|n| n.starts_with('.') || n.contains(".tmp"))
         .collect();
     assert!(stray.is_empty(), "{stray:?}");
+
+    // `covetctl rollback` undoes the last succeeded upgrade (1.0 -> 2.0):
+    // the link goes back, nothing is unpacked.
+    let out = agent.ctl("operator", &["-o", "json", "rollback", "relapp"]);
+    assert_eq!(
+        out.code,
+        0,
+        "{}\n{}\n{}",
+        out.stdout,
+        out.stderr,
+        agent.log()
+    );
+    assert_eq!(out.json()["state"], "succeeded");
+    wait_serving(port, "1.0").await;
+    assert_eq!(std::fs::read_link(&current).unwrap(), releases.join("1.0"));
+    let out = agent.ctl("operator", &["rollback", "relapp"]);
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("no successful upgrade"),
+        "{}",
+        out.stderr
+    );
+
+    // Going forward again and then back when the old tree was removed: the
+    // release comes back from its artifact.
+    let out = agent.ctl(
+        "operator",
+        &["-o", "json", "upgrade", "relapp", "--to", "2.0"],
+    );
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    wait_serving(port, "2.0").await;
+    std::fs::remove_dir_all(releases.join("1.0")).unwrap();
+    let out = agent.ctl("operator", &["-o", "json", "rollback", "relapp"]);
+    assert_eq!(
+        out.code,
+        0,
+        "{}\n{}\n{}",
+        out.stdout,
+        out.stderr,
+        agent.log()
+    );
+    wait_serving(port, "1.0").await;
+    assert_eq!(std::fs::read_link(&current).unwrap(), releases.join("1.0"));
+    let _ = sandbox.systemctl(&["stop", UNIT]);
 }

@@ -227,7 +227,7 @@ impl BackupStore {
     ) -> Result<u64, BackupError> {
         let mut needed = 0u64;
         if opts.files {
-            for path in &app.paths {
+            for path in &app.backup_paths() {
                 needed += archive::measure(path)?.uncompressed_bytes;
             }
         }
@@ -313,7 +313,7 @@ impl BackupStore {
         };
         let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         if opts.files {
-            for (i, path) in app.paths.iter().enumerate() {
+            for (i, path) in app.backup_paths().iter().enumerate() {
                 let base = path
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -633,7 +633,7 @@ impl BackupStore {
             for file in manifest.files.iter().filter(|f| !f.source_path.is_empty()) {
                 let target = PathBuf::from(&file.source_path);
                 // Only paths the app still declares may be written.
-                if !app.paths.contains(&target) {
+                if !app.backup_paths().contains(&target) {
                     undo_swaps(&swapped);
                     return Err(BackupError::Refused(format!(
                         "{} is no longer declared in the paths of {}: refusing to restore it",

@@ -1,0 +1,108 @@
+//! Why a step or its undo failed: typed, so the outcome and the operator's
+//! message are decided from what happened, not from strings.
+
+use std::path::PathBuf;
+
+use crate::backup::BackupError;
+use crate::db::DbError;
+use crate::envfile::EnvError;
+use crate::packages::PackageError;
+use crate::probes::ProbeError;
+use crate::process::ProcessError;
+use crate::systemd::SystemdError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("canceled")]
+    Canceled,
+    /// The step failed after a cancel was asked: the cancel is why.
+    #[error("canceled ({0})")]
+    CanceledDuring(Box<StepError>),
+    #[error(transparent)]
+    Package(#[from] PackageError),
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+    #[error(transparent)]
+    Env(#[from] EnvError),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error(transparent)]
+    Systemd(#[from] SystemdError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
+    #[error(
+        "app {app} declares no user for its hooks and hooks never run as root: set user (or \
+         run_hooks_as_root = true) in its [[app]] config"
+    )]
+    NoHookUser { app: String },
+    #[error("app {0} declares no [app.package]")]
+    NoPackage(String),
+    #[error("the {action} job of {unit} ended {result:?}")]
+    Job {
+        action: &'static str,
+        unit: String,
+        result: String,
+    },
+    #[error("{unit} is {active}/{sub} {when}")]
+    UnitNotActive {
+        unit: String,
+        active: String,
+        sub: String,
+        when: &'static str,
+    },
+    #[error("{target} after {attempts} attempt(s): {error}")]
+    Unhealthy {
+        target: String,
+        attempts: u32,
+        error: String,
+    },
+    #[error("{name} ({target}): {error}")]
+    SmokeFailed {
+        name: String,
+        target: String,
+        error: String,
+    },
+    #[error("health regressed during the watch window: {0}")]
+    Regressed(String),
+    #[error("backup {backup} does not hold {what}")]
+    NotInBackup { backup: String, what: String },
+    #[error("no backup was made, so {0} cannot be put back")]
+    NoBackup(&'static str),
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("file-system task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl StepError {
+    /// The error as the cancel explains it, when a cancel was asked.
+    pub fn canceled_if(self, canceled: bool) -> StepError {
+        match self {
+            StepError::Canceled | StepError::CanceledDuring(_) => self,
+            e if canceled => StepError::CanceledDuring(Box::new(e)),
+            e => e,
+        }
+    }
+
+    /// Whether the snapshot or kept file of a restore point cannot be used,
+    /// so the package must come back from the backup or the repository.
+    pub fn restore_point_unusable(&self) -> bool {
+        matches!(
+            self,
+            StepError::Package(
+                PackageError::SnapshotChanged { .. } | PackageError::RestorePointGone { .. }
+            )
+        )
+    }
+}

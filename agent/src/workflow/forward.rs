@@ -1,0 +1,238 @@
+//! What each step of an upgrade does. Each writes what its undo will need
+//! to the operation's directory before it changes anything.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::gate;
+use super::opdir::OpDir;
+use super::preflight::{Preflight, hook_user};
+use super::{Deps, PACKAGE_TIMEOUT, Step, StepError, UpgradeSpec};
+use crate::backup::{CreateOptions, archive::Compression};
+use crate::config::{AppConfig, PackageConfig};
+use crate::envfile;
+use crate::journal::OutputStream;
+use crate::ops::OpContext;
+use crate::packages;
+use crate::systemd::{ControlledUnit, UnitAction};
+
+/// One upgrade, as its steps see it.
+pub struct Upgrade<'a> {
+    pub deps: &'a Deps,
+    pub ctx: &'a OpContext,
+    pub app: &'a AppConfig,
+    pub spec: &'a UpgradeSpec,
+    pub pre: &'a Preflight,
+    pub pkg: &'a PackageConfig,
+    pub unit: &'a ControlledUnit,
+    pub op_dir: OpDir,
+}
+
+impl Upgrade<'_> {
+    /// Runs `step`; Ok holds the journal's detail line.
+    pub async fn run(&self, step: Step) -> Result<String, StepError> {
+        match step {
+            Step::Preflight => Ok(self.pre.findings.join("; ")),
+            Step::Backup => self.backup().await,
+            Step::Package => self.package().await,
+            Step::Config => self.config(),
+            Step::Migrate => self.migrate().await,
+            Step::Restart => self.restart().await,
+            Step::Health => self.health().await,
+            Step::Smoke => self.smoke().await,
+            Step::Watch => self.watch().await,
+        }
+    }
+
+    async fn backup(&self) -> Result<String, StepError> {
+        let (deps, ctx, app) = (self.deps, self.ctx, self.app);
+        self.op_dir.create()?;
+        let opts = CreateOptions {
+            files: true,
+            database: app.database.is_some(),
+            compression: Compression::Zstd,
+        };
+        let manifest = ctx
+            .waiting(
+                deps.backups
+                    .create(ctx, app, opts, self.pre.backup_estimate),
+            )
+            .await?;
+        ctx.update(|op| op.backup_id = manifest.id.clone());
+        // Fingerprints tell the rollback which other app files changed.
+        self.op_dir.set_fingerprints(&fingerprints(app))?;
+        Ok(format!("backup {}", manifest.id))
+    }
+
+    async fn package(&self) -> Result<String, StepError> {
+        let (ctx, pkg) = (self.ctx, self.pkg);
+        let rp = packages::prepare_restore_point(pkg, &ctx.id).await?;
+        self.op_dir.set_restore_point(&rp)?;
+        let on_line = output_to(ctx, Step::Package.name());
+        ctx.waiting(packages::install_as(
+            self.app.user.as_deref(),
+            pkg,
+            &self.spec.to_version,
+            &ctx.id,
+            PACKAGE_TIMEOUT,
+            &on_line,
+        ))
+        .await?;
+        Ok(format!("installed {} {}", pkg.name, self.spec.to_version))
+    }
+
+    fn config(&self) -> Result<String, StepError> {
+        let Some(env) = &self.app.env_file else {
+            return Ok("no env file".into());
+        };
+        let diff = envfile::apply(env, &self.spec.env_edits, &self.op_dir.env_before())?;
+        for line in &diff {
+            self.ctx
+                .output(Step::Config.name(), OutputStream::Stdout, line);
+        }
+        Ok(format!("{} line(s) changed", diff.len()))
+    }
+
+    async fn migrate(&self) -> Result<String, StepError> {
+        let (ctx, app) = (self.ctx, self.app);
+        let Some(m) = &app.migrate else {
+            return Ok("no migrate command".into());
+        };
+        let env = app_env(app)?;
+        let on_line = output_to(ctx, Step::Migrate.name());
+        let cancel = ctx.cancel_flag();
+        let user = hook_user(app)?;
+        let report = ctx
+            .waiting(crate::process::run(
+                &m.command, user, &env, m.timeout, &cancel, &on_line,
+            ))
+            .await?;
+        Ok(format!(
+            "done in {}",
+            humantime::format_duration(Duration::from_millis(report.took.as_millis() as u64))
+        ))
+    }
+
+    async fn restart(&self) -> Result<String, StepError> {
+        let (deps, ctx) = (self.deps, self.ctx);
+        let detail = gate::act_and_check(deps, ctx, self.unit, UnitAction::Restart).await?;
+        // With a health probe, the health step follows the unit instead.
+        if self.app.health.is_none() {
+            gate::settle(deps, ctx, self.unit).await?;
+        }
+        Ok(detail)
+    }
+
+    async fn health(&self) -> Result<String, StepError> {
+        let Some(health) = &self.app.health else {
+            return Ok("no health probe".into());
+        };
+        let o = gate::health_gate(
+            self.deps,
+            self.ctx,
+            self.app,
+            self.unit,
+            health,
+            gate::OnCancel::Stop,
+        )
+        .await?;
+        if o.ok {
+            Ok(format!("healthy after {} attempt(s)", o.attempts))
+        } else {
+            Err(StepError::Unhealthy {
+                target: o.target,
+                attempts: o.attempts,
+                error: o.error,
+            })
+        }
+    }
+
+    async fn smoke(&self) -> Result<String, StepError> {
+        for check in &self.app.smoke {
+            let o = probe(self.deps, self.ctx, self.app, "smoke", check).await?;
+            if !o.ok {
+                return Err(StepError::SmokeFailed {
+                    name: o.name,
+                    target: o.target,
+                    error: o.error,
+                });
+            }
+        }
+        Ok(format!("{} check(s) passed", self.app.smoke.len()))
+    }
+
+    async fn watch(&self) -> Result<String, StepError> {
+        let (Some(window), Some(health)) = (self.spec.watch, &self.app.health) else {
+            return Ok("no watch window".into());
+        };
+        let until = Instant::now() + window;
+        let every = health.interval.max(Duration::from_millis(500));
+        let mut probes_run = 0u32;
+        while Instant::now() < until {
+            if self.ctx.canceled() {
+                return Err(StepError::Canceled);
+            }
+            tokio::time::sleep(every.min(until.saturating_duration_since(Instant::now()))).await;
+            let o = probe(self.deps, self.ctx, self.app, "health", health).await?;
+            probes_run += 1;
+            if !o.ok {
+                return Err(StepError::Regressed(o.error));
+            }
+        }
+        Ok(format!("{probes_run} probe(s) passed"))
+    }
+}
+
+/// Hands a program's output lines to the journal under `step`.
+pub fn output_to<'a>(ctx: &'a OpContext, step: &'a str) -> impl Fn(bool, &str) + Send + Sync + 'a {
+    move |is_stderr: bool, line: &str| {
+        let stream = if is_stderr {
+            OutputStream::Stderr
+        } else {
+            OutputStream::Stdout
+        };
+        ctx.output(step, stream, line)
+    }
+}
+
+/// The app's env file as its hooks see it.
+pub fn app_env(app: &AppConfig) -> Result<Vec<(String, String)>, StepError> {
+    match &app.env_file {
+        Some(p) => Ok(envfile::read_values(p)?),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Runs one of the app's declared probes; its time counts as waiting on the app.
+pub async fn probe(
+    deps: &Deps,
+    ctx: &OpContext,
+    app: &AppConfig,
+    kind: &str,
+    cfg: &crate::config::ProbeConfig,
+) -> Result<crate::probes::ProbeOutcome, StepError> {
+    Ok(ctx
+        .waiting(crate::probes::probe_declared(
+            &deps.probe_policy,
+            &app.name,
+            kind,
+            cfg,
+        ))
+        .await?)
+}
+
+/// The path's [`crate::fsutil::tree_fingerprint`], so the rollback restores
+/// only paths that changed. A path that cannot be read (e.g. gone)
+/// fingerprints as empty: changed, unless it could not be read before the
+/// upgrade either.
+pub fn fingerprint(path: &Path) -> String {
+    crate::fsutil::tree_fingerprint(path).unwrap_or_default()
+}
+
+fn fingerprints(app: &AppConfig) -> BTreeMap<String, String> {
+    app.backup_paths()
+        .iter()
+        .map(|p| (p.display().to_string(), fingerprint(p)))
+        .collect()
+}

@@ -1,0 +1,132 @@
+//! Starting the unit and deciding it runs: no fixed wait. The health gate
+//! probes quickly at first (an app that listens after 200 ms passes after
+//! 200 ms) and fails at once when the unit leaves `active`; an app without
+//! a health probe is watched for `[systemd] settle` instead.
+
+use std::time::{Duration, Instant};
+
+use super::{Deps, StepError};
+use crate::config::{AppConfig, ProbeConfig};
+use crate::ops::OpContext;
+use crate::probes::{self, ProbeOutcome};
+use crate::systemd::{ControlledUnit, UnitAction};
+
+/// How often the unit's state is read while it must stay active.
+const FOLLOW_EVERY: Duration = Duration::from_millis(50);
+/// The first retry of the health gate; later ones double up to the probe's interval.
+const FIRST_RETRY: Duration = Duration::from_millis(20);
+
+/// Runs `action` (start or restart) on the unit and checks that it is active.
+pub async fn act_and_check(
+    deps: &Deps,
+    ctx: &OpContext,
+    unit: &ControlledUnit,
+    action: UnitAction,
+) -> Result<String, StepError> {
+    let job = ctx
+        .waiting(
+            deps.systemd
+                .act(action, unit, deps.config.systemd.job_timeout),
+        )
+        .await?;
+    if job.result != "done" {
+        return Err(StepError::Job {
+            action: action.as_str(),
+            unit: unit.as_str().to_owned(),
+            result: job.result,
+        });
+    }
+    let state = deps.systemd.status(unit).await?;
+    if !state.is_active() {
+        return Err(not_active(unit, &state, "right after its start"));
+    }
+    Ok(format!("running as pid {}", state.main_pid))
+}
+
+/// The unit stays active for `[systemd] settle`: for apps that declare no
+/// health probe, the only sign that they run.
+pub async fn settle(deps: &Deps, ctx: &OpContext, unit: &ControlledUnit) -> Result<(), StepError> {
+    let until = Instant::now() + deps.config.systemd.settle;
+    ctx.waiting(async {
+        tokio::select! {
+            left = left_active(deps, unit, "while it settled") => Err(left),
+            () = tokio::time::sleep_until(until.into()) => Ok(()),
+        }
+    })
+    .await
+}
+
+/// Whether a cancel ends the health gate early: an upgrade's yes, a
+/// rollback's no (a rollback is what a cancel asks for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnCancel {
+    Stop,
+    Continue,
+}
+
+/// Probes `cfg` until it passes (Ok with the passing outcome) or its
+/// attempts run out (Ok with the failing one); fails at once when the unit
+/// leaves `active` meanwhile. The attempts span the probe's configured
+/// `retries × interval`, but the first ones come sooner.
+pub async fn health_gate(
+    deps: &Deps,
+    ctx: &OpContext,
+    app: &AppConfig,
+    unit: &ControlledUnit,
+    cfg: &ProbeConfig,
+    on_cancel: OnCancel,
+) -> Result<ProbeOutcome, StepError> {
+    let probing = async {
+        let once = ProbeConfig {
+            retries: 0,
+            ..cfg.clone()
+        };
+        let budget = cfg.interval.saturating_mul(cfg.retries);
+        let until = Instant::now() + budget;
+        let mut pause = FIRST_RETRY;
+        let mut attempts = 0;
+        loop {
+            let mut outcome =
+                probes::probe_declared(&deps.probe_policy, &app.name, "health", &once).await?;
+            attempts += 1;
+            outcome.attempts = attempts;
+            let now = Instant::now();
+            if outcome.ok || now >= until || (on_cancel == OnCancel::Stop && ctx.canceled()) {
+                return Ok::<_, StepError>(outcome);
+            }
+            tokio::time::sleep(pause.min(until - now)).await;
+            pause = (pause * 2).min(cfg.interval.max(FIRST_RETRY));
+        }
+    };
+    ctx.waiting(async {
+        tokio::select! {
+            outcome = probing => outcome,
+            left = left_active(deps, unit, "while its health was checked") => Err(left),
+        }
+    })
+    .await
+}
+
+/// Resolves when the unit is no longer active (or cannot be read), with why.
+async fn left_active(deps: &Deps, unit: &ControlledUnit, when: &'static str) -> StepError {
+    loop {
+        match deps.systemd.status(unit).await {
+            Ok(state) if state.is_active() => tokio::time::sleep(FOLLOW_EVERY).await,
+            Ok(state) => return not_active(unit, &state, when),
+            Err(e) => return e.into(),
+        }
+    }
+}
+
+fn not_active(
+    unit: &ControlledUnit,
+    state: &crate::systemd::UnitState,
+    when: &'static str,
+) -> StepError {
+    StepError::UnitNotActive {
+        unit: unit.as_str().to_owned(),
+        active: state.active_state.clone(),
+        sub: state.sub_state.clone(),
+        when,
+    }
+}

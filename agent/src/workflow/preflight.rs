@@ -1,0 +1,291 @@
+//! Checks before an upgrade is accepted, and the migration dry run of
+//! PlanUpgrade: nothing here changes the app.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{Deps, PACKAGE_TIMEOUT, StepError, UpgradeSpec};
+use crate::backup::{CreateOptions, archive::Compression};
+use crate::config::AppConfig;
+use crate::envfile::{self, EnvEdit};
+use crate::packages;
+use crate::probes;
+use crate::systemd::ControlledUnit;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Precondition(String),
+}
+
+/// What preflight found.
+#[derive(Debug, Clone)]
+pub struct Preflight {
+    pub from_version: String,
+    pub backup_estimate: u64,
+    pub findings: Vec<String>,
+}
+
+/// Checks made before an upgrade is accepted: nothing is changed.
+pub async fn preflight(
+    deps: &Deps,
+    app: &AppConfig,
+    spec: &UpgradeSpec,
+) -> Result<Preflight, PreflightError> {
+    let invalid = |m: String| PreflightError::Invalid(m);
+    packages::validate_version(&spec.to_version).map_err(|e| invalid(e.to_string()))?;
+    envfile::validate(&spec.env_edits).map_err(|e| invalid(e.to_string()))?;
+    let Some(pkg) = &app.package else {
+        return Err(PreflightError::Precondition(format!(
+            "app {} declares no [app.package]: nothing to upgrade",
+            app.name
+        )));
+    };
+    if !spec.env_edits.is_empty() && app.env_file.is_none() {
+        return Err(PreflightError::Precondition(format!(
+            "env edits were asked but app {} declares no env_file",
+            app.name
+        )));
+    }
+    let mut findings = Vec::new();
+    packages::check_available(pkg, &spec.to_version)
+        .await
+        .map_err(|e| PreflightError::Precondition(e.to_string()))?;
+    findings.push(format!("{} {} is available", pkg.name, spec.to_version));
+    let from_version = packages::installed_version(app).await.unwrap_or_default();
+    if from_version == spec.to_version {
+        return Err(PreflightError::Precondition(format!(
+            "{} is already at {}",
+            app.name, spec.to_version
+        )));
+    }
+    if let Some(env) = &app.env_file {
+        let diff = envfile::plan(env, &spec.env_edits)
+            .map_err(|e| PreflightError::Precondition(e.to_string()))?;
+        findings.extend(diff.into_iter().map(|d| format!("env: {d}")));
+    }
+    let unit = ControlledUnit::admit(&deps.config, &app.unit)
+        .map_err(|e| PreflightError::Precondition(e.to_string()))?;
+    let status = deps
+        .systemd
+        .status(&unit)
+        .await
+        .map_err(|e| PreflightError::Precondition(e.to_string()))?;
+    if status.load_state != "loaded" {
+        return Err(PreflightError::Precondition(format!(
+            "unit {} is not loaded ({}): is it installed?",
+            app.unit, status.load_state
+        )));
+    }
+    findings.push(format!("unit {} is {}", app.unit, status.active_state));
+    if !spec.force
+        && let Some(health) = &app.health
+    {
+        let outcome = probes::probe_declared(&deps.probe_policy, &app.name, "health", health)
+            .await
+            .map_err(|e| PreflightError::Precondition(e.to_string()))?;
+        if !outcome.ok {
+            return Err(PreflightError::Precondition(format!(
+                "{} is not healthy now ({}); fix it first or pass --force",
+                app.name, outcome.error
+            )));
+        }
+        findings.push(format!("{} is healthy", app.name));
+    }
+    let opts = CreateOptions {
+        files: true,
+        database: app.database.is_some(),
+        compression: Compression::Zstd,
+    };
+    let store = deps.backups.clone();
+    let reserve = deps.config.backup.free_space_reserve_bytes;
+    let app_owned = app.clone();
+    let backup_estimate =
+        tokio::task::spawn_blocking(move || store.preflight(&app_owned, opts, reserve))
+            .await
+            .map_err(|e| PreflightError::Precondition(e.to_string()))?
+            .map_err(|e| PreflightError::Precondition(e.to_string()))?;
+    findings.push(format!("backup needs up to {backup_estimate} bytes"));
+    Ok(Preflight {
+        from_version,
+        backup_estimate,
+        findings,
+    })
+}
+
+/// The target version's migrations, dry-run, without touching the app: for
+/// pip, the version is installed, as the venv's owner, into a scratch
+/// virtualenv next to the app's venv and the declared dry-run program is
+/// run from there as the hook user (with the env edits
+/// applied in memory); other kinds run the declared command as it is.
+pub async fn migration_dry_run(
+    _deps: &Deps,
+    app: &AppConfig,
+    spec: &UpgradeSpec,
+) -> Result<Vec<String>, String> {
+    let Some(m) = &app.migrate else {
+        return Ok(vec!["(no migrate command declared)".into()]);
+    };
+    let Some(argv) = &m.dry_run else {
+        return Ok(vec![
+            "(no dry_run form of the migrate command declared)".into(),
+        ]);
+    };
+    let mut env = match &app.env_file {
+        Some(p) => crate::envfile::read_values(p).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    apply_in_memory(&mut env, &spec.env_edits);
+    let user = hook_user(app).map_err(|e| e.to_string())?;
+    let mut scratch = None;
+    let result = async {
+        let argv = target_argv(app, spec, argv, &mut scratch).await?;
+        let never = std::sync::atomic::AtomicBool::new(false);
+        crate::process::run(&argv, user, &env, m.timeout, &never, &|_, _| {})
+            .await
+            .map(|r| r.lines)
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    if let Some(dir) = scratch {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result
+}
+
+/// The user an app's hooks run as: its `user`, or root only when the config
+/// says `run_hooks_as_root = true` (check-config refuses anything else).
+pub fn hook_user(app: &AppConfig) -> Result<Option<&str>, StepError> {
+    match (&app.user, app.run_hooks_as_root) {
+        (Some(user), _) => Ok(Some(user.as_str())),
+        (None, true) => Ok(None),
+        (None, false) => Err(StepError::NoHookUser {
+            app: app.name.clone(),
+        }),
+    }
+}
+
+/// A fresh scratch directory for the dry run's virtualenv, next to the app's
+/// venv (so its owner can reach it, unlike the 0700 state dir), with an
+/// unpredictable name, created without following links, owned by `owner`.
+fn scratch_dir_for(venv: &Path, owner: (u32, u32)) -> Result<PathBuf, String> {
+    let parent = venv.parent().unwrap_or(Path::new("/var/tmp"));
+    let mut random = [0u8; 12];
+    getrandom_fill(&mut random)?;
+    let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let dir = parent.join(format!(".covet-plan-{suffix}"));
+    crate::private::create_dir(&dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let owned = std::os::unix::fs::chown(&dir, Some(owner.0), Some(owner.1)).and_then(|()| {
+        // Holds only the target version's code, which the hook's user must read.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+    });
+    if let Err(e) = owned {
+        let _ = std::fs::remove_dir(&dir);
+        return Err(format!("cannot hand {} to its user: {e}", dir.display()));
+    }
+    Ok(dir)
+}
+
+fn getrandom_fill(buf: &mut [u8]) -> Result<(), String> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))
+}
+
+/// The dry-run argv as the target version would run it: for pip, the
+/// version is installed into a scratch virtualenv at `scratch/venv` and a
+/// program of the app's venv is replaced by the same one from there.
+async fn target_argv(
+    app: &AppConfig,
+    spec: &UpgradeSpec,
+    argv: &[String],
+    scratch_slot: &mut Option<PathBuf>,
+) -> Result<Vec<String>, String> {
+    let mut argv = argv.to_vec();
+    let pkg = app
+        .package
+        .as_ref()
+        .filter(|p| p.kind == crate::config::PackageKind::Pip);
+    let (Some(pkg), Some(venv)) = (pkg, pkg.and_then(|p| p.venv.clone())) else {
+        return Ok(argv);
+    };
+    use std::os::unix::fs::MetadataExt;
+    // Python and pip run as the venv's owner (an sdist's setup.py is code),
+    // in a scratch dir that owner owns.
+    let meta = std::fs::metadata(&venv)
+        .map_err(|e| format!("cannot read virtualenv {}: {e}", venv.display()))?;
+    let owner = (meta.uid(), meta.gid());
+    let owner_name = match owner.0 {
+        0 => None,
+        uid => Some(crate::process::user_name(uid).ok_or_else(|| {
+            format!(
+                "the owner (uid {uid}) of {} is no system user",
+                venv.display()
+            )
+        })?),
+    };
+    let scratch = scratch_slot.insert(scratch_dir_for(&venv, owner)?);
+    let scratch_venv = scratch.join("venv");
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let make_venv = [
+        venv.join("bin/python").display().to_string(),
+        "-m".into(),
+        "venv".into(),
+        scratch_venv.display().to_string(),
+    ];
+    crate::process::run(
+        &make_venv,
+        owner_name.as_deref(),
+        &[],
+        Duration::from_secs(120),
+        &never,
+        &|_, _| {},
+    )
+    .await
+    .map_err(|e| format!("cannot make a scratch virtualenv: {e}"))?;
+    let mut scratch_pkg = pkg.clone();
+    scratch_pkg.venv = Some(scratch_venv.clone());
+    packages::install(
+        &scratch_pkg,
+        &spec.to_version,
+        "plan",
+        PACKAGE_TIMEOUT,
+        &|_, _| {},
+    )
+    .await
+    .map_err(|e| {
+        format!(
+            "cannot install {} {} into a scratch virtualenv: {e}",
+            pkg.name, spec.to_version
+        )
+    })?;
+    if let Some(rest) = argv
+        .first()
+        .and_then(|p| Path::new(p).strip_prefix(&venv).ok().map(Path::to_owned))
+    {
+        argv[0] = scratch_venv.join(rest).display().to_string();
+    }
+    Ok(argv)
+}
+
+/// The env edits applied to variables, as the config step would apply them to the file.
+fn apply_in_memory(env: &mut Vec<(String, String)>, edits: &[EnvEdit]) {
+    for edit in edits {
+        match edit {
+            EnvEdit::Set { key, value } => match env.iter_mut().find(|(k, _)| k == key) {
+                Some(entry) => entry.1 = value.clone(),
+                None => env.push((key.clone(), value.clone())),
+            },
+            EnvEdit::Rename { from, to } => {
+                if let Some(entry) = env.iter_mut().find(|(k, _)| k == from) {
+                    entry.0 = to.clone();
+                }
+            }
+            EnvEdit::Unset { key } => env.retain(|(k, _)| k != key),
+        }
+    }
+}
