@@ -327,7 +327,48 @@ pub struct OpContext {
     journal: Arc<Journal>,
     cancel: Arc<AtomicBool>,
     last_progress: Arc<Mutex<Option<(String, Instant)>>>,
-    waited: Arc<Mutex<Duration>>,
+    waited: Arc<Mutex<Waits>>,
+}
+
+/// Time spent waiting on something outside the agent, counted once however
+/// the waits nest or overlap (a backup that waits on pg_dump inside the
+/// upgrade's wait on the backup; an archive and a dump side by side).
+#[derive(Debug, Default)]
+struct Waits {
+    open: usize,
+    since: Option<Instant>,
+    total: Duration,
+}
+
+impl Waits {
+    fn begin(&mut self) {
+        if self.open == 0 {
+            self.since = Some(Instant::now());
+        }
+        self.open += 1;
+    }
+
+    fn end(&mut self) {
+        self.open = self.open.saturating_sub(1);
+        if self.open == 0
+            && let Some(since) = self.since.take()
+        {
+            self.total += since.elapsed();
+        }
+    }
+
+    fn total(&self) -> Duration {
+        self.total + self.since.map_or(Duration::ZERO, |s| s.elapsed())
+    }
+}
+
+/// Ends a wait however its future ends (dropped too).
+struct WaitGuard<'a>(&'a Mutex<Waits>);
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).end();
+    }
 }
 
 /// Progress events are throttled to this interval per step.
@@ -340,7 +381,7 @@ impl OpContext {
             journal,
             cancel,
             last_progress: Arc::new(Mutex::new(None)),
-            waited: Arc::new(Mutex::new(Duration::ZERO)),
+            waited: Arc::new(Mutex::new(Waits::default())),
         }
     }
 
@@ -355,15 +396,20 @@ impl OpContext {
     /// Runs `f`, counting its time as waiting on something outside the agent
     /// (a program, systemd, the app): the rest is the agent's own overhead.
     pub async fn waiting<T>(&self, f: impl Future<Output = T>) -> T {
-        let started = Instant::now();
-        let out = f.await;
-        *self.waited.lock().unwrap_or_else(|p| p.into_inner()) += started.elapsed();
-        out
+        self.waited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .begin();
+        let _end = WaitGuard(&self.waited);
+        f.await
     }
 
-    /// Total time spent in [`OpContext::waiting`].
+    /// Wall time during which at least one [`OpContext::waiting`] ran.
     pub fn waited(&self) -> Duration {
-        *self.waited.lock().unwrap_or_else(|p| p.into_inner())
+        self.waited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .total()
     }
 
     /// The operation's record as journaled now.
@@ -455,5 +501,28 @@ impl OpContext {
                 self.state(OpState::NeedsHuman, &cause);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_and_overlapping_waits_count_once() {
+        let mut w = Waits::default();
+        w.begin();
+        std::thread::sleep(Duration::from_millis(30));
+        w.begin(); // nested or side by side: the same wall time
+        std::thread::sleep(Duration::from_millis(30));
+        w.end();
+        w.end();
+        let once = w.total();
+        assert!(once >= Duration::from_millis(60), "{once:?}");
+        assert!(once < Duration::from_millis(90), "{once:?}");
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(w.total(), once, "no time counts between waits");
+        w.end(); // an extra end changes nothing
+        assert_eq!(w.total(), once);
     }
 }

@@ -14,7 +14,7 @@ use crate::config::{AppConfig, PackageConfig};
 use crate::envfile;
 use crate::journal::OutputStream;
 use crate::ops::OpContext;
-use crate::packages;
+use crate::packages::{self, PackageError, RestorePoint};
 use crate::systemd::{ControlledUnit, UnitAction};
 
 /// One upgrade, as its steps see it.
@@ -27,6 +27,9 @@ pub struct Upgrade<'a> {
     pub pkg: &'a PackageConfig,
     pub unit: &'a ControlledUnit,
     pub op_dir: OpDir,
+    /// The restore point, made beside the backup (both only read the
+    /// app's files); the package step records it before it installs.
+    pub restore_point: std::sync::Mutex<Option<Result<RestorePoint, PackageError>>>,
 }
 
 impl Upgrade<'_> {
@@ -53,21 +56,44 @@ impl Upgrade<'_> {
             database: app.database.is_some(),
             compression: Compression::Zstd,
         };
-        let manifest = ctx
-            .waiting(
+        // Fingerprints tell the rollback which other app files changed;
+        // they, the archives and the package's snapshot read the same
+        // unchanging files, so they are made side by side.
+        let app_owned = app.clone();
+        let (manifest, prints, snapshot) = tokio::join!(
+            ctx.waiting(
                 deps.backups
-                    .create(ctx, app, opts, self.pre.backup_estimate),
-            )
-            .await?;
+                    .create(ctx, app, opts, self.pre.backup_estimate)
+            ),
+            tokio::task::spawn_blocking(move || fingerprints(&app_owned)),
+            packages::prepare_restore_point(self.pkg, &ctx.id),
+        );
+        let manifest = match manifest {
+            Ok(manifest) => manifest,
+            Err(e) => {
+                if snapshot.is_ok() {
+                    let _ = packages::abandon_restore_point(self.pkg, &ctx.id).await;
+                }
+                return Err(e.into());
+            }
+        };
         ctx.update(|op| op.backup_id = manifest.id.clone());
-        // Fingerprints tell the rollback which other app files changed.
-        self.op_dir.set_fingerprints(&fingerprints(app))?;
+        self.op_dir.set_fingerprints(&prints?)?;
+        *self.restore_point.lock().unwrap_or_else(|p| p.into_inner()) = Some(snapshot);
         Ok(format!("backup {}", manifest.id))
     }
 
     async fn package(&self) -> Result<String, StepError> {
         let (ctx, pkg) = (self.ctx, self.pkg);
-        let rp = packages::prepare_restore_point(pkg, &ctx.id).await?;
+        let made = self
+            .restore_point
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let rp = match made {
+            Some(rp) => rp?,
+            None => packages::prepare_restore_point(pkg, &ctx.id).await?,
+        };
         self.op_dir.set_restore_point(&rp)?;
         let on_line = output_to(ctx, Step::Package.name());
         ctx.waiting(packages::install_as(

@@ -143,8 +143,10 @@ pub async fn run_upgrade(
             finish_success(&deps, &ctx, &app).await;
             Outcome::Succeeded
         }
-        // No step that changes the app started: nothing to undo.
+        // No step that changes the app started: nothing to undo, but a
+        // snapshot made beside the backup may be left.
         Err(f) if !ctx.record().is_some_and(|r| changed_anything(&r)) => {
+            abandon_snapshot(&ctx, &app).await;
             if ctx.canceled() {
                 Outcome::Canceled(format!("canceled during {}; nothing was changed", f.step))
             } else {
@@ -213,6 +215,7 @@ async fn forward(
         pkg,
         unit: &unit,
         op_dir: opdir::OpDir::new(&deps.config.state_dir, &ctx.id),
+        restore_point: std::sync::Mutex::new(None),
     };
     for step in Step::plan(app, spec) {
         if ctx.canceled() {
@@ -232,6 +235,15 @@ async fn forward(
         }
     }
     Ok(())
+}
+
+/// Removes a restore point's snapshot that no install used.
+async fn abandon_snapshot(ctx: &OpContext, app: &AppConfig) {
+    if let Some(pkg) = &app.package
+        && let Err(e) = crate::packages::abandon_restore_point(pkg, &ctx.id).await
+    {
+        ctx.note(format!("could not remove the unused package snapshot: {e}"));
+    }
 }
 
 /// Only the last succeeded upgrade's restore point is kept: the earlier
@@ -438,6 +450,7 @@ pub async fn finish_interrupted(
         OpKind::Upgrade => {
             ctx.note("the agent restarted while this operation ran; finishing it by rolling back");
             if !changed_anything(&record) {
+                abandon_snapshot(&ctx, &app).await;
                 return Outcome::Failed(format!("{cause}; nothing was changed"));
             }
             Box::pin(undo_upgrade(&deps, &ctx, &app, record, &cause)).await
