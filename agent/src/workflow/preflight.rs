@@ -231,38 +231,75 @@ async fn target_argv(
     let scratch = scratch_slot.insert(scratch_dir_for(&venv, owner)?);
     let scratch_venv = scratch.join("venv");
     let never = std::sync::atomic::AtomicBool::new(false);
-    let make_venv = [
-        venv.join("bin/python").display().to_string(),
-        "-m".into(),
-        "venv".into(),
-        scratch_venv.display().to_string(),
-    ];
-    crate::process::run(
-        &make_venv,
-        owner_name.as_deref(),
-        &[],
+    let as_owner = |argv: Vec<String>, timeout: Duration| {
+        let owner = owner_name.clone();
+        let never = &never;
+        async move {
+            crate::process::run(&argv, owner.as_deref(), &[], timeout, never, &|_, _| {}).await
+        }
+    };
+    let python = venv.join("bin/python").display().to_string();
+    // Without pip: the app's own pip installs into it (`pip --python`,
+    // pip 22.3 and later), which spares ensurepip's seconds.
+    as_owner(
+        vec![
+            python.clone(),
+            "-m".into(),
+            "venv".into(),
+            "--without-pip".into(),
+            scratch_venv.display().to_string(),
+        ],
         Duration::from_secs(120),
-        &never,
-        &|_, _| {},
     )
     .await
     .map_err(|e| format!("cannot make a scratch virtualenv: {e}"))?;
-    let mut scratch_pkg = pkg.clone();
-    scratch_pkg.venv = Some(scratch_venv.clone());
-    packages::install(
-        &scratch_pkg,
-        &spec.to_version,
-        "plan",
-        PACKAGE_TIMEOUT,
-        &|_, _| {},
-    )
-    .await
-    .map_err(|e| {
-        format!(
-            "cannot install {} {} into a scratch virtualenv: {e}",
-            pkg.name, spec.to_version
+    let mut pip_from_app = vec![
+        python,
+        "-m".into(),
+        "pip".into(),
+        "--python".into(),
+        scratch_venv.join("bin/python").display().to_string(),
+        "install".into(),
+        "--no-input".into(),
+        "--disable-pip-version-check".into(),
+        "--no-cache-dir".into(),
+        "--no-index".into(),
+    ];
+    for dir in &pkg.find_links {
+        pip_from_app.push("--find-links".into());
+        pip_from_app.push(dir.display().to_string());
+    }
+    pip_from_app.push(format!("{}=={}", pkg.name, spec.to_version));
+    if let Err(e) = as_owner(pip_from_app, PACKAGE_TIMEOUT).await {
+        // An older pip: seed the scratch venv with its own and install as usual.
+        tracing::debug!("pip --python into the scratch venv failed ({e}); using ensurepip");
+        as_owner(
+            vec![
+                scratch_venv.join("bin/python").display().to_string(),
+                "-m".into(),
+                "ensurepip".into(),
+            ],
+            Duration::from_secs(120),
         )
-    })?;
+        .await
+        .map_err(|e| format!("cannot seed the scratch virtualenv with pip: {e}"))?;
+        let mut scratch_pkg = pkg.clone();
+        scratch_pkg.venv = Some(scratch_venv.clone());
+        packages::install(
+            &scratch_pkg,
+            &spec.to_version,
+            "plan",
+            PACKAGE_TIMEOUT,
+            &|_, _| {},
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot install {} {} into a scratch virtualenv: {e}",
+                pkg.name, spec.to_version
+            )
+        })?;
+    }
     if let Some(rest) = argv
         .first()
         .and_then(|p| Path::new(p).strip_prefix(&venv).ok().map(Path::to_owned))
