@@ -472,3 +472,96 @@ pub async fn finish_interrupted(
         _ => Outcome::Failed(cause),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    fn upgrade(id: &str, state: OpState, backup: &str, age_s: u64) -> OperationRecord {
+        let at = SystemTime::now() - Duration::from_secs(age_s);
+        OperationRecord {
+            id: id.into(),
+            kind: OpKind::Upgrade,
+            app: "covet".into(),
+            state,
+            created: at,
+            updated: at,
+            finished: Some(at),
+            requested_by: crate::journal::Caller {
+                common_name: "alice".into(),
+                serial: "01".into(),
+                role: "operator".into(),
+            },
+            cause: String::new(),
+            needs_human: String::new(),
+            backup_id: backup.into(),
+            current_step: String::new(),
+            last_sequence: 0,
+            params: [("from_version".to_owned(), "0.1.9".to_owned())].into(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn target(journal: &Journal, asked: &str) -> Result<(String, bool), String> {
+        rollback_target(journal, "covet", asked)
+            .map(|(of, last)| {
+                let what = match of {
+                    RollbackOf::Upgrade(op) => format!("upgrade {}", op.id),
+                    RollbackOf::Backup(id) => format!("backup {id}"),
+                };
+                (what, last)
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn rollback_goes_to_the_last_succeeded_upgrade_not_yet_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&dir.path().join("journal.redb")).unwrap();
+        assert!(
+            target(&journal, "")
+                .unwrap_err()
+                .contains("no successful upgrade of covet")
+        );
+        for op in [
+            upgrade("up-1", OpState::Succeeded, "b1", 300),
+            upgrade("up-2", OpState::Succeeded, "b2", 200),
+            // Newer, but it rolled itself back: not the app's state.
+            upgrade("up-3", OpState::RolledBack, "b3", 100),
+        ] {
+            journal.create(&op).unwrap();
+        }
+        let mut other_app = upgrade("up-9", OpState::Succeeded, "x9", 10);
+        other_app.app = "other".into();
+        journal.create(&other_app).unwrap();
+
+        assert_eq!(target(&journal, ""), Ok(("upgrade up-2".into(), true)));
+        // Naming the last upgrade's own backup is the same (fleet rollouts do).
+        assert_eq!(target(&journal, "b2"), Ok(("upgrade up-2".into(), true)));
+        // Any other backup is a restore of that backup.
+        assert_eq!(target(&journal, "b1"), Ok(("backup b1".into(), false)));
+        assert_eq!(target(&journal, "x9"), Ok(("backup x9".into(), false)));
+
+        // Once undone, the next rollback goes one upgrade further back.
+        journal
+            .update("up-2", |op| {
+                op.params.insert(UNDONE_BY.into(), "rb-1".into());
+            })
+            .unwrap();
+        assert_eq!(target(&journal, ""), Ok(("upgrade up-1".into(), true)));
+        assert_eq!(target(&journal, "b2"), Ok(("backup b2".into(), false)));
+    }
+
+    #[test]
+    fn a_rollbacks_params_say_what_it_undoes() {
+        let op = upgrade("up-1", OpState::Succeeded, "b1", 0);
+        let params = rollback_params(&RollbackOf::Upgrade(Box::new(op)));
+        assert_eq!(params.get("backup").map(String::as_str), Some("b1"));
+        assert_eq!(params.get(UNDOES).map(String::as_str), Some("up-1"));
+        assert_eq!(params.get("to_version").map(String::as_str), Some("0.1.9"));
+        let params = rollback_params(&RollbackOf::Backup("b7".into()));
+        assert_eq!(params.get("backup").map(String::as_str), Some("b7"));
+        assert!(!params.contains_key(UNDOES));
+    }
+}
