@@ -1,7 +1,8 @@
 //! Starting the unit and deciding it runs: no fixed wait. The health gate
-//! probes quickly at first (an app that listens after 200 ms passes after
-//! 200 ms) and fails at once when the unit leaves `active`; an app without
-//! a health probe is watched for `[systemd] settle` instead.
+//! probes every 25 ms while the app starts (an app that listens after
+//! 200 ms passes after about 200 ms) and fails at once when the unit leaves
+//! `active`; an app without a health probe is watched for `[systemd]
+//! settle` instead.
 
 use std::time::{Duration, Instant};
 
@@ -13,8 +14,12 @@ use crate::systemd::{ControlledUnit, UnitAction};
 
 /// How often the unit's state is read while it must stay active.
 const FOLLOW_EVERY: Duration = Duration::from_millis(50);
-/// The first retry of the health gate; later ones double up to the probe's interval.
-const FIRST_RETRY: Duration = Duration::from_millis(20);
+/// How often the health gate probes while the app is starting: a refused
+/// connection costs nothing, and every pause is time the app is down.
+const STARTING_EVERY: Duration = Duration::from_millis(25);
+/// How long the gate probes at that pace before it falls back to the
+/// probe's own interval.
+const STARTING_FOR: Duration = Duration::from_secs(3);
 
 /// Runs `action` (start or restart) on the unit and checks that it is active.
 pub async fn act_and_check(
@@ -67,7 +72,7 @@ pub enum OnCancel {
 /// Probes `cfg` until it passes (Ok with the passing outcome) or its
 /// attempts run out (Ok with the failing one); fails at once when the unit
 /// leaves `active` meanwhile. The attempts span the probe's configured
-/// `retries × interval`, but the first ones come sooner.
+/// `retries × interval`, but during the first seconds they come every 25 ms.
 pub async fn health_gate(
     deps: &Deps,
     ctx: &OpContext,
@@ -81,9 +86,8 @@ pub async fn health_gate(
             retries: 0,
             ..cfg.clone()
         };
-        let budget = cfg.interval.saturating_mul(cfg.retries);
-        let until = Instant::now() + budget;
-        let mut pause = FIRST_RETRY;
+        let started = Instant::now();
+        let until = started + cfg.interval.saturating_mul(cfg.retries);
         let mut attempts = 0;
         loop {
             let mut outcome =
@@ -94,8 +98,12 @@ pub async fn health_gate(
             if outcome.ok || now >= until || (on_cancel == OnCancel::Stop && ctx.canceled()) {
                 return Ok::<_, StepError>(outcome);
             }
+            let pause = if now - started < STARTING_FOR {
+                STARTING_EVERY.min(cfg.interval)
+            } else {
+                cfg.interval
+            };
             tokio::time::sleep(pause.min(until - now)).await;
-            pause = (pause * 2).min(cfg.interval.max(FIRST_RETRY));
         }
     };
     ctx.waiting(async {
