@@ -328,7 +328,8 @@ pub async fn list_dump(
 /// ends the other sessions on the live db, renames live ->
 /// `{dbname}_before_{restore_id}` and new -> `{dbname}`. If anything fails
 /// before the swap, drops the new database and leaves the live one untouched.
-/// `timeout` applies to each program run.
+/// Run again with the same id after its swap committed (a crash), it does
+/// nothing. `timeout` applies to each program run.
 pub async fn restore_swap(
     t: &PgTarget,
     dump: &Path,
@@ -340,7 +341,19 @@ pub async fn restore_swap(
     // A whole decompression pass first: a damaged dump is reported as such
     // before the server is touched, not as whatever pg_restore makes of it.
     list_dump(t, dump, timeout).await?;
-    let live = prepare_restore(t, &names, timeout).await?;
+    let live = match prepare_restore(t, &names, timeout).await {
+        Ok(live) => live,
+        // The kept name exists only once this restore's swap committed: a
+        // restore run again after a crash is done.
+        Err(DbError::AlreadyExists(kept)) if kept == names.kept => {
+            tracing::info!("{} was already restored as {kept} was kept", names.live);
+            return Ok(RestoreOutcome {
+                kept_as: kept,
+                not_carried: Vec::new(),
+            });
+        }
+        Err(e) => return Err(e),
+    };
     create_like(t, &names.fresh, &live, timeout).await?;
     let restored = async {
         fill(t, dump, &names.fresh, timeout).await?;

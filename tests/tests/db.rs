@@ -277,12 +277,14 @@ async fn backup_change_restore_swap_and_drop_kept() {
         ["covet_production", "covet_production_before_r1", "postgres"]
     );
 
-    // The same id again: the kept name is taken, nothing is touched.
-    let again = db::restore_swap(&t, &dest, "r1", &counts, LIMIT).await;
-    assert!(
-        matches!(&again, Err(DbError::AlreadyExists(name)) if name == "covet_production_before_r1"),
-        "{again:?}"
-    );
+    // The same id again (a rollback resumed after a crash): its swap
+    // committed, so it is done, and nothing is touched.
+    let again = db::restore_swap(&t, &dest, "r1", &counts, LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(again.kept_as, "covet_production_before_r1");
+    assert_eq!(contents(&pg, APP_DB), before);
+    assert_eq!(contents(&pg, &outcome.kept_as), changed);
 
     db::drop_kept(&t, &outcome.kept_as, LIMIT).await.unwrap();
     assert_eq!(databases(&pg), ["covet_production", "postgres"]);
