@@ -121,6 +121,8 @@ struct Bench {
     original: AppState,
     /// A log per external run: `NNN-what.log`.
     runs: std::cell::Cell<u32>,
+    /// How long each bare command took, over the rounds.
+    bare_steps: std::cell::RefCell<StepTimes>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -185,12 +187,16 @@ impl StepTimes {
             let name = short_step_name(name);
             let name = name.as_str();
             line.push(format!("{name} {ms}"));
-            match self.0.iter_mut().find(|(n, _)| n == name) {
-                Some((_, v)) => v.push(ms),
-                None => self.0.push((name.to_owned(), vec![ms])),
-            }
+            self.push(name, ms);
         }
         line.join(", ")
+    }
+
+    fn push(&mut self, name: &str, ms: u64) {
+        match self.0.iter_mut().find(|(n, _)| n == name) {
+            Some((_, v)) => v.push(ms),
+            None => self.0.push((name.to_owned(), vec![ms])),
+        }
     }
 
     fn medians(&self) -> String {
@@ -243,6 +249,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("\nload average after: {}", load_average());
     print_table(&samples, &report, args.rounds);
+    println!(
+        "bare commands (upgrade, then rollback), medians: {}",
+        bench.bare_steps.borrow().medians()
+    );
     drop(bench);
     Ok(())
 }
@@ -282,6 +292,7 @@ async fn setup(root: &Path, args: &Args) -> anyhow::Result<Bench> {
         playbooks: args.playbooks.clone(),
         original: AppState::default(),
         runs: std::cell::Cell::new(0),
+        bare_steps: Default::default(),
     };
     bench.wait_healthy(OLD_VERSION)?;
     bench.original = bench.state()?;
@@ -496,8 +507,10 @@ impl Bench {
         let mut migrate = Command::new(self.app.venv.join("bin/covet"));
         migrate.arg("migrate").env_clear().envs(self.app.env()?);
         self.bare("migrate", migrate)?;
-        self.bare("systemctl", self.systemctl("restart"))?;
+        self.bare("restart", self.systemctl("restart"))?;
+        let polled = Instant::now();
         self.poll_health(NEW_VERSION)?;
+        self.bare_step("health", polled.elapsed());
         let (status, _) = self.app.get("/api")?;
         ensure!(status == 200, "bare: GET /api answered {status}");
         Ok(started.elapsed())
@@ -508,8 +521,8 @@ impl Bench {
     fn bare_rollback(&self) -> anyhow::Result<Duration> {
         let backup = self.root.join("backup-bare");
         let started = Instant::now();
-        self.bare("systemctl", self.systemctl("stop"))?;
-        self.bare("pip", self.pip(OLD_VERSION))?;
+        self.bare("stop", self.systemctl("stop"))?;
+        self.bare("pip back", self.pip(OLD_VERSION))?;
         let staged = self.app.env_file.with_extension("env.restore");
         std::fs::copy(backup.join("app.env"), &staged)?;
         std::fs::rename(&staged, &self.app.env_file)?;
@@ -518,8 +531,10 @@ impl Bench {
             .args(["--clean", "--if-exists", "-d", &self.app.db])
             .arg(backup.join("db.pgc"));
         self.bare("pg_restore", restore)?;
-        self.bare("systemctl", self.systemctl("start"))?;
+        self.bare("start", self.systemctl("start"))?;
+        let polled = Instant::now();
         self.poll_health(OLD_VERSION)?;
+        self.bare_step("health back", polled.elapsed());
         Ok(started.elapsed())
     }
 
@@ -571,7 +586,14 @@ impl Bench {
     }
 
     fn bare(&self, what: &str, cmd: Command) -> anyhow::Result<()> {
-        self.run_logged(cmd, &format!("bare-{what}")).map(|_| ())
+        let (took, _) = self.run_logged(cmd, &format!("bare-{}", what.replace(' ', "-")))?;
+        self.bare_step(what, took);
+        Ok(())
+    }
+
+    fn bare_step(&self, what: &str, took: Duration) {
+        let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+        self.bare_steps.borrow_mut().push(what, ms);
     }
 
     /// Runs `cmd` with its output in `logs/NNN-what.{out,err}`, bounded by
