@@ -1,23 +1,56 @@
 #!/usr/bin/env bash
 # Benchmarks, each printing ratios against a peer measured in the same run:
 #   RPC latency/throughput/idle memory vs a bare tonic + rustls server;
-#   backups vs GNU tar (gzip, zstd) and pg_dump -Fc.
+#   backups vs GNU tar (gzip, zstd) and pg_dump -Fc;
+#   the upgrade and its rollback vs an Ansible playbook and bare commands
+#   (and the agent's own overhead per upgrade).
 # Arguments are passed to the backup benchmark (e.g. --tree-mb 256 --files 10000
 # --pgbench-scale 10 --random-mb 64 for a quick run).
+# COVET_BENCH_ONLY=upgrade runs only the upgrade benchmark;
+# COVET_BENCH_ROUNDS=N sets its rounds (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
-ensure_packages "${PROJECT_PACKAGES[@]}" zstd
+ensure_packages "${PROJECT_PACKAGES[@]}" zstd tar
 ensure_cargo
-cargo build --release --locked --bins
-echo "== RPC over mutual TLS"
-target/release/covet-bench
-echo
-echo "== backups"
-target/release/covet-bench-backup "$@"
-echo
-echo "== agent overhead in an upgrade"
-target/release/covet-demo --bench 3
-echo
-echo "== covetctl info over 200 agents"
-target/release/covet-bench-fleet 200
+
+# The Ansible peer: ansible (with its bundled collections) and psycopg2 from
+# PyPI in a venv of Debian's Python, made once and reused while the pinned
+# requirements are unchanged.
+ensure_ansible() {
+    local venv=target/bench-ansible req=scripts/bench/requirements.txt
+    if [ -x "$venv/bin/ansible-playbook" ] && cmp -s "$req" "$venv/requirements.txt"; then
+        return 0
+    fi
+    echo "==> installing Ansible into $venv (scripts/bench/requirements.txt)"
+    rm -rf "$venv"
+    /usr/bin/python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-input -r "$req"
+    cp "$req" "$venv/requirements.txt"
+}
+
+only="${COVET_BENCH_ONLY:-}"
+rounds="${COVET_BENCH_ROUNDS:-3}"
+if [ "$only" = upgrade ]; then
+    cargo build --release --locked -p covet-agent -p covetctl -p covet-tests \
+        --bin covet-agent --bin covetctl --bin covet-bench-upgrade
+else
+    cargo build --release --locked --bins
+fi
+ensure_ansible
+
+if [ -z "$only" ]; then
+    echo "== RPC over mutual TLS"
+    target/release/covet-bench
+    echo
+    echo "== backups"
+    target/release/covet-bench-backup "$@"
+    echo
+fi
+echo "== upgrade and rollback: covetctl vs an Ansible playbook vs bare commands"
+target/release/covet-bench-upgrade --rounds "$rounds" --ansible target/bench-ansible
+if [ -z "$only" ]; then
+    echo
+    echo "== covetctl info over 200 agents"
+    target/release/covet-bench-fleet 200
+fi
