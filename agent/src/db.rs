@@ -337,11 +337,26 @@ pub async fn restore_swap(
     expected: &BTreeMap<String, u64>,
     timeout: Duration,
 ) -> Result<RestoreOutcome, DbError> {
-    let names = SwapNames::new(&t.dbname, restore_id)?;
+    SwapNames::new(&t.dbname, restore_id)?;
     // A whole decompression pass first: a damaged dump is reported as such
     // before the server is touched, not as whatever pg_restore makes of it.
     list_dump(t, dump, timeout).await?;
-    let live = match prepare_restore(t, &names, timeout).await {
+    restore_swap_checked(t, dump, restore_id, expected, timeout).await
+}
+
+/// [`restore_swap`] without the listing pass, for a dump whose checksum the
+/// caller verified or that its own operation wrote (a rollback): a damaged
+/// one still fails in pg_restore, before the swap, leaving the live
+/// database untouched.
+pub async fn restore_swap_checked(
+    t: &PgTarget,
+    dump: &Path,
+    restore_id: &str,
+    expected: &BTreeMap<String, u64>,
+    timeout: Duration,
+) -> Result<RestoreOutcome, DbError> {
+    let names = SwapNames::new(&t.dbname, restore_id)?;
+    let (live, properties) = match prepare_restore(t, &names, timeout).await {
         Ok(live) => live,
         // The kept name exists only once this restore's swap committed: a
         // restore run again after a crash is done.
@@ -361,7 +376,7 @@ pub async fn restore_swap(
             expected,
             &row_counts(&t.on_db(&names.fresh), timeout).await?,
         )?;
-        let not_carried = carry_properties(t, &names, &live.owner, timeout).await?;
+        let not_carried = carry_properties(t, &names, &live.owner, &properties, timeout).await?;
         swap(t, &names, timeout).await?;
         Ok(not_carried)
     }
@@ -480,8 +495,17 @@ async fn prepare_restore(
     t: &PgTarget,
     names: &SwapNames,
     timeout: Duration,
-) -> Result<DbInfo, DbError> {
-    let mut found = databases(t, &[&names.live, &names.fresh, &names.kept], timeout).await?;
+) -> Result<(DbInfo, DbProperties), DbError> {
+    // One psql for both: every program started is time the app is down.
+    let script = format!(
+        "{}\n{}",
+        databases_sql(&[&names.live, &names.fresh, &names.kept]),
+        properties_sql(&names.live)
+    );
+    let out = admin_psql(t, &script, timeout).await?;
+    let mut lines = out.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut found: Vec<DbInfo> = serde_json::from_str(lines.next().unwrap_or("[]"))
+        .map_err(|e| unexpected("psql", format!("pg_database: {e}")))?;
     if found.iter().any(|db| db.name == names.kept) {
         return Err(DbError::AlreadyExists(names.kept.clone()));
     }
@@ -493,8 +517,15 @@ async fn prepare_restore(
         drop_database(t, &names.fresh, timeout).await?;
     }
     let live = found.iter().position(|db| db.name == names.live);
-    live.map(|i| found.swap_remove(i))
-        .ok_or_else(|| DbError::NoSuchDatabase(names.live.clone()))
+    let live = live
+        .map(|i| found.swap_remove(i))
+        .ok_or_else(|| DbError::NoSuchDatabase(names.live.clone()))?;
+    let properties = match lines.next() {
+        Some(line) => serde_json::from_str(line)
+            .map_err(|e| unexpected("psql", format!("properties of {}: {e}", names.live)))?,
+        None => return Err(DbError::NoSuchDatabase(names.live.clone())),
+    };
+    Ok((live, properties))
 }
 
 /// Those of `names` that exist.
@@ -503,20 +534,24 @@ async fn databases(
     names: &[&str],
     timeout: Duration,
 ) -> Result<Vec<DbInfo>, DbError> {
+    let out = admin_psql(t, &databases_sql(names), timeout).await?;
+    serde_json::from_str(out.trim()).map_err(|e| unexpected("psql", format!("pg_database: {e}")))
+}
+
+/// One line of JSON: those of `names` that exist, as [`DbInfo`]s.
+fn databases_sql(names: &[&str]) -> String {
     let list = names
         .iter()
         .map(|n| quote_literal(n))
         .collect::<Vec<_>>()
         .join(", ");
-    let sql = format!(
+    format!(
         "SELECT coalesce(json_agg(json_build_object(\
            'name', datname, 'owner', pg_get_userbyid(datdba), \
            'encoding', pg_encoding_to_char(encoding), \
            'collate', datcollate, 'ctype', datctype)), '[]') \
          FROM pg_database WHERE datname IN ({list});"
-    );
-    let out = admin_psql(t, &sql, timeout).await?;
-    serde_json::from_str(out.trim()).map_err(|e| unexpected("psql", format!("pg_database: {e}")))
+    )
 }
 
 /// An empty database that can take a dump of `like`.
@@ -577,12 +612,10 @@ struct DbSettings {
     config: Vec<String>,
 }
 
-async fn db_properties(
-    t: &PgTarget,
-    name: &str,
-    timeout: Duration,
-) -> Result<DbProperties, DbError> {
-    let sql = format!(
+/// One line of JSON (none when it does not exist): database `name`'s
+/// [`DbProperties`].
+fn properties_sql(name: &str) -> String {
+    format!(
         "SELECT json_build_object(\
            'comment', shobj_description(d.oid, 'pg_database'), \
            'connlimit', d.datconnlimit, \
@@ -597,10 +630,7 @@ async fn db_properties(
              FROM pg_db_role_setting s WHERE s.setdatabase = d.oid)) \
          FROM pg_database d WHERE d.datname = {};",
         quote_literal(name)
-    );
-    let out = admin_psql(t, &sql, timeout).await?;
-    serde_json::from_str(out.trim())
-        .map_err(|e| unexpected("psql", format!("properties of {name}: {e}")))
+    )
 }
 
 /// The statements that give database `db` (owned by `owner`) the properties
@@ -740,11 +770,11 @@ async fn carry_properties(
     t: &PgTarget,
     names: &SwapNames,
     owner: &str,
+    properties: &DbProperties,
     timeout: Duration,
 ) -> Result<Vec<String>, DbError> {
-    let properties = db_properties(t, &names.live, timeout).await?;
     let mut not_carried = Vec::new();
-    for (what, sql) in property_statements(&names.fresh, owner, &properties) {
+    for (what, sql) in property_statements(&names.fresh, owner, properties) {
         match admin_psql(t, &sql, timeout).await {
             Ok(_) => {}
             Err(DbError::Tool { stderr, .. }) => {

@@ -359,6 +359,19 @@ async fn damaged_dumps_are_refused_and_nothing_changes() {
         );
         assert_eq!(contents(&pg, APP_DB), live, "{name}: live db untouched");
         assert_eq!(databases(&pg), ["covet_production", "postgres"], "{name}");
+        // Without the listing pass (a rollback's own dump), pg_restore
+        // fails in the new database and the live one is untouched too.
+        let restored = db::restore_swap_checked(
+            &t,
+            &path,
+            &format!("{}_checked", name.replace('-', "_")),
+            &expected_counts(),
+            LIMIT,
+        )
+        .await;
+        assert!(restored.is_err(), "{name}: {restored:?}");
+        assert_eq!(contents(&pg, APP_DB), live, "{name}: live db untouched");
+        assert_eq!(databases(&pg), ["covet_production", "postgres"], "{name}");
     }
 }
 

@@ -247,7 +247,8 @@ impl Undo<'_> {
     }
 
     /// The app's own down-migration (an upgrade's undo only), else the
-    /// backup's dump.
+    /// backup's dump (no listing pass first: an upgrade's own dump, or one
+    /// whose checksums the rollback's RPC verified).
     async fn database(&self) -> Result<String, StepError> {
         let (ctx, app) = (self.ctx, self.app);
         if let (Source::Upgrade(_), Some(m)) = (&self.source, &app.migrate)
@@ -286,7 +287,7 @@ impl Undo<'_> {
             .unwrap_or("rb")
             .replace(|c: char| !c.is_ascii_alphanumeric(), "_");
         let outcome = ctx
-            .waiting(crate::db::restore_swap(
+            .waiting(crate::db::restore_swap_checked(
                 &pg,
                 &dir.join(crate::backup::DUMP_FILE),
                 &rid,
