@@ -201,7 +201,7 @@ async fn a_failing_archive_stops_the_dump_and_leaves_nothing() {
     w.pg.psql(
         DB,
         "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS body \
-         FROM generate_series(1, 1000000) g",
+         FROM generate_series(1, 300000) g",
     )
     .unwrap();
     // The second path vanishes while the first is being archived (after the
