@@ -6,12 +6,13 @@
 //! lists and extracts (`tar -xzf`, `tar -I zstd -xf`, `tar -xf`).
 
 use std::collections::HashMap;
-use std::ffi::CStr;
+use std::ffi::{CStr, OsString};
 use std::fs::{self, File, FileTimes, Metadata, OpenOptions, Permissions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -913,7 +914,8 @@ pub fn extract(
 /// whose path goes through a symlink extracted earlier (symlinks themselves
 /// are restored verbatim, wherever they point). Attributes are set on open
 /// descriptors; holes of sparse entries stay holes. Modes keep setuid bits
-/// only when root and no `owner` is imposed.
+/// only when root and no `owner` is imposed. Returns once the tree is on
+/// disk (one `syncfs` at the end).
 ///
 /// On error `staging` holds a partial tree: the caller removes it.
 pub fn extract_into(
@@ -944,11 +946,14 @@ pub fn extract_into(
     } else {
         needed
     };
-    let mut extractor = Extractor::new(archive, staging, staging_path, options, budget);
+    let mut extractor = Extractor::new(archive, staging, staging_path, options, budget)?;
     let stats = for_each_entry(archive, compression, progress, &mut |entry, meter| {
         extractor.extract_entry(entry, meter)
     })?;
     extractor.apply_dir_attrs()?;
+    // One sync for the whole tree instead of one per file: the caller swaps
+    // it in next, and a crash after the swap must not leave empty files.
+    staging.sync_filesystem().map_err(io_at(staging_path))?;
     Ok(stats)
 }
 
@@ -996,6 +1001,12 @@ struct Extractor<'x> {
     dirs: Vec<(PathBuf, Attrs)>,
     /// Parents seen, when an owner is imposed.
     implied_dirs: std::collections::HashSet<PathBuf>,
+    /// The staging root, shared with entries right under it.
+    root_dir: Rc<Dir>,
+    /// Open descriptors of the directories on the last parent's path, one
+    /// per component: archives list a directory's entries together, so most
+    /// entries reuse them instead of walking down from the root again.
+    chain: Vec<(OsString, Rc<Dir>)>,
     buf: Vec<u8>,
 }
 
@@ -1006,8 +1017,8 @@ impl<'x> Extractor<'x> {
         staging: &'x Path,
         options: ExtractOptions,
         budget: u64,
-    ) -> Self {
-        Extractor {
+    ) -> Result<Self, ArchiveError> {
+        Ok(Extractor {
             archive,
             root,
             staging,
@@ -1018,8 +1029,10 @@ impl<'x> Extractor<'x> {
             symlinks: HashMap::new(),
             dirs: Vec::new(),
             implied_dirs: std::collections::HashSet::new(),
+            root_dir: Rc::new(root.try_clone().map_err(io_at(staging))?),
+            chain: Vec::new(),
             buf: vec![0; IO_CHUNK],
-        }
+        })
     }
 
     fn extract_entry(
@@ -1100,17 +1113,17 @@ impl<'x> Extractor<'x> {
     }
 
     /// The open parent directory of `rel` (created as needed) and its name.
-    fn parent_of<'r>(&mut self, rel: &'r Path) -> Result<(Dir, &'r std::ffi::OsStr), ArchiveError> {
+    fn parent_of<'r>(
+        &mut self,
+        rel: &'r Path,
+    ) -> Result<(Rc<Dir>, &'r std::ffi::OsStr), ArchiveError> {
         let path = self.staging.join(rel);
         let name = rel.file_name().ok_or_else(|| ArchiveError::Unsafe {
             entry: rel.display().to_string(),
             why: "no file name".into(),
         })?;
         let parent = rel.parent().unwrap_or(Path::new(""));
-        let dir = self
-            .root
-            .create_dirs_beneath(parent, 0o777)
-            .map_err(io_at(&path))?;
+        let dir = self.open_parent(parent).map_err(io_at(&path))?;
         if let Some((uid, gid)) = self.options.owner {
             // Directories the archive implies without listing them belong
             // to the imposed owner too (listed ones are applied later).
@@ -1127,6 +1140,89 @@ impl<'x> Extractor<'x> {
             }
         }
         Ok((dir, name))
+    }
+
+    /// The directory `parent` (relative to the root), created as needed:
+    /// reuses the descriptors of the common start of the last parent's path
+    /// and opens the rest one component at a time, `O_NOFOLLOW |
+    /// O_DIRECTORY` (a symlink on the way is never followed). A cached
+    /// descriptor stays the directory it was opened as, whatever is renamed
+    /// later; removed directories are dropped from the chain.
+    fn open_parent(&mut self, parent: &Path) -> io::Result<Rc<Dir>> {
+        let mut parts = Vec::new();
+        for component in parent.components() {
+            match component {
+                Component::Normal(part) => parts.push(part),
+                Component::CurDir => {}
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{} leaves its directory", parent.display()),
+                    ));
+                }
+            }
+        }
+        let common = self
+            .chain
+            .iter()
+            .zip(&parts)
+            .take_while(|((have, _), want)| have.as_os_str() == **want)
+            .count();
+        self.chain.truncate(common);
+        for part in &parts[common..] {
+            let base = self.chain.last().map_or(&self.root_dir, |(_, dir)| dir);
+            let dir = match base.open_dir(part) {
+                Ok(dir) => dir,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    match base.mkdir(part, 0o777) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(e),
+                    }
+                    base.open_dir(part)?
+                }
+                Err(e) => return Err(e),
+            };
+            self.chain.push(((*part).to_owned(), Rc::new(dir)));
+        }
+        Ok(self
+            .chain
+            .last()
+            .map_or_else(|| self.root_dir.clone(), |(_, dir)| dir.clone()))
+    }
+
+    /// Drops the cached descriptors at and below the directory `rel`.
+    fn forget_dir(&mut self, rel: &Path) {
+        let mut depth = 0;
+        for component in rel.components() {
+            match self.chain.get(depth) {
+                Some((name, _)) if component.as_os_str() == name.as_os_str() => depth += 1,
+                _ => return,
+            }
+        }
+        if depth > 0 {
+            self.chain.truncate(depth - 1);
+        }
+    }
+
+    /// Creates the object `name` in `parent` with `create`; when an earlier
+    /// entry holds the name, removes it (never following it) and tries once
+    /// more. Trying first saves a `stat` per entry.
+    fn create_in_slot<T>(
+        &mut self,
+        rel: &Path,
+        parent: &Dir,
+        name: &std::ffi::OsStr,
+        create: impl Fn(&Dir, &std::ffi::OsStr) -> io::Result<T>,
+    ) -> Result<T, ArchiveError> {
+        let path = self.staging.join(rel);
+        match create(parent, name) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                self.clear_slot(rel, parent, name)?;
+                create(parent, name).map_err(io_at(&path))
+            }
+            other => other.map_err(io_at(&path)),
+        }
     }
 
     fn charge(&mut self, bytes: u64) -> Result<(), ArchiveError> {
@@ -1153,8 +1249,9 @@ impl<'x> Extractor<'x> {
         self.charge(entry.size())?;
         let path = self.staging.join(rel);
         let (parent, file_name) = self.parent_of(rel)?;
-        self.clear_slot(rel, &parent, file_name)?;
-        let mut out = parent.create_file(file_name, 0o600).map_err(io_at(&path))?;
+        let mut out = self.create_in_slot(rel, &parent, file_name, |dir, name| {
+            dir.create_file(name, 0o600)
+        })?;
         let sparse = entry.header().entry_type().is_gnu_sparse();
         let size = entry.size();
         let mut buf = std::mem::take(&mut self.buf);
@@ -1181,10 +1278,16 @@ impl<'x> Extractor<'x> {
     fn extract_dir(&mut self, rel: &Path, attrs: Attrs) -> Result<(), ArchiveError> {
         let path = self.staging.join(rel);
         let (parent, name) = self.parent_of(rel)?;
-        let existing = parent.stat_at(name).map_err(io_at(&path))?;
-        if !existing.as_ref().is_some_and(safefs::is_dir) {
-            self.clear_slot(rel, &parent, name)?;
-            parent.mkdir(name, 0o700).map_err(io_at(&path))?;
+        match parent.mkdir(name, 0o700) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let existing = parent.stat_at(name).map_err(io_at(&path))?;
+                if !existing.as_ref().is_some_and(safefs::is_dir) {
+                    self.clear_slot(rel, &parent, name)?;
+                    parent.mkdir(name, 0o700).map_err(io_at(&path))?;
+                }
+            }
+            Err(e) => return Err(io_at(&path)(e)),
         }
         if self.options.owner.is_some() && !self.implied_dirs.insert(rel.to_path_buf()) {
             // Listed after a child implied it: the listed attributes win.
@@ -1202,8 +1305,7 @@ impl<'x> Extractor<'x> {
     ) -> Result<(), ArchiveError> {
         let path = self.staging.join(rel);
         let (parent, name) = self.parent_of(rel)?;
-        self.clear_slot(rel, &parent, name)?;
-        parent.symlink(target, name).map_err(io_at(&path))?;
+        self.create_in_slot(rel, &parent, name, |dir, name| dir.symlink(target, name))?;
         self.symlinks
             .insert(rel.to_path_buf(), target.to_path_buf());
         if self.as_root {
@@ -1221,14 +1323,13 @@ impl<'x> Extractor<'x> {
     /// Hard links are made to what this extraction already created; a link
     /// to a symlink is a second symlink, checked from its own directory.
     fn extract_hard_link(&mut self, rel: &Path, target: &Path) -> Result<(), LinkError> {
-        if let Some(link_target) = self.symlinks.get(target).cloned() {
-            self.check_symlink_target(rel, &link_target)
+        let link_target = self.symlinks.get(target).cloned();
+        if let Some(link_target) = &link_target {
+            self.check_symlink_target(rel, link_target)
                 .map_err(LinkError::Unsafe)?;
-            self.symlinks.insert(rel.to_path_buf(), link_target);
         }
         let path = self.staging.join(rel);
         let (parent, name) = self.parent_of(rel)?;
-        self.clear_slot(rel, &parent, name)?;
         let from_name = target
             .file_name()
             .ok_or_else(|| LinkError::Unsafe("the hard link has no target name".into()))?;
@@ -1236,9 +1337,14 @@ impl<'x> Extractor<'x> {
             .root
             .open_dir_beneath(target.parent().unwrap_or(Path::new("")))
             .map_err(|e| LinkError::Io(io_at(&path)(e)))?;
-        parent
-            .hard_link(&from, from_name, name)
-            .map_err(|e| LinkError::Io(io_at(&path)(e)))
+        self.create_in_slot(rel, &parent, name, |dir, name| {
+            dir.hard_link(&from, from_name, name)
+        })?;
+        // Recorded once made: clearing the slot forgets what held the name.
+        if let Some(link_target) = link_target {
+            self.symlinks.insert(rel.to_path_buf(), link_target);
+        }
+        Ok(())
     }
 
     /// Makes room for a new object `name` in `parent`: removes an earlier
@@ -1253,6 +1359,7 @@ impl<'x> Extractor<'x> {
         match parent.stat_at(name).map_err(io_at(&path))? {
             Some(st) if safefs::is_dir(&st) => {
                 self.dirs.retain(|(dir, _)| dir != rel);
+                self.forget_dir(rel);
                 parent.remove(name, true).map_err(io_at(&path))
             }
             Some(_) => {
@@ -1807,6 +1914,98 @@ mod tests {
                 raw("l2/passwd", EntryType::Regular, ""),
             ],
             "l2/passwd",
+        );
+    }
+
+    /// Entries out of directory order, repeated names and replaced kinds:
+    /// the cached parent descriptors and the create-first slots give what
+    /// GNU tar gives (the last entry of a name wins).
+    #[test]
+    fn out_of_order_and_repeated_entries_extract_like_tar() {
+        let tmp = tempfile::tempdir().unwrap();
+        let archive = tmp.path().join("mixed.tar");
+        let mut builder = tar::Builder::new(File::create(&archive).unwrap());
+        let mut add = |name: &str, kind: EntryType, body: &[u8], link: &str| {
+            let mut header = Header::new_gnu();
+            header.set_entry_type(kind);
+            header.set_mode(if kind == EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            });
+            header.set_mtime(MTIME);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_size(body.len() as u64);
+            if !link.is_empty() {
+                header.set_link_name(link).unwrap();
+            }
+            builder.append_data(&mut header, name, body).unwrap();
+        };
+        add("a/b/f1", EntryType::Regular, b"first\n", "");
+        add("c/f2", EntryType::Regular, b"c\n", "");
+        add("a/b/f3", EntryType::Regular, b"three\n", "");
+        add("a/b/f1", EntryType::Regular, b"second\n", "");
+        add("a/b/l", EntryType::Symlink, b"", "f3");
+        add("a/b/l", EntryType::Regular, b"no longer a link\n", "");
+        add("d", EntryType::Regular, b"a file first\n", "");
+        add("d/", EntryType::Directory, b"", "");
+        add("d/e", EntryType::Regular, b"e\n", "");
+        add("g/", EntryType::Directory, b"", "");
+        add("g", EntryType::Symlink, b"", "a");
+        add("a/h", EntryType::Link, b"", "a/b/f3");
+        add("a/b/f3", EntryType::Symlink, b"", "f1");
+        builder.into_inner().unwrap().sync_all().unwrap();
+
+        for (name, with_tar) in [("ours", false), ("tar", true)] {
+            let out = tmp.path().join(name);
+            fs::create_dir(&out).unwrap();
+            if with_tar {
+                let status = Command::new("tar")
+                    .arg("-xf")
+                    .arg(&archive)
+                    .arg("-C")
+                    .arg(&out)
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+            } else {
+                extract(&archive, Compression::None, &out, &Progress::silent()).unwrap();
+            }
+        }
+        let (ours, theirs) = (tmp.path().join("ours"), tmp.path().join("tar"));
+        fn deep_listing(root: &Path, dir: &Path, out: &mut Vec<String>) {
+            for name in listing(dir) {
+                let path = dir.join(&name);
+                let meta = fs::symlink_metadata(&path).unwrap();
+                let rel = path.strip_prefix(root).unwrap().display().to_string();
+                out.push(format!("{rel} {:?}", meta.file_type()));
+                if meta.is_dir() {
+                    deep_listing(root, &path, out);
+                }
+            }
+        }
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        deep_listing(&ours, &ours, &mut a);
+        deep_listing(&theirs, &theirs, &mut b);
+        assert_eq!(a, b);
+        for file in ["a/b/f1", "c/f2", "a/b/l", "d/e", "a/h"] {
+            assert_eq!(
+                fs::read(ours.join(file)).unwrap(),
+                fs::read(theirs.join(file)).unwrap(),
+                "{file}"
+            );
+        }
+        assert_eq!(fs::read(ours.join("a/b/f1")).unwrap(), b"second\n");
+        assert_eq!(fs::read(ours.join("a/h")).unwrap(), b"three\n");
+        assert_eq!(
+            fs::read_link(ours.join("g")).unwrap(),
+            PathBuf::from("a"),
+            "an empty directory replaced by a symlink"
+        );
+        assert_eq!(
+            fs::read_link(ours.join("a/b/f3")).unwrap(),
+            PathBuf::from("f1")
         );
     }
 

@@ -9,10 +9,12 @@
 pub mod archive;
 
 use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +29,10 @@ pub const MANIFEST: &str = "manifest.json";
 pub const DUMP_FILE: &str = "database.dump.zst";
 const DB_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the parts of a backup running at once look at the cancel flag.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
+/// Least time between two progress reports of a backup.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -311,80 +317,32 @@ impl BackupStore {
             database: None,
             total_bytes: 0,
         };
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        if opts.files {
-            for (i, path) in app.backup_paths().iter().enumerate() {
-                let base = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "root".to_owned());
-                let name = format!("{i:02}-{base}.{}", opts.compression.extension());
-                let step = format!("archive {}", path.display());
-                ctx.step_started(
-                    &step,
-                    format!("tar + {} of {}", opts.compression.as_str(), path.display()),
-                );
-                let dest = dir.join(&name);
-                let stats = run_archive(
-                    ctx,
-                    &step,
-                    path.clone(),
-                    dest.clone(),
-                    opts.compression,
-                    done.clone(),
-                    estimate,
-                )
-                .await;
-                let stats = match stats {
-                    Ok(s) => s,
-                    Err(e) => {
-                        ctx.step_finished(
-                            &step,
-                            crate::journal::StepOutcome::Failed,
-                            e.to_string(),
-                        );
-                        return Err(e);
-                    }
-                };
-                let sha256 = sha256_file(&dest).await?;
-                ctx.step_finished(
-                    &step,
-                    crate::journal::StepOutcome::Succeeded,
-                    format!(
-                        "{} files, {} bytes -> {} bytes",
-                        stats.files, stats.uncompressed_bytes, stats.compressed_bytes
-                    ),
-                );
-                manifest.files.push(ManifestFile {
-                    name,
-                    source_path: path.display().to_string(),
-                    size: stats.compressed_bytes,
-                    sha256,
-                    content_bytes: stats.uncompressed_bytes,
-                });
+        let progress = Arc::new(BackupProgress::new(ctx, estimate));
+        // One flag stops both parts: the operation's cancel or the first failure.
+        let stop = Arc::new(AtomicBool::new(false));
+        let pg = if opts.database { pg_target(app)? } else { None };
+        let files = async {
+            if opts.files {
+                self.archive_paths(ctx, app, opts.compression, dir, &progress, &stop)
+                    .await
+            } else {
+                Ok(Vec::new())
             }
-        }
-        if opts.database
-            && let Some(pg) = pg_target(app)?
-        {
-            let step = "dump database";
-            ctx.step_started(step, format!("pg_dump -Fc of {} through zstd", pg.dbname));
-            let result = self.dump(ctx, step, &pg, dir, done.clone(), estimate).await;
-            match result {
-                Ok((file, db)) => {
-                    ctx.step_finished(
-                        step,
-                        crate::journal::StepOutcome::Succeeded,
-                        format!("{} tables, {} bytes", db.row_counts.len(), file.size),
-                    );
-                    manifest.files.push(file);
-                    manifest.database = Some(db);
-                }
-                Err(e) => {
-                    ctx.step_finished(step, crate::journal::StepOutcome::Failed, e.to_string());
-                    return Err(e);
-                }
+        };
+        let database = async {
+            match &pg {
+                Some(pg) => self
+                    .dump_step(ctx, pg, dir, &progress, &stop)
+                    .await
+                    .map(Some),
+                None => Ok(None),
             }
+        };
+        let (files, database) = run_both(&ctx.cancel_flag(), &stop, files, database).await?;
+        manifest.files = files;
+        if let Some((file, db)) = database {
+            manifest.files.push(file);
+            manifest.database = Some(db);
         }
         manifest.total_bytes = manifest.files.iter().map(|f| f.size).sum();
         let path = dir.join(MANIFEST);
@@ -395,34 +353,118 @@ impl BackupStore {
         Ok(manifest)
     }
 
+    /// Archives every declared path, one after the other, into `dir`;
+    /// stops between and within archives once `stop` is set.
+    async fn archive_paths(
+        &self,
+        ctx: &OpContext,
+        app: &AppConfig,
+        compression: Compression,
+        dir: &Path,
+        progress: &Arc<BackupProgress>,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<Vec<ManifestFile>, BackupError> {
+        let mut files = Vec::new();
+        for (i, path) in app.backup_paths().iter().enumerate() {
+            if stop.load(Ordering::Relaxed) {
+                return Err(BackupError::Canceled);
+            }
+            let base = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "root".to_owned());
+            let name = format!("{i:02}-{base}.{}", compression.extension());
+            let step = format!("archive {}", path.display());
+            ctx.step_started(
+                &step,
+                format!("tar + {} of {}", compression.as_str(), path.display()),
+            );
+            let dest = dir.join(&name);
+            let archived = run_archive(
+                path.clone(),
+                dest.clone(),
+                compression,
+                progress.part(&step),
+                stop.clone(),
+            )
+            .await;
+            let stats = match archived {
+                Ok(s) => s,
+                Err(e) => {
+                    let detail = failure_detail(ctx, &e, "the database dump failed");
+                    ctx.step_finished(&step, crate::journal::StepOutcome::Failed, detail);
+                    return Err(e);
+                }
+            };
+            let sha256 = sha256_file(&dest).await?;
+            ctx.step_finished(
+                &step,
+                crate::journal::StepOutcome::Succeeded,
+                format!(
+                    "{} files, {} bytes -> {} bytes",
+                    stats.files, stats.uncompressed_bytes, stats.compressed_bytes
+                ),
+            );
+            files.push(ManifestFile {
+                name,
+                source_path: path.display().to_string(),
+                size: stats.compressed_bytes,
+                sha256,
+                content_bytes: stats.uncompressed_bytes,
+            });
+        }
+        Ok(files)
+    }
+
+    /// The "dump database" step: [`BackupStore::dump`], journaled.
+    async fn dump_step(
+        &self,
+        ctx: &OpContext,
+        pg: &PgTarget,
+        dir: &Path,
+        progress: &Arc<BackupProgress>,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<(ManifestFile, ManifestDb), BackupError> {
+        let step = "dump database";
+        ctx.step_started(step, format!("pg_dump -Fc of {} through zstd", pg.dbname));
+        match self.dump(ctx, step, pg, dir, progress, stop).await {
+            Ok((file, db)) => {
+                ctx.step_finished(
+                    step,
+                    crate::journal::StepOutcome::Succeeded,
+                    format!("{} tables, {} bytes", db.row_counts.len(), file.size),
+                );
+                Ok((file, db))
+            }
+            Err(e) => {
+                let detail = failure_detail(ctx, &e, "archiving the files failed");
+                ctx.step_finished(step, crate::journal::StepOutcome::Failed, detail);
+                Err(e)
+            }
+        }
+    }
+
     async fn dump(
         &self,
         ctx: &OpContext,
         step: &str,
         pg: &PgTarget,
         dir: &Path,
-        done: std::sync::Arc<std::sync::atomic::AtomicU64>,
-        estimate: u64,
+        progress: &Arc<BackupProgress>,
+        stop: &AtomicBool,
     ) -> Result<(ManifestFile, ManifestDb), BackupError> {
         let server_version = ctx.waiting(db::server_version(pg, QUERY_TIMEOUT)).await?;
         // Counted before the dump: the app is expected to be quiet (it is
         // stopped or idle during an upgrade's backup).
         let row_counts = ctx.waiting(db::row_counts(pg, QUERY_TIMEOUT)).await?;
+        if stop.load(Ordering::Relaxed) {
+            return Err(BackupError::Canceled);
+        }
         let dest = dir.join(DUMP_FILE);
-        let base = done.load(std::sync::atomic::Ordering::Relaxed);
-        let progress_ctx = ctx.clone();
-        let step_name = step.to_owned();
-        let on_bytes = move |n: u64| {
-            progress_ctx.progress(&step_name, base + n, estimate.max(base + n), "bytes");
-        };
-        let cancel = ctx.cancel_flag();
+        let on_bytes = progress.part(step);
         let stats = ctx
-            .waiting(db::dump(pg, &dest, DB_TIMEOUT, &on_bytes, &cancel))
+            .waiting(db::dump(pg, &dest, DB_TIMEOUT, &on_bytes, stop))
             .await?;
-        done.fetch_add(
-            stats.uncompressed_bytes,
-            std::sync::atomic::Ordering::Relaxed,
-        );
         for line in stats.stderr.lines().filter(|l| !l.trim().is_empty()) {
             ctx.output(step, crate::journal::OutputStream::Stderr, line);
         }
@@ -746,33 +788,144 @@ where
 }
 
 async fn run_archive(
-    ctx: &OpContext,
-    step: &str,
     source: PathBuf,
     dest: PathBuf,
     compression: Compression,
-    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    estimate: u64,
+    on_bytes: impl Fn(u64) + Send + Sync + 'static,
+    cancel: Arc<AtomicBool>,
 ) -> Result<archive::ArchiveStats, BackupError> {
-    let ctx = ctx.clone();
-    let step = step.to_owned();
-    let cancel = ctx.cancel_flag();
     tokio::task::spawn_blocking(move || {
-        let base = done.load(std::sync::atomic::Ordering::Relaxed);
-        let on_bytes = |n: u64| ctx.progress(&step, base + n, estimate.max(base + n), "bytes");
         let progress = Progress {
             on_bytes: &on_bytes,
             cancel: &cancel,
         };
-        let stats = archive::create(&source, &dest, compression, &progress)?;
-        done.fetch_add(
-            stats.uncompressed_bytes,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        Ok(stats)
+        Ok(archive::create(&source, &dest, compression, &progress)?)
     })
     .await
     .map_err(|e| BackupError::Refused(format!("archive task failed: {e}")))?
+}
+
+/// Whether an error only says that the work was stopped.
+fn is_stop(error: &BackupError) -> bool {
+    matches!(
+        error,
+        BackupError::Canceled
+            | BackupError::Archive(ArchiveError::Canceled)
+            | BackupError::Db(db::DbError::Canceled)
+    )
+}
+
+/// A failed step's detail; a part stopped because the other one failed
+/// says so instead of "canceled".
+fn failure_detail(ctx: &OpContext, error: &BackupError, other_failed: &str) -> String {
+    if is_stop(error) && !ctx.canceled() {
+        format!("stopped: {other_failed}")
+    } else {
+        error.to_string()
+    }
+}
+
+/// Runs two parts of a backup at the same time (the files' archives, CPU
+/// in the agent, and the dump, mostly `pg_dump`). The first part to fail
+/// sets `stop`, which the other checks between chunks of its work; its
+/// error is returned once both have ended, so nothing is still writing
+/// when the caller removes the partial backup. The operation's `cancel`
+/// sets `stop` too.
+async fn run_both<A, B>(
+    cancel: &AtomicBool,
+    stop: &AtomicBool,
+    first: impl Future<Output = Result<A, BackupError>>,
+    second: impl Future<Output = Result<B, BackupError>>,
+) -> Result<(A, B), BackupError> {
+    // 0: nothing failed yet, else which part failed first.
+    let first_failure = AtomicU8::new(0);
+    let failed = |which: u8| {
+        let _ = first_failure.compare_exchange(0, which, Ordering::SeqCst, Ordering::SeqCst);
+        stop.store(true, Ordering::SeqCst);
+    };
+    let first = async {
+        let result = first.await;
+        if result.is_err() {
+            failed(1);
+        }
+        result
+    };
+    let second = async {
+        let result = second.await;
+        if result.is_err() {
+            failed(2);
+        }
+        result
+    };
+    let both = async { tokio::join!(first, second) };
+    tokio::pin!(both);
+    let results = loop {
+        tokio::select! {
+            results = &mut both => break results,
+            () = tokio::time::sleep(CANCEL_POLL) => {
+                if cancel.load(Ordering::Relaxed) {
+                    stop.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    };
+    match results {
+        (Ok(a), Ok(b)) => Ok((a, b)),
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
+        (Err(a), Err(b)) => {
+            if first_failure.load(Ordering::SeqCst) == 2 {
+                Err(b)
+            } else {
+                Err(a)
+            }
+        }
+    }
+}
+
+/// Bytes done by the parts of one backup, reported as one running total
+/// against the preflight estimate, at most every [`PROGRESS_EVERY`]
+/// whichever part reports.
+struct BackupProgress {
+    ctx: OpContext,
+    estimate: u64,
+    done: AtomicU64,
+    last: std::sync::Mutex<Option<Instant>>,
+}
+
+impl BackupProgress {
+    fn new(ctx: &OpContext, estimate: u64) -> BackupProgress {
+        BackupProgress {
+            ctx: ctx.clone(),
+            estimate,
+            done: AtomicU64::new(0),
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn add(&self, step: &str, bytes: u64) {
+        let total = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        {
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|at| at.elapsed() < PROGRESS_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        self.ctx
+            .progress(step, total, self.estimate.max(total), "bytes");
+    }
+
+    /// A reporter for one part, whose calls give that part's own running
+    /// count of bytes.
+    fn part(self: &Arc<Self>, step: &str) -> impl Fn(u64) + Send + Sync + 'static {
+        let shared = self.clone();
+        let step = step.to_owned();
+        let seen = AtomicU64::new(0);
+        move |n| {
+            let before = seen.swap(n, Ordering::Relaxed);
+            shared.add(&step, n.saturating_sub(before));
+        }
+    }
 }
 
 /// A path swapped in by a restore, and where what it replaced went; every
@@ -817,7 +970,9 @@ async fn stage_and_swap(
     let step_name = step.to_owned();
     let cancel = ctx.cancel_flag();
     let joined = tokio::task::spawn_blocking(move || {
-        let on_bytes = |n: u64| progress_ctx.progress(&step_name, n, 0, "bytes");
+        // With a known total the journal throttles these reports.
+        let total = known_size.unwrap_or(0);
+        let on_bytes = |n: u64| progress_ctx.progress(&step_name, n, total.max(n), "bytes");
         let progress = Progress {
             on_bytes: &on_bytes,
             cancel: &cancel,
@@ -951,4 +1106,123 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
 /// A cancel flag that is never set, for callers without an operation.
 pub fn never_canceled() -> AtomicBool {
     AtomicBool::new(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(why: &str) -> BackupError {
+        BackupError::Refused(why.to_owned())
+    }
+
+    /// A part that runs a real `sleep` and, like the dump, stops it (kill,
+    /// then wait) once `stop` is set; returns the pid.
+    async fn sleeping_part(
+        stop: &AtomicBool,
+        pid: &std::sync::Mutex<Option<u32>>,
+    ) -> Result<(), BackupError> {
+        let mut child = tokio::process::Command::new("sleep")
+            .arg("30")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        *pid.lock().unwrap() = child.id();
+        loop {
+            tokio::select! {
+                status = child.wait() => {
+                    status.unwrap();
+                    return Ok(());
+                }
+                () = tokio::time::sleep(Duration::from_millis(20)) => {
+                    if stop.load(Ordering::SeqCst) {
+                        child.kill().await.unwrap();
+                        return Err(BackupError::Db(db::DbError::Canceled));
+                    }
+                }
+            }
+        }
+    }
+
+    fn process_exists(pid: u32) -> bool {
+        // SAFETY: signal 0 only checks that the process exists.
+        unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+    }
+
+    #[tokio::test]
+    async fn a_failing_part_stops_the_running_process_of_the_other() {
+        let (cancel, stop) = (AtomicBool::new(false), AtomicBool::new(false));
+        let pid = std::sync::Mutex::new(None);
+        let started = Instant::now();
+        let archive = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err::<(), _>(refused("the archive broke"))
+        };
+        let result = run_both(&cancel, &stop, archive, sleeping_part(&stop, &pid)).await;
+        let e = result.unwrap_err();
+        assert_eq!(e.to_string(), "the archive broke", "the first failure wins");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let pid = pid.lock().unwrap().unwrap();
+        assert!(!process_exists(pid), "sleep {pid} was stopped and reaped");
+        assert!(stop.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn the_failure_is_returned_only_once_the_stopped_part_has_ended() {
+        let (cancel, stop) = (AtomicBool::new(false), AtomicBool::new(false));
+        let ended = AtomicBool::new(false);
+        // The archive part: blocking work that notices `stop` between chunks.
+        let archiving = async {
+            for _ in 0..500 {
+                if stop.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    ended.store(true, Ordering::SeqCst);
+                    return Err::<(), _>(BackupError::Archive(ArchiveError::Canceled));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(())
+        };
+        let dump = async { Err::<(), _>(refused("database \"x\" does not exist")) };
+        let e = run_both(&cancel, &stop, archiving, dump).await.unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(ended.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn cancel_stops_both_parts_and_success_needs_both() {
+        let (cancel, stop) = (AtomicBool::new(false), AtomicBool::new(false));
+        let pid = std::sync::Mutex::new(None);
+        let other_pid = std::sync::Mutex::new(None);
+        let canceling = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            cancel.store(true, Ordering::SeqCst);
+        };
+        let (result, ()) = tokio::join!(
+            run_both(
+                &cancel,
+                &stop,
+                sleeping_part(&stop, &pid),
+                sleeping_part(&stop, &other_pid)
+            ),
+            canceling
+        );
+        let e = result.unwrap_err();
+        assert!(is_stop(&e), "{e}");
+        for pid in [pid, other_pid] {
+            assert!(!process_exists(pid.lock().unwrap().unwrap()));
+        }
+
+        let (cancel, stop) = (AtomicBool::new(false), AtomicBool::new(false));
+        let both = run_both(&cancel, &stop, async { Ok(1) }, async { Ok("two") }).await;
+        assert_eq!(both.unwrap(), (1, "two"));
+        assert!(!stop.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_stopped_part_says_why() {
+        assert!(is_stop(&BackupError::Archive(ArchiveError::Canceled)));
+        assert!(is_stop(&BackupError::Db(db::DbError::Canceled)));
+        assert!(!is_stop(&refused("disk full")));
+    }
 }
