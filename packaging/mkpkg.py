@@ -182,12 +182,22 @@ def build_deb(pkg, args, work):
             os.chmod(debian / f, 0o644)
     set_times(root, args.epoch)
 
-    out = args.out / f"{name}_{version}_{arch}.deb"
+    built = work / f"{name}_{version}_{arch}.deb"
     run(
-        ["dpkg-deb", "--root-owner-group", "-Zxz", "-z1" if args.fast else "-z6", "--build", root, out],
+        ["dpkg-deb", "--root-owner-group", "-Zxz", "-z1" if args.fast else "-z6", "--build", root, built],
         env={**os.environ, "SOURCE_DATE_EPOCH": str(args.epoch)},
     )
-    return out
+    return publish(built, args.out)
+
+
+def publish(built, out_dir):
+    """Moves a finished package into out_dir; a failed build leaves nothing
+    there and a reader never sees half a file."""
+    partial = out_dir / f".{built.name}.partial"
+    shutil.move(built, partial)
+    final = out_dir / built.name
+    os.replace(partial, final)
+    return final
 
 
 def build_rpm(pkg, args, work):
@@ -259,13 +269,14 @@ def build_rpm(pkg, args, work):
         [
             "rpmbuild", "-bb", "--quiet",
             "--define", f"_topdir {work / 'rpmbuild'}",
-            "--define", f"_rpmdir {args.out}",
+            "--define", f"_rpmdir {work / 'out'}",
             "--define", "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm",
             "--define", f"_binary_payload {payload}",
             spec_file,
         ]
     )
-    return args.out / f"{name}-{version}-{release}.{run(['rpm', '--eval', '%{_arch}']).strip()}.rpm"
+    arch = run(["rpm", "--eval", "%{_arch}"]).strip()
+    return publish(work / "out" / f"{name}-{version}-{release}.{arch}.rpm", args.out)
 
 
 def main():

@@ -838,3 +838,67 @@ fn packaging_build_refuses_unknown_options_and_missing_binaries() {
     );
     assert_no_packages(&out);
 }
+
+/// `rpm` with the packages in a scratch root (`--root`; no scriptlets, which
+/// would run chrooted there, and no dependency check against Debian's empty
+/// rpm database): install, upgrade keeps the edited `%config(noreplace)`,
+/// erase saves it as .rpmsave and removes the rest.
+#[test]
+fn rpms_install_upgrade_and_erase_in_a_scratch_root() {
+    if skip("rpm") {
+        return;
+    }
+    let dir = scratch("rpmroot");
+    let v1 = build("rpm", Some("0.1.0-1"), &dir.path().join("v1"));
+    let v2 = build("rpm", Some("0.1.1-1"), &dir.path().join("v2"));
+    let root = dir.path().join("root");
+    fs::create_dir_all(&root).unwrap();
+    let root_arg = root.to_str().unwrap();
+    let rpm = |args: &[&str]| {
+        let mut argv = vec!["--root", root_arg, "--nodeps", "--noscripts"];
+        argv.extend_from_slice(args);
+        run("rpm", &argv)
+    };
+    run("rpm", &["--root", root_arg, "--initdb"]);
+    rpm(&[
+        "-i",
+        find(&v1, "covet-agent").to_str().unwrap(),
+        find(&v1, "covetctl").to_str().unwrap(),
+    ]);
+    let query = stdout(&run("rpm", &["--root", root_arg, "-q", "covet-agent"]));
+    assert!(query.starts_with("covet-agent-0.1.0-1."), "{query}");
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in [
+        ("usr/bin/covet-agent", 0o755),
+        ("usr/bin/covetctl", 0o755),
+        ("etc/covet/agent.toml", 0o644),
+        ("usr/lib/systemd/system/covet-agent.service", 0o644),
+    ] {
+        let meta = fs::metadata(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(meta.permissions().mode() & 0o7777, mode, "{path}");
+    }
+
+    let config = root.join("etc/covet/agent.toml");
+    let edited = format!(
+        "{}\n# edited by the operator\n",
+        fs::read_to_string(&config).unwrap()
+    );
+    fs::write(&config, &edited).unwrap();
+    rpm(&[
+        "-U",
+        find(&v2, "covet-agent").to_str().unwrap(),
+        find(&v2, "covetctl").to_str().unwrap(),
+    ]);
+    let query = stdout(&run("rpm", &["--root", root_arg, "-q", "covet-agent"]));
+    assert!(query.starts_with("covet-agent-0.1.1-1."), "{query}");
+    assert_eq!(fs::read_to_string(&config).unwrap(), edited);
+
+    rpm(&["-e", "covet-agent", "covetctl"]);
+    assert!(!root.join("usr/bin/covet-agent").exists());
+    assert!(!root.join("usr/bin/covetctl").exists());
+    assert!(!config.exists());
+    assert_eq!(
+        fs::read_to_string(root.join("etc/covet/agent.toml.rpmsave")).unwrap(),
+        edited
+    );
+}
