@@ -30,6 +30,7 @@ ensure_cargo() {
 # (unshare, setpriv) and PostgreSQL.
 PROJECT_PACKAGES=(build-essential ca-certificates zstd python3 python3-venv systemd dbus dbus-user-session util-linux postgresql)
 
-# What the packaging build and its tests need besides cargo-deb and
-# cargo-generate-rpm (`packaging/build --install-tools` installs those).
-PACKAGING_PACKAGES=(lintian rpm debootstrap systemd-container)
+# What the packaging build (dpkg-deb, dpkg-shlibdeps, strip, rpmbuild) and its
+# tests (lintian, a booted Debian 12) need; `packaging/build --install-tools`
+# installs them.
+PACKAGING_PACKAGES=(dpkg-dev binutils python3 rpm lintian debootstrap systemd-container)

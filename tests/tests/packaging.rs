@@ -8,7 +8,7 @@
 //! `systemctl start`, upgrades restart it and removal stops it; the .rpm
 //! files carry the right metadata and files.
 //!
-//! Needs root, dpkg-deb, lintian, rpm, cargo-deb, cargo-generate-rpm,
+//! Needs root, dpkg-deb, dpkg-shlibdeps, lintian, rpm, rpmbuild,
 //! debootstrap and systemd-nspawn (`scripts/test.sh` installs them). Without them the tests skip, saying
 //! why; with CI set they fail instead. The install test replaces an
 //! installed covet-agent only with CI set (a throwaway machine).
@@ -45,13 +45,10 @@ fn skip(what: &str) -> bool {
         if what == "deb" {
             tools.extend([
                 ("lintian", "lintian --version"),
-                ("cargo-deb", "cargo deb --version"),
+                ("dpkg-shlibdeps", "dpkg-shlibdeps --version"),
             ]);
         } else {
-            tools.extend([
-                ("rpm", "rpm --version"),
-                ("cargo-generate-rpm", "cargo generate-rpm --version"),
-            ]);
+            tools.extend([("rpm", "rpm --version"), ("rpmbuild", "rpmbuild --version")]);
         }
         tools.into_iter().find_map(|(name, probe)| {
             let argv: Vec<&str> = probe.split(' ').collect();
@@ -233,6 +230,31 @@ fn debs_pass_lintian_carry_their_files_and_the_unit_runs_under_systemd() {
         "dpkg-deb",
         &["-x", agent_deb.to_str().unwrap(), root.to_str().unwrap()],
     );
+    // Depends from dpkg-shlibdeps; md5sums cover every file but the conffile.
+    let control = stdout(&run(
+        "dpkg-deb",
+        &["-I", agent_deb.to_str().unwrap(), "control"],
+    ));
+    assert!(control.contains("\nDepends: libc6 (>= "), "{control}");
+    assert!(
+        control.contains("\nRecommends: postgresql-client\n"),
+        "{control}"
+    );
+    let md5sums = stdout(&run(
+        "dpkg-deb",
+        &["-I", agent_deb.to_str().unwrap(), "md5sums"],
+    ));
+    assert!(!md5sums.contains("etc/covet/agent.toml"), "{md5sums}");
+    let sums_file = dir.path().join("md5sums");
+    fs::write(&sums_file, &md5sums).unwrap();
+    let checked = Command::new("md5sum")
+        .args(["--check", "--strict", "--quiet"])
+        .arg(&sums_file)
+        .current_dir(&root)
+        .output()
+        .expect("run md5sum");
+    assert!(checked.status.success(), "md5sums:\n{}", stdout(&checked));
+    assert!(md5sums.contains("  usr/bin/covet-agent\n"), "{md5sums}");
     let pki = TestPki::new(&dir.path().join("pki"));
     let example = fs::read_to_string(root.join("etc/covet/agent.toml")).unwrap();
     let config = dir.path().join("agent.toml");
@@ -750,4 +772,133 @@ fn rpms_carry_metadata_scripts_and_files() {
             "{path} not in:\n{ctl_files}"
         );
     }
+}
+
+/// Fails unless DIR is missing or empty.
+#[track_caller]
+fn assert_no_packages(dir: &Path) {
+    let made: Vec<_> = fs::read_dir(dir)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(made.is_empty(), "no packages: {made:?}");
+}
+
+/// Bad input to `packaging/build` stops it with a message and no package.
+#[test]
+fn packaging_build_refuses_unknown_options_and_missing_binaries() {
+    let dir = scratch("badbuild");
+    let out = dir.path().join("out");
+    let unknown = Command::new("bash")
+        .arg(workspace().join("packaging/build"))
+        .args(["--no-build", "--deb", "--colour"])
+        .output()
+        .expect("run packaging/build");
+    assert_eq!(unknown.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&unknown.stderr);
+    assert!(said.contains("unknown option --colour"), "{said}");
+
+    let missing = Command::new("bash")
+        .arg(workspace().join("packaging/build"))
+        .args([
+            "--profile",
+            "no-such-profile",
+            "--no-build",
+            "--fast",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .expect("run packaging/build");
+    assert_eq!(missing.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        said.contains("no-such-profile/covet-agent is missing (drop --no-build?)")
+            || said.contains("is missing (packaging/build --install-tools installs it)"),
+        "{said}"
+    );
+    assert_no_packages(&out);
+
+    // A version dpkg cannot parse: dpkg-deb says why, nothing is left in --out.
+    if skip("deb") {
+        return;
+    }
+    let bad_version = Command::new("bash")
+        .arg(workspace().join("packaging/build"))
+        .args(["--profile", profile(), "--no-build", "--fast", "--deb"])
+        .args(["--version", "1.0 beta"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run packaging/build");
+    assert_eq!(bad_version.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&bad_version.stderr);
+    assert!(
+        said.contains("covet-agent .deb") && said.contains("dpkg-deb"),
+        "{said}"
+    );
+    assert_no_packages(&out);
+}
+
+/// `rpm` with the packages in a scratch root (`--root`; no scriptlets, which
+/// would run chrooted there, and no dependency check against Debian's empty
+/// rpm database): install, upgrade keeps the edited `%config(noreplace)`,
+/// erase saves it as .rpmsave and removes the rest.
+#[test]
+fn rpms_install_upgrade_and_erase_in_a_scratch_root() {
+    if skip("rpm") {
+        return;
+    }
+    let dir = scratch("rpmroot");
+    let v1 = build("rpm", Some("0.1.0-1"), &dir.path().join("v1"));
+    let v2 = build("rpm", Some("0.1.1-1"), &dir.path().join("v2"));
+    let root = dir.path().join("root");
+    fs::create_dir_all(&root).unwrap();
+    let root_arg = root.to_str().unwrap();
+    let rpm = |args: &[&str]| {
+        let mut argv = vec!["--root", root_arg, "--nodeps", "--noscripts"];
+        argv.extend_from_slice(args);
+        run("rpm", &argv)
+    };
+    run("rpm", &["--root", root_arg, "--initdb"]);
+    rpm(&[
+        "-i",
+        find(&v1, "covet-agent").to_str().unwrap(),
+        find(&v1, "covetctl").to_str().unwrap(),
+    ]);
+    let query = stdout(&run("rpm", &["--root", root_arg, "-q", "covet-agent"]));
+    assert!(query.starts_with("covet-agent-0.1.0-1."), "{query}");
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in [
+        ("usr/bin/covet-agent", 0o755),
+        ("usr/bin/covetctl", 0o755),
+        ("etc/covet/agent.toml", 0o644),
+        ("usr/lib/systemd/system/covet-agent.service", 0o644),
+    ] {
+        let meta = fs::metadata(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(meta.permissions().mode() & 0o7777, mode, "{path}");
+    }
+
+    let config = root.join("etc/covet/agent.toml");
+    let edited = format!(
+        "{}\n# edited by the operator\n",
+        fs::read_to_string(&config).unwrap()
+    );
+    fs::write(&config, &edited).unwrap();
+    rpm(&[
+        "-U",
+        find(&v2, "covet-agent").to_str().unwrap(),
+        find(&v2, "covetctl").to_str().unwrap(),
+    ]);
+    let query = stdout(&run("rpm", &["--root", root_arg, "-q", "covet-agent"]));
+    assert!(query.starts_with("covet-agent-0.1.1-1."), "{query}");
+    assert_eq!(fs::read_to_string(&config).unwrap(), edited);
+
+    rpm(&["-e", "covet-agent", "covetctl"]);
+    assert!(!root.join("usr/bin/covet-agent").exists());
+    assert!(!root.join("usr/bin/covetctl").exists());
+    assert!(!config.exists());
+    assert_eq!(
+        fs::read_to_string(root.join("etc/covet/agent.toml.rpmsave")).unwrap(),
+        edited
+    );
 }
