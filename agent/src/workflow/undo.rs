@@ -65,7 +65,14 @@ pub async fn roll_back(
             Source::Upgrade(OpDir::new(&deps.config.state_dir, &op.id)),
         ),
         RollbackOf::Backup(_) => (
-            vec![Step::Migrate, Step::Package, Step::Backup],
+            [
+                (Step::Migrate, app.database.is_some()),
+                (Step::Package, app.package.is_some()),
+                (Step::Backup, true),
+            ]
+            .into_iter()
+            .filter_map(|(step, applies)| applies.then_some(step))
+            .collect(),
             Source::Backup,
         ),
     };
