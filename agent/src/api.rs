@@ -1897,10 +1897,7 @@ impl pb::upgrade_service_server::UpgradeService for UpgradeApi {
         if !last_upgrade {
             authz::require(&request, authz::Power::RollbackToAnyBackup)?;
         }
-        let backup_id = match &target {
-            crate::workflow::RollbackOf::Upgrade(op) => op.backup_id.clone(),
-            crate::workflow::RollbackOf::Backup(id) => id.clone(),
-        };
+        let backup_id = target.backup_id().to_owned();
         let (dir, manifest) = self
             .0
             .backups

@@ -141,20 +141,21 @@ impl Upgrade<'_> {
     }
 
     async fn restart(&self) -> Result<String, StepError> {
-        let (deps, ctx) = (self.deps, self.ctx);
-        let detail = gate::act_and_check(deps, ctx, self.unit, UnitAction::Restart).await?;
-        // With a health probe, the health step follows the unit instead.
-        if self.app.health.is_none() {
-            gate::settle(deps, ctx, self.unit).await?;
-        }
-        Ok(detail)
+        gate::start(
+            self.deps,
+            self.ctx,
+            self.app,
+            self.unit,
+            UnitAction::Restart,
+        )
+        .await
     }
 
     async fn health(&self) -> Result<String, StepError> {
         let Some(health) = &self.app.health else {
             return Ok("no health probe".into());
         };
-        let o = gate::health_gate(
+        let attempts = gate::healthy(
             self.deps,
             self.ctx,
             self.app,
@@ -163,15 +164,7 @@ impl Upgrade<'_> {
             gate::OnCancel::Stop,
         )
         .await?;
-        if o.ok {
-            Ok(format!("healthy after {} attempt(s)", o.attempts))
-        } else {
-            Err(StepError::Unhealthy {
-                target: o.target,
-                attempts: o.attempts,
-                error: o.error,
-            })
-        }
+        Ok(format!("healthy after {attempts} attempt(s)"))
     }
 
     async fn smoke(&self) -> Result<String, StepError> {

@@ -22,7 +22,7 @@ const STARTING_EVERY: Duration = Duration::from_millis(25);
 const STARTING_FOR: Duration = Duration::from_secs(3);
 
 /// Runs `action` (start or restart) on the unit and checks that it is active.
-pub async fn act_and_check(
+async fn act_and_check(
     deps: &Deps,
     ctx: &OpContext,
     unit: &ControlledUnit,
@@ -48,9 +48,47 @@ pub async fn act_and_check(
     Ok(format!("running as pid {}", state.main_pid))
 }
 
+/// Starts or restarts the unit and checks it is active; an app without a
+/// health probe must then stay active for `[systemd] settle` (with one,
+/// the health gate follows the unit instead).
+pub async fn start(
+    deps: &Deps,
+    ctx: &OpContext,
+    app: &AppConfig,
+    unit: &ControlledUnit,
+    action: UnitAction,
+) -> Result<String, StepError> {
+    let detail = act_and_check(deps, ctx, unit, action).await?;
+    if app.health.is_none() {
+        settle(deps, ctx, unit).await?;
+    }
+    Ok(detail)
+}
+
+/// [`health_gate`] that must pass: Ok with the attempts it took.
+pub async fn healthy(
+    deps: &Deps,
+    ctx: &OpContext,
+    app: &AppConfig,
+    unit: &ControlledUnit,
+    cfg: &ProbeConfig,
+    on_cancel: OnCancel,
+) -> Result<u32, StepError> {
+    let o = health_gate(deps, ctx, app, unit, cfg, on_cancel).await?;
+    if o.ok {
+        Ok(o.attempts)
+    } else {
+        Err(StepError::Unhealthy {
+            target: o.target,
+            attempts: o.attempts,
+            error: o.error,
+        })
+    }
+}
+
 /// The unit stays active for `[systemd] settle`: for apps that declare no
 /// health probe, the only sign that they run.
-pub async fn settle(deps: &Deps, ctx: &OpContext, unit: &ControlledUnit) -> Result<(), StepError> {
+async fn settle(deps: &Deps, ctx: &OpContext, unit: &ControlledUnit) -> Result<(), StepError> {
     let until = Instant::now() + deps.config.systemd.settle;
     ctx.waiting(async {
         tokio::select! {
@@ -73,7 +111,7 @@ pub enum OnCancel {
 /// attempts run out (Ok with the failing one); fails at once when the unit
 /// leaves `active` meanwhile. The attempts span the probe's configured
 /// `retries × interval`, but during the first seconds they come every 25 ms.
-pub async fn health_gate(
+async fn health_gate(
     deps: &Deps,
     ctx: &OpContext,
     app: &AppConfig,

@@ -224,17 +224,45 @@ async fn forward(
                 error: StepError::Canceled,
             });
         }
-        ctx.step_started(step.name(), step.describe(app, spec, &pre.from_version));
-        match upgrade.run(step).await {
-            Ok(detail) => ctx.step_finished(step.name(), StepOutcome::Succeeded, detail),
-            Err(error) => {
-                let error = error.canceled_if(ctx.canceled());
-                ctx.step_finished(step.name(), StepOutcome::Failed, error.to_string());
-                return Err(StepFailure { step, error });
-            }
-        }
+        // Boxed: every step's future is in it, too large for a worker's stack.
+        let run = async {
+            Box::pin(upgrade.run(step))
+                .await
+                .map_err(|e| e.canceled_if(ctx.canceled()))
+        };
+        journaled(
+            ctx,
+            step.name(),
+            &step.describe(app, spec, &pre.from_version),
+            run,
+        )
+        .await
+        .map_err(|error| StepFailure { step, error })?;
     }
     Ok(())
+}
+
+/// Journals a step's (or an undo's) start and end around it.
+async fn journaled<F>(
+    ctx: &OpContext,
+    name: &str,
+    description: &str,
+    work: F,
+) -> Result<(), StepError>
+where
+    F: std::future::Future<Output = Result<String, StepError>>,
+{
+    ctx.step_started(name, description);
+    match work.await {
+        Ok(detail) => {
+            ctx.step_finished(name, StepOutcome::Succeeded, detail);
+            Ok(())
+        }
+        Err(e) => {
+            ctx.step_finished(name, StepOutcome::Failed, e.to_string());
+            Err(e)
+        }
+    }
 }
 
 /// Removes a restore point's snapshot that no install used.
@@ -374,10 +402,7 @@ pub fn rollback_params(of: &RollbackOf) -> BTreeMap<String, String> {
 /// `covetctl rollback APP [--to BACKUP]`: the app back as it was before
 /// its last succeeded upgrade, or as in the named backup.
 pub async fn run_rollback(deps: Deps, ctx: OpContext, app: AppConfig, of: RollbackOf) -> Outcome {
-    let backup_id = match &of {
-        RollbackOf::Upgrade(op) => op.backup_id.clone(),
-        RollbackOf::Backup(id) => id.clone(),
-    };
+    let backup_id = of.backup_id().to_owned();
     ctx.update(|op| op.backup_id = backup_id.clone());
     if let RollbackOf::Backup(id) = &of
         && let Err(e) = deps.backups.find(&[app.name.as_str()], id)

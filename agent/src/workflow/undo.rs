@@ -13,13 +13,13 @@ use super::forward::{app_env, fingerprint, output_to};
 use super::opdir::OpDir;
 use super::preflight::hook_user;
 use super::step::undo_order;
-use super::{Deps, Step, StepError, gate};
+use super::{Deps, Step, StepError, gate, journaled};
 use crate::backup::{Manifest, RestoreOptions, pg_target};
 use crate::config::{AppConfig, PackageKind};
 use crate::envfile;
-use crate::journal::{OperationRecord, StepOutcome};
+use crate::journal::OperationRecord;
 use crate::ops::OpContext;
-use crate::packages::{self, RestorePoint};
+use crate::packages;
 use crate::systemd::{ControlledUnit, UnitAction};
 
 /// What a rollback puts back.
@@ -34,7 +34,8 @@ pub enum RollbackOf {
 }
 
 impl RollbackOf {
-    fn backup_id(&self) -> &str {
+    /// The backup the rollback takes what it puts back from.
+    pub fn backup_id(&self) -> &str {
         match self {
             RollbackOf::Upgrade(op) => &op.backup_id,
             RollbackOf::Backup(id) => id,
@@ -114,13 +115,12 @@ pub async fn roll_back(
     }
 
     if let Ok(unit) = &unit {
-        let started = journaled(ctx, "rollback: start", "start the unit", async {
-            let detail = gate::act_and_check(deps, ctx, unit, UnitAction::Start).await?;
-            if app.health.is_none() {
-                gate::settle(deps, ctx, unit).await?;
-            }
-            Ok(detail)
-        })
+        let started = journaled(
+            ctx,
+            "rollback: start",
+            "start the unit",
+            gate::start(deps, ctx, app, unit, UnitAction::Start),
+        )
         .await;
         match (started, &app.health) {
             (Err(e), _) => left.push(format!("{} does not run after the rollback: {e}", app.unit)),
@@ -130,24 +130,9 @@ pub async fn roll_back(
                     "rollback: health",
                     "the health probe must pass while the unit stays active",
                     async {
-                        let o = gate::health_gate(
-                            deps,
-                            ctx,
-                            app,
-                            unit,
-                            health,
-                            gate::OnCancel::Continue,
-                        )
-                        .await?;
-                        if o.ok {
-                            Ok("healthy".to_owned())
-                        } else {
-                            Err(StepError::Unhealthy {
-                                target: o.target,
-                                attempts: o.attempts,
-                                error: o.error,
-                            })
-                        }
+                        gate::healthy(deps, ctx, app, unit, health, gate::OnCancel::Continue)
+                            .await
+                            .map(|_| "healthy".to_owned())
                     },
                 )
                 .await;
@@ -159,29 +144,6 @@ pub async fn roll_back(
         }
     }
     if left.is_empty() { Ok(()) } else { Err(left) }
-}
-
-/// Journals an undo's start and end around it.
-async fn journaled<F>(
-    ctx: &OpContext,
-    name: &str,
-    description: &str,
-    work: F,
-) -> Result<(), StepError>
-where
-    F: std::future::Future<Output = Result<String, StepError>>,
-{
-    ctx.step_started(name, description);
-    match work.await {
-        Ok(detail) => {
-            ctx.step_finished(name, StepOutcome::Succeeded, detail);
-            Ok(())
-        }
-        Err(e) => {
-            ctx.step_finished(name, StepOutcome::Failed, e.to_string());
-            Err(e)
-        }
-    }
 }
 
 struct Undo<'a> {
@@ -472,7 +434,6 @@ pub async fn discard_restore_points(deps: &Deps, ctx: &OpContext, ops: &[Operati
     for op in ops {
         let dir = OpDir::new(&deps.config.state_dir, &op.id);
         if let Ok(Some(rp)) = dir.restore_point()
-            && !matches!(rp, RestorePoint::None | RestorePoint::Release { .. })
             && let Err(e) = packages::discard(&rp).await
         {
             ctx.note(format!(
