@@ -139,7 +139,7 @@ pub struct SystemdConfig {
     /// Units other than the apps' that may be started, stopped and restarted.
     #[serde(default)]
     pub allow: Vec<String>,
-    /// Journal directory to read logs from; default: the system journal.
+    /// OpLog directory to read logs from; default: the system journal.
     #[serde(default)]
     pub journal_dir: Option<PathBuf>,
     /// How long a unit job may take before the call gives up.
@@ -514,7 +514,7 @@ impl AppConfig {
             db.check(&format!("{key}.database"), out);
         }
         for (i, pattern) in self.env_keys.iter().enumerate() {
-            if let Err(e) = crate::envfile::validate_key_pattern(pattern) {
+            if let Err(e) = crate::host::envfile::validate_key_pattern(pattern) {
                 out.add(format!("{key}.env_keys[{i}]"), e);
             }
         }
@@ -554,7 +554,7 @@ impl Config {
             let app_uid = app
                 .user
                 .as_deref()
-                .and_then(|u| crate::fsutil::user_ids(u).ok().flatten())
+                .and_then(|u| crate::files::user_ids(u).ok().flatten())
                 .map(|(uid, _)| uid);
             let pkg = app.package.as_ref();
             let declared = app
@@ -576,7 +576,7 @@ impl Config {
                     .filter_map(|(k, p)| p.map(|p| (k.to_owned(), p))),
                 );
             for (field, path) in declared {
-                for (dir, why) in crate::fsutil::untrusted_ancestors(path, app_uid) {
+                for (dir, why) in crate::files::untrusted_ancestors(path, app_uid) {
                     out.add(
                         format!("app[{i}].{field}"),
                         format!(

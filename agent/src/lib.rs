@@ -1,41 +1,33 @@
 //! covet-agent: the host agent behind the covet.agent.v1 gRPC API.
 //!
-//! Capability modules (`metrics`, `probes`, ...) know nothing of gRPC; the
-//! `api` module maps proto messages to and from their domain types, and the
-//! `server` module wires TLS, the tower layers (`authz`, `audit`) and the
-//! services together.
-
+//! The layers, outermost first (ARCHITECTURE.md has the code map):
+//! - `edge`: TLS, identity, limits, audit and authz as tower layers, and the
+//!   gRPC services (`edge::api`) that parse requests into domain values.
+//! - `server`: wires the edge, the operation runner and the capabilities.
+//! - `workflow`: the upgrade and rollback runbook as typed steps.
+//! - `ops`: the operation log (redb), the runner and the app locks.
+//! - capabilities: `backup`, `packages`, `db`, `probes`, `archive`.
+//! - `host`: what the agent drives on the machine (systemd, journald,
+//!   processes, env files, metrics) and `files`, the file-system helpers.
+//!
+//! Only `edge` knows gRPC.
 // A panic on a daemon or CLI path loses the operation: errors are returned.
 // Test code (compiled only under cfg(test)) may unwrap.
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
-
-pub mod api;
-pub mod audit;
-pub mod authz;
+pub mod archive;
 pub mod backup;
 pub mod config;
 pub mod db;
-pub mod envfile;
-pub mod fsutil;
+pub mod edge;
+pub mod files;
 #[cfg(test)]
 mod fuzzing;
-pub mod identity;
-pub mod info;
-pub mod journal;
-pub mod limits;
-pub mod logs;
-pub mod metrics;
-pub mod notify;
+pub mod host;
 pub mod ops;
 pub mod packages;
-pub mod private;
 pub mod probes;
-pub mod process;
-pub mod safefs;
 pub mod server;
-pub mod systemd;
-pub mod tls;
 pub mod workflow;

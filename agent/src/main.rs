@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use covet_agent::config::{Config, ConfigError};
-use covet_agent::notify::NotifyEnv;
+use covet_agent::host::notify::NotifyEnv;
 use covet_agent::server::Agent;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
             // SAFETY: no thread has been started yet (tracing and the runtime come next).
             let notify = unsafe { NotifyEnv::take() };
             init_tracing();
-            covet_agent::limits::raise_open_files_limit();
+            covet_agent::edge::limits::raise_open_files_limit();
             let notify = notify.unwrap_or_else(|e| {
                 tracing::warn!("NOTIFY_SOCKET unusable, not notifying systemd: {e}");
                 NotifyEnv::default()
@@ -168,7 +168,7 @@ async fn run(config_path: &Path, notify: &NotifyEnv) -> anyhow::Result<()> {
 /// Where the agent really listens (useful with port 0), written atomically.
 fn write_addr_file(path: &Path, addr: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("addr.tmp");
-    covet_agent::private::write_synced(&tmp, format!("{addr}\n").as_bytes())
+    covet_agent::files::private::write_synced(&tmp, format!("{addr}\n").as_bytes())
         .and_then(|()| std::fs::rename(&tmp, path))
         .with_context(|| format!("cannot write {}", path.display()))
 }

@@ -34,10 +34,10 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 
-use crate::backup::archive::{self, ArchiveError, Compression, Progress};
+use crate::archive::{self, ArchiveError, Compression, Progress};
 use crate::config::{AppConfig, PackageConfig, PackageKind};
-use crate::fsutil::tree_fingerprint;
-use crate::safefs::{self, Dir, Staging};
+use crate::files::safe::{self, Dir, Staging};
+use crate::files::tree_fingerprint;
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(20);
 /// `restore` takes no timeout; reinstalling one package file gets this long.
@@ -752,7 +752,7 @@ fn copy_attributes(path: &Path, meta: &fs::Metadata) -> io::Result<()> {
 }
 
 fn set_times_nofollow(path: &Path, meta: &fs::Metadata) -> io::Result<()> {
-    crate::fsutil::set_times_nofollow(
+    crate::files::set_times_nofollow(
         path,
         (meta.atime(), meta.atime_nsec()),
         (meta.mtime(), meta.mtime_nsec()),
@@ -981,7 +981,7 @@ async fn release_install(
 /// Who owns an unpacked release: the app's user, else `releases_dir`'s owner.
 fn release_owner(app_user: Option<&str>, releases_dir: &Path) -> Result<(u32, u32), PackageError> {
     match app_user {
-        Some(user) => crate::fsutil::user_ids(user)
+        Some(user) => crate::files::user_ids(user)
             .map_err(io_error(format!("looking up user {user:?}")))?
             .ok_or_else(|| PackageError::CannotRestore {
                 path: releases_dir.to_owned(),
@@ -1096,7 +1096,7 @@ impl Unpack {
                 .dir
                 .stat_at(top)
                 .map_err(renaming)?
-                .is_some_and(|st| safefs::is_dir(&st));
+                .is_some_and(|st| safe::is_dir(&st));
         if hoisted {
             staging
                 .dir

@@ -10,13 +10,13 @@ use anyhow::Context as _;
 use covet_proto::v1 as pb;
 use tokio::net::TcpListener;
 
-use crate::api::{
+use crate::config::Config;
+use crate::edge::api::{
     AgentState, BackupApi, InfoApi, LogApi, MetricsApi, OperationApi, ProbeApi, UnitApi, UpgradeApi,
 };
-use crate::audit::AuditLog;
-use crate::authz::{AuditLayer, AuthzLayer};
-use crate::config::Config;
-use crate::tls::ReloadableTls;
+use crate::edge::audit::AuditLog;
+use crate::edge::authz::{AuditLayer, AuthzLayer};
+use crate::edge::tls::ReloadableTls;
 
 /// A bound, ready-to-serve agent.
 pub struct Agent {
@@ -31,13 +31,13 @@ impl Agent {
     /// Prepares state, loads TLS material and binds the listeners; errors
     /// here are configuration errors an operator must fix.
     pub async fn bind(config: Config) -> anyhow::Result<Agent> {
-        crate::info::agent_started();
+        crate::host::info::agent_started();
         // Read the host's identity now, off the request path.
-        crate::info::HostInfo::current();
+        crate::host::info::HostInfo::current();
         create_private_dir(&config.state_dir)?;
         // Backups are made later; a backup_dir not there yet (a disk still
         // to be mounted) is said, not fatal.
-        if let Err(e) = crate::private::create_dir_all(&config.backup_dir) {
+        if let Err(e) = crate::files::private::create_dir_all(&config.backup_dir) {
             tracing::warn!(
                 "cannot create backup_dir {}: {e}",
                 config.backup_dir.display()
@@ -62,15 +62,15 @@ impl Agent {
             None => None,
         };
         let journal_path = config.state_dir.join("operations.redb");
-        let journal = Arc::new(crate::journal::Journal::open(&journal_path).with_context(
-            || {
+        let oplog = Arc::new(
+            crate::ops::log::OpLog::open(&journal_path).with_context(|| {
                 format!(
                     "cannot open the operation journal {}",
                     journal_path.display()
                 )
-            },
-        )?);
-        let state = AgentState::new(Arc::new(config), journal);
+            })?,
+        );
+        let state = AgentState::new(Arc::new(config), oplog);
         recover(&state);
         Ok(Agent {
             state,
@@ -120,7 +120,7 @@ impl Agent {
                 let stop = async move {
                     let _ = rx.wait_for(|stop| *stop).await;
                 };
-                if let Err(e) = crate::metrics::serve_prometheus(l, hub, stop).await {
+                if let Err(e) = crate::host::metrics::serve_prometheus(l, hub, stop).await {
                     tracing::error!("metrics endpoint failed: {e}");
                 }
             });
@@ -143,12 +143,13 @@ impl Agent {
             .build_v1alpha()
             .context("reflection v1alpha")?;
 
-        let limit_layer = crate::limits::LimitLayer::new(tls.deny_list(), &state.config.limits);
+        let limit_layer =
+            crate::edge::limits::LimitLayer::new(tls.deny_list(), &state.config.limits);
         let limits = &state.config.limits;
         let keepalive = std::time::Duration::from_millis(limits.keepalive_interval_ms.max(100));
         let keepalive_timeout =
             std::time::Duration::from_millis(limits.keepalive_timeout_ms.max(100));
-        let incoming = crate::tls::accept_loop(listener, tls);
+        let incoming = crate::edge::tls::accept_loop(listener, tls);
         let mut rx = shutdown_rx;
         tonic::transport::Server::builder()
             // Dead peers are dropped: an unanswered PING ends the connection.
@@ -204,22 +205,22 @@ fn recover(state: &AgentState) {
     };
     let apps: Vec<&str> = state.config.apps.iter().map(|a| a.name.as_str()).collect();
     state.backups.sweep_partial(&apps);
-    let journal = state.ops.journal();
+    let oplog = state.ops.oplog();
     for op in unfinished {
         tracing::warn!(op = %op.id, "operation was interrupted by an agent restart");
         if resume(state, &op) {
             continue;
         }
-        let _ = journal.append(
+        let _ = oplog.append(
             &op.id,
-            crate::journal::EventBody::Note {
+            crate::ops::log::EventBody::Note {
                 text: "the agent restarted while this operation ran; it was not finished".into(),
             },
         );
-        let _ = journal.append(
+        let _ = oplog.append(
             &op.id,
-            crate::journal::EventBody::StateChanged {
-                state: crate::journal::OpState::Failed,
+            crate::ops::log::EventBody::StateChanged {
+                state: crate::ops::log::OpState::Failed,
                 cause: format!(
                     "interrupted by an agent restart during step {:?}",
                     op.current_step
@@ -232,7 +233,7 @@ fn recover(state: &AgentState) {
 /// Hands an interrupted operation to the workflow when its crash policy
 /// takes it over (see [`crate::workflow::finish_interrupted`]). Returns
 /// whether it did.
-fn resume(state: &AgentState, op: &crate::journal::OperationRecord) -> bool {
+fn resume(state: &AgentState, op: &crate::ops::log::OperationRecord) -> bool {
     let Some(app) = state.config.app(&op.app).cloned() else {
         return false;
     };
@@ -255,6 +256,6 @@ fn resume(state: &AgentState, op: &crate::journal::OperationRecord) -> bool {
 
 /// Creates `dir` (and parents) with mode 0700, narrowing it if it was wider.
 fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    crate::private::create_dir_all(dir)
+    crate::files::private::create_dir_all(dir)
         .with_context(|| format!("cannot create state_dir {}", dir.display()))
 }

@@ -37,7 +37,7 @@ pub struct ActionArgs {
     /// How long the agent waits for the job.
     #[arg(long = "job-timeout", value_parser = humantime::parse_duration)]
     job_timeout: Option<Duration>,
-    /// Journal lines to show when the unit is not running afterwards.
+    /// OpLog lines to show when the unit is not running afterwards.
     #[arg(short = 'n', long, default_value_t = 20)]
     lines: u32,
 }

@@ -256,7 +256,7 @@ async fn env_file_values_match_what_systemd_gives_a_unit() {
     let started = sandbox.systemctl(&["start", "envdump.service"]);
     assert!(started.status.success(), "{started:?}");
     let systemd = tricky_vars(&std::fs::read(&dump).unwrap());
-    let ours: Vec<(String, String)> = covet_agent::envfile::parse_values(TRICKY)
+    let ours: Vec<(String, String)> = covet_agent::host::envfile::parse_values(TRICKY)
         .into_iter()
         .filter(|(k, _)| k.starts_with("T_"))
         .collect();
@@ -428,7 +428,7 @@ async fn dry_run_runs_python_pip_and_hooks_as_their_users_with_the_unit_environm
         .map(|i| u8::from_str_radix(&lines[3][2 * i..2 * i + 2], 16).unwrap())
         .collect();
     let seen = tricky_vars(&bytes);
-    let mut want: Vec<(String, String)> = covet_agent::envfile::parse_values(TRICKY)
+    let mut want: Vec<(String, String)> = covet_agent::host::envfile::parse_values(TRICKY)
         .into_iter()
         .filter(|(k, _)| k.starts_with("T_"))
         .chain([("T_NEW".to_owned(), "a b".to_owned())])

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use covet_agent::authz::RULES;
-use covet_agent::identity::Role;
+use covet_agent::edge::authz::RULES;
+use covet_agent::edge::identity::Role;
 use covet_proto::v1 as pb;
 use covet_tests::agent::{AgentOptions, TestAgent, run_ctl};
 use covet_tests::http::{HttpServer, Reply};

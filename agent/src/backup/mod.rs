@@ -6,8 +6,6 @@
 //! renamed into place: anything without a readable manifest under its final
 //! name is not a backup.
 
-pub mod archive;
-
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::io::Read;
@@ -18,11 +16,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::archive::{self, ArchiveError, Compression, Progress};
 use crate::config::{AppConfig, RetentionConfig};
 use crate::db::{self, PgTarget};
+use crate::files::safe::{Dir, Staging};
 use crate::ops::OpContext;
-use crate::safefs::{Dir, Staging};
-use archive::{ArchiveError, Compression, Progress};
 use std::ffi::OsString;
 
 pub const MANIFEST: &str = "manifest.json";
@@ -251,7 +249,7 @@ impl BackupStore {
                 .unwrap_or(64 << 20);
         }
         let dir = self.app_dir(&app.name);
-        crate::private::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        crate::files::private::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
         let free = free_bytes(&dir).map_err(io("cannot stat", &dir))?;
         if free < needed.saturating_add(reserve) {
             return Err(BackupError::NoSpace {
@@ -272,10 +270,10 @@ impl BackupStore {
         opts: CreateOptions,
         estimate: u64,
     ) -> Result<Manifest, BackupError> {
-        let id = crate::journal::new_id(&app.name);
+        let id = crate::ops::log::new_id(&app.name);
         let app_dir = self.app_dir(&app.name);
         let partial = app_dir.join(format!(".{id}.partial"));
-        crate::private::create_dir_all(&partial).map_err(io("cannot create", &partial))?;
+        crate::files::private::create_dir_all(&partial).map_err(io("cannot create", &partial))?;
         let result = self.fill(ctx, app, opts, estimate, &id, &partial).await;
         match result {
             Ok(manifest) => {
@@ -348,7 +346,7 @@ impl BackupStore {
         let path = dir.join(MANIFEST);
         let bytes = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| BackupError::Refused(e.to_string()))?;
-        crate::private::write_synced(&path, &bytes).map_err(io("cannot write", &path))?;
+        crate::files::private::write_synced(&path, &bytes).map_err(io("cannot write", &path))?;
         fsync_dir(dir).map_err(io("cannot sync", dir))?;
         Ok(manifest)
     }
@@ -392,14 +390,14 @@ impl BackupStore {
                 Ok(s) => s,
                 Err(e) => {
                     let detail = failure_detail(ctx, &e, "the database dump failed");
-                    ctx.step_finished(&step, crate::journal::StepOutcome::Failed, detail);
+                    ctx.step_finished(&step, crate::ops::log::StepOutcome::Failed, detail);
                     return Err(e);
                 }
             };
             let sha256 = sha256_file(&dest).await?;
             ctx.step_finished(
                 &step,
-                crate::journal::StepOutcome::Succeeded,
+                crate::ops::log::StepOutcome::Succeeded,
                 format!(
                     "{} files, {} bytes -> {} bytes",
                     stats.files, stats.uncompressed_bytes, stats.compressed_bytes
@@ -431,14 +429,14 @@ impl BackupStore {
             Ok((file, db)) => {
                 ctx.step_finished(
                     step,
-                    crate::journal::StepOutcome::Succeeded,
+                    crate::ops::log::StepOutcome::Succeeded,
                     format!("{} tables, {} bytes", db.row_counts.len(), file.size),
                 );
                 Ok((file, db))
             }
             Err(e) => {
                 let detail = failure_detail(ctx, &e, "archiving the files failed");
-                ctx.step_finished(step, crate::journal::StepOutcome::Failed, detail);
+                ctx.step_finished(step, crate::ops::log::StepOutcome::Failed, detail);
                 Err(e)
             }
         }
@@ -466,7 +464,7 @@ impl BackupStore {
             .waiting(db::dump(pg, &dest, DB_TIMEOUT, &on_bytes, stop))
             .await?;
         for line in stats.stderr.lines().filter(|l| !l.trim().is_empty()) {
-            ctx.output(step, crate::journal::OutputStream::Stderr, line);
+            ctx.output(step, crate::ops::log::OutputStream::Stderr, line);
         }
         let sha256 = sha256_file(&dest).await?;
         Ok((
@@ -584,7 +582,7 @@ impl BackupStore {
                 Ok(_) => format!("{} does not match its checksum", file.name),
                 Err(e) => format!("{} cannot be read: {e}", file.name),
             };
-            ctx.step_finished(step, crate::journal::StepOutcome::Failed, why.clone());
+            ctx.step_finished(step, crate::ops::log::StepOutcome::Failed, why.clone());
             return Err(BackupError::Corrupt {
                 id: manifest.id.clone(),
                 why,
@@ -592,7 +590,7 @@ impl BackupStore {
         }
         ctx.step_finished(
             step,
-            crate::journal::StepOutcome::Succeeded,
+            crate::ops::log::StepOutcome::Succeeded,
             format!("{} files", manifest.files.len()),
         );
         Ok(())
@@ -699,7 +697,7 @@ impl BackupStore {
                     Ok(s) => {
                         ctx.step_finished(
                             &step,
-                            crate::journal::StepOutcome::Succeeded,
+                            crate::ops::log::StepOutcome::Succeeded,
                             "swapped in",
                         );
                         swapped.push(s);
@@ -707,7 +705,7 @@ impl BackupStore {
                     Err(e) => {
                         ctx.step_finished(
                             &step,
-                            crate::journal::StepOutcome::Failed,
+                            crate::ops::log::StepOutcome::Failed,
                             e.to_string(),
                         );
                         undo_swaps(&swapped);
@@ -740,13 +738,13 @@ impl BackupStore {
                 Ok(outcome) => {
                     ctx.step_finished(
                         step,
-                        crate::journal::StepOutcome::Succeeded,
+                        crate::ops::log::StepOutcome::Succeeded,
                         outcome.describe(),
                     );
                     report.database_kept_as = Some(outcome.kept_as);
                 }
                 Err(e) => {
-                    ctx.step_finished(step, crate::journal::StepOutcome::Failed, e.to_string());
+                    ctx.step_finished(step, crate::ops::log::StepOutcome::Failed, e.to_string());
                     undo_swaps(&swapped);
                     return Err(e.into());
                 }
@@ -780,9 +778,9 @@ where
 {
     match result {
         Ok(detail) => {
-            ctx.step_finished(step, crate::journal::StepOutcome::Succeeded, detail.into())
+            ctx.step_finished(step, crate::ops::log::StepOutcome::Succeeded, detail.into())
         }
-        Err(e) => ctx.step_finished(step, crate::journal::StepOutcome::Failed, e.to_string()),
+        Err(e) => ctx.step_finished(step, crate::ops::log::StepOutcome::Failed, e.to_string()),
     }
     Ok(())
 }
@@ -1014,7 +1012,7 @@ async fn stage_and_swap(
     let previous = OsString::from(format!(
         ".{}.before-{}",
         name.to_string_lossy(),
-        crate::safefs::random_suffix().map_err(io("cannot name the old copy of", target))?
+        crate::files::safe::random_suffix().map_err(io("cannot name the old copy of", target))?
     ));
     let had_previous = held
         .stat_at(&name)

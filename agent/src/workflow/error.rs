@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use crate::backup::BackupError;
 use crate::db::DbError;
-use crate::envfile::EnvError;
+use crate::host::envfile::EnvError;
+use crate::host::process::ProcessError;
+use crate::host::systemd::SystemdError;
 use crate::packages::PackageError;
 use crate::probes::ProbeError;
-use crate::process::ProcessError;
-use crate::systemd::SystemdError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {

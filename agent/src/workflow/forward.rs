@@ -9,13 +9,14 @@ use super::gate;
 use super::opdir::OpDir;
 use super::preflight::{Preflight, hook_user};
 use super::{Deps, PACKAGE_TIMEOUT, Step, StepError, UpgradeSpec};
-use crate::backup::{CreateOptions, archive::Compression};
+use crate::archive::Compression;
+use crate::backup::CreateOptions;
 use crate::config::{AppConfig, PackageConfig};
-use crate::envfile;
-use crate::journal::OutputStream;
+use crate::host::envfile;
+use crate::host::systemd::{ControlledUnit, UnitAction};
 use crate::ops::OpContext;
+use crate::ops::log::OutputStream;
 use crate::packages::{self, PackageError, RestorePoint};
-use crate::systemd::{ControlledUnit, UnitAction};
 
 /// One upgrade, as its steps see it.
 pub struct Upgrade<'a> {
@@ -130,7 +131,7 @@ impl Upgrade<'_> {
         let cancel = ctx.cancel_flag();
         let user = hook_user(app)?;
         let report = ctx
-            .waiting(crate::process::run(
+            .waiting(crate::host::process::run(
                 &m.command, user, &env, m.timeout, &cancel, &on_line,
             ))
             .await?;
@@ -241,12 +242,12 @@ pub async fn probe(
         .await?)
 }
 
-/// The path's [`crate::fsutil::tree_fingerprint`], so the rollback restores
+/// The path's [`crate::files::tree_fingerprint`], so the rollback restores
 /// only paths that changed. A path that cannot be read (e.g. gone)
 /// fingerprints as empty: changed, unless it could not be read before the
 /// upgrade either.
 pub fn fingerprint(path: &Path) -> String {
-    crate::fsutil::tree_fingerprint(path).unwrap_or_default()
+    crate::files::tree_fingerprint(path).unwrap_or_default()
 }
 
 fn fingerprints(app: &AppConfig) -> BTreeMap<String, String> {

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use super::{Deps, StepError};
 use crate::config::{AppConfig, ProbeConfig};
+use crate::host::systemd::{ControlledUnit, UnitAction};
 use crate::ops::OpContext;
 use crate::probes::{self, ProbeOutcome};
-use crate::systemd::{ControlledUnit, UnitAction};
 
 /// How often the unit's state is read while it must stay active.
 const FOLLOW_EVERY: Duration = Duration::from_millis(50);
@@ -166,7 +166,7 @@ async fn left_active(deps: &Deps, unit: &ControlledUnit, when: &'static str) -> 
 
 fn not_active(
     unit: &ControlledUnit,
-    state: &crate::systemd::UnitState,
+    state: &crate::host::systemd::UnitState,
     when: &'static str,
 ) -> StepError {
     StepError::UnitNotActive {

@@ -39,11 +39,11 @@ pub use undo::RollbackOf;
 
 use crate::backup::BackupStore;
 use crate::config::{AppConfig, Config};
-use crate::envfile::EnvEdit;
-use crate::journal::{Journal, OpKind, OpState, OperationRecord, StepOutcome};
+use crate::host::envfile::EnvEdit;
+use crate::host::systemd::{ControlledUnit, Systemd};
+use crate::ops::log::{OpKind, OpLog, OpState, OperationRecord, StepOutcome};
 use crate::ops::{OpContext, Outcome};
 use crate::probes::TargetPolicy;
-use crate::systemd::{ControlledUnit, Systemd};
 
 const PACKAGE_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -54,7 +54,7 @@ pub struct Deps {
     pub systemd: Arc<Systemd>,
     pub backups: BackupStore,
     pub probe_policy: TargetPolicy,
-    pub journal: Arc<Journal>,
+    pub oplog: Arc<OpLog>,
 }
 
 /// An upgrade as asked, after validation.
@@ -277,7 +277,7 @@ async fn abandon_snapshot(ctx: &OpContext, app: &AppConfig) {
 /// Only the last succeeded upgrade's restore point is kept: the earlier
 /// ones of the app are discarded now.
 async fn finish_success(deps: &Deps, ctx: &OpContext, app: &AppConfig) {
-    let earlier: Vec<OperationRecord> = match deps.journal.list() {
+    let earlier: Vec<OperationRecord> = match deps.oplog.list() {
         Ok(ops) => ops
             .into_iter()
             .filter(|op| op.app == app.name && op.kind == OpKind::Upgrade && op.id != ctx.id)
@@ -347,7 +347,7 @@ pub enum TargetError {
     )]
     NoUpgrade(String),
     #[error(transparent)]
-    Journal(#[from] crate::journal::JournalError),
+    OpLog(#[from] crate::ops::log::OpLogError),
 }
 
 /// What `covetctl rollback APP [--to BACKUP]` goes back to: the app's last
@@ -356,11 +356,11 @@ pub enum TargetError {
 /// target is that last upgrade (an operator's to undo) rather than a backup
 /// (an admin's restore).
 pub fn rollback_target(
-    journal: &Journal,
+    oplog: &OpLog,
     app: &str,
     asked_backup: &str,
 ) -> Result<(RollbackOf, bool), TargetError> {
-    let last = journal.list()?.into_iter().find(|op| {
+    let last = oplog.list()?.into_iter().find(|op| {
         op.app == app
             && op.kind == OpKind::Upgrade
             && op.state == OpState::Succeeded
@@ -416,7 +416,7 @@ pub async fn run_rollback(deps: Deps, ctx: OpContext, app: AppConfig, of: Rollba
                     // Undone once: the next `rollback` goes further back.
                     let by = ctx.id.clone();
                     if let Err(e) = deps
-                        .journal
+                        .oplog
                         .update(&op.id, |u| drop(u.params.insert(UNDONE_BY.into(), by)))
                     {
                         ctx.note(format!("cannot mark {} as undone: {e}", op.id));
@@ -483,7 +483,7 @@ pub async fn finish_interrupted(
         OpKind::Rollback => {
             ctx.note("the agent restarted during this rollback; running it again");
             let of = match record.params.get(UNDOES) {
-                Some(upgrade) => match deps.journal.get(upgrade) {
+                Some(upgrade) => match deps.oplog.get(upgrade) {
                     Ok(op) => RollbackOf::Upgrade(Box::new(op)),
                     Err(e) => return Outcome::Failed(format!("{cause}; {e}")),
                 },
@@ -513,7 +513,7 @@ mod tests {
             created: at,
             updated: at,
             finished: Some(at),
-            requested_by: crate::journal::Caller {
+            requested_by: crate::ops::log::Caller {
                 common_name: "alice".into(),
                 serial: "01".into(),
                 role: "operator".into(),
@@ -528,8 +528,8 @@ mod tests {
         }
     }
 
-    fn target(journal: &Journal, asked: &str) -> Result<(String, bool), String> {
-        rollback_target(journal, "covet", asked)
+    fn target(oplog: &OpLog, asked: &str) -> Result<(String, bool), String> {
+        rollback_target(oplog, "covet", asked)
             .map(|(of, last)| {
                 let what = match of {
                     RollbackOf::Upgrade(op) => format!("upgrade {}", op.id),
@@ -543,9 +543,9 @@ mod tests {
     #[test]
     fn rollback_goes_to_the_last_succeeded_upgrade_not_yet_undone() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(&dir.path().join("journal.redb")).unwrap();
+        let oplog = OpLog::open(&dir.path().join("journal.redb")).unwrap();
         assert!(
-            target(&journal, "")
+            target(&oplog, "")
                 .unwrap_err()
                 .contains("no successful upgrade of covet")
         );
@@ -555,27 +555,27 @@ mod tests {
             // Newer, but it rolled itself back: not the app's state.
             upgrade("up-3", OpState::RolledBack, "b3", 100),
         ] {
-            journal.create(&op).unwrap();
+            oplog.create(&op).unwrap();
         }
         let mut other_app = upgrade("up-9", OpState::Succeeded, "x9", 10);
         other_app.app = "other".into();
-        journal.create(&other_app).unwrap();
+        oplog.create(&other_app).unwrap();
 
-        assert_eq!(target(&journal, ""), Ok(("upgrade up-2".into(), true)));
+        assert_eq!(target(&oplog, ""), Ok(("upgrade up-2".into(), true)));
         // Naming the last upgrade's own backup is the same (fleet rollouts do).
-        assert_eq!(target(&journal, "b2"), Ok(("upgrade up-2".into(), true)));
+        assert_eq!(target(&oplog, "b2"), Ok(("upgrade up-2".into(), true)));
         // Any other backup is a restore of that backup.
-        assert_eq!(target(&journal, "b1"), Ok(("backup b1".into(), false)));
-        assert_eq!(target(&journal, "x9"), Ok(("backup x9".into(), false)));
+        assert_eq!(target(&oplog, "b1"), Ok(("backup b1".into(), false)));
+        assert_eq!(target(&oplog, "x9"), Ok(("backup x9".into(), false)));
 
         // Once undone, the next rollback goes one upgrade further back.
-        journal
+        oplog
             .update("up-2", |op| {
                 op.params.insert(UNDONE_BY.into(), "rb-1".into());
             })
             .unwrap();
-        assert_eq!(target(&journal, ""), Ok(("upgrade up-1".into(), true)));
-        assert_eq!(target(&journal, "b2"), Ok(("backup b2".into(), false)));
+        assert_eq!(target(&oplog, ""), Ok(("upgrade up-1".into(), true)));
+        assert_eq!(target(&oplog, "b2"), Ok(("backup b2".into(), false)));
     }
 
     #[test]

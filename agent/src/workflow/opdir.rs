@@ -29,7 +29,7 @@ impl OpDir {
     }
 
     pub fn create(&self) -> Result<(), StepError> {
-        crate::private::create_dir_all(&self.dir).map_err(|source| StepError::Io {
+        crate::files::private::create_dir_all(&self.dir).map_err(|source| StepError::Io {
             action: "create",
             path: self.dir.clone(),
             source,
@@ -68,7 +68,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StepError> {
         source,
     })?;
     let tmp = path.with_extension("tmp");
-    crate::private::write_synced(&tmp, &bytes)
+    crate::files::private::write_synced(&tmp, &bytes)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|source| StepError::Io {
             action: "write",

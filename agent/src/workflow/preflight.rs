@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{Deps, PACKAGE_TIMEOUT, StepError, UpgradeSpec};
-use crate::backup::{CreateOptions, archive::Compression};
+use crate::archive::Compression;
+use crate::backup::CreateOptions;
 use crate::config::AppConfig;
-use crate::envfile::{self, EnvEdit};
+use crate::host::envfile::{self, EnvEdit};
+use crate::host::systemd::ControlledUnit;
 use crate::packages;
 use crate::probes;
-use crate::systemd::ControlledUnit;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
@@ -134,7 +135,7 @@ pub async fn migration_dry_run(
         ]);
     };
     let mut env = match &app.env_file {
-        Some(p) => crate::envfile::read_values(p).map_err(|e| e.to_string())?,
+        Some(p) => crate::host::envfile::read_values(p).map_err(|e| e.to_string())?,
         None => Vec::new(),
     };
     apply_in_memory(&mut env, &spec.env_edits);
@@ -143,7 +144,7 @@ pub async fn migration_dry_run(
     let result = async {
         let argv = target_argv(app, spec, argv, &mut scratch).await?;
         let never = std::sync::atomic::AtomicBool::new(false);
-        crate::process::run(&argv, user, &env, m.timeout, &never, &|_, _| {})
+        crate::host::process::run(&argv, user, &env, m.timeout, &never, &|_, _| {})
             .await
             .map(|r| r.lines)
             .map_err(|e| e.to_string())
@@ -176,7 +177,7 @@ fn scratch_dir_for(venv: &Path, owner: (u32, u32)) -> Result<PathBuf, String> {
     getrandom_fill(&mut random)?;
     let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
     let dir = parent.join(format!(".covet-plan-{suffix}"));
-    crate::private::create_dir(&dir)
+    crate::files::private::create_dir(&dir)
         .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let owned = std::os::unix::fs::chown(&dir, Some(owner.0), Some(owner.1)).and_then(|()| {
         // Holds only the target version's code, which the hook's user must read.
@@ -221,7 +222,7 @@ async fn target_argv(
     let owner = (meta.uid(), meta.gid());
     let owner_name = match owner.0 {
         0 => None,
-        uid => Some(crate::process::user_name(uid).ok_or_else(|| {
+        uid => Some(crate::host::process::user_name(uid).ok_or_else(|| {
             format!(
                 "the owner (uid {uid}) of {} is no system user",
                 venv.display()
@@ -235,7 +236,8 @@ async fn target_argv(
         let owner = owner_name.clone();
         let never = &never;
         async move {
-            crate::process::run(&argv, owner.as_deref(), &[], timeout, never, &|_, _| {}).await
+            crate::host::process::run(&argv, owner.as_deref(), &[], timeout, never, &|_, _| {})
+                .await
         }
     };
     let python = venv.join("bin/python").display().to_string();

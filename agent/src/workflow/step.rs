@@ -299,7 +299,7 @@ mod tests {
                 Step::Health
             ]
         );
-        spec.env_edits = vec![crate::envfile::EnvEdit::Unset { key: "A".into() }];
+        spec.env_edits = vec![crate::host::envfile::EnvEdit::Unset { key: "A".into() }];
         spec.watch = Some(std::time::Duration::from_secs(30));
         let plan = Step::plan(&app, &spec);
         assert!(plan.contains(&Step::Config) && plan.contains(&Step::Watch));

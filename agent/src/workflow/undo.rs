@@ -16,11 +16,11 @@ use super::step::undo_order;
 use super::{Deps, Step, StepError, gate, journaled};
 use crate::backup::{Manifest, RestoreOptions, pg_target};
 use crate::config::{AppConfig, PackageKind};
-use crate::envfile;
-use crate::journal::OperationRecord;
+use crate::host::envfile;
+use crate::host::systemd::{ControlledUnit, UnitAction};
 use crate::ops::OpContext;
+use crate::ops::log::OperationRecord;
 use crate::packages;
-use crate::systemd::{ControlledUnit, UnitAction};
 
 /// What a rollback puts back.
 #[derive(Debug, Clone)]
@@ -228,7 +228,7 @@ impl Undo<'_> {
             let on_line = output_to(ctx, "rollback: database");
             let user = hook_user(app)?;
             match ctx
-                .waiting(crate::process::run(
+                .waiting(crate::host::process::run(
                     argv, user, &env, m.timeout, &never, &on_line,
                 ))
                 .await

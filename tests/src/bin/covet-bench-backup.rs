@@ -20,13 +20,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use covet_agent::backup::archive::{self, Compression, Progress};
+use covet_agent::archive::{self, Compression, Progress};
 use covet_agent::backup::{BackupStore, CreateOptions};
 use covet_agent::config::AppConfig;
 use covet_agent::db::{self, PgTarget};
-use covet_agent::journal::{Caller, Journal, OpKind};
+use covet_agent::files::safe::Dir;
+use covet_agent::ops::log::{Caller, OpKind, OpLog};
 use covet_agent::ops::{OpSpec, Operations};
-use covet_agent::safefs::Dir;
 use covet_tests::postgres::PostgresCluster;
 
 struct Args {
@@ -378,7 +378,7 @@ async fn concurrent_row(root: &Path, tree: &Path, pg: &PostgresCluster) -> anyho
             "os_user": "postgres",
         },
     }))?;
-    let ops = Operations::new(std::sync::Arc::new(Journal::open(
+    let ops = Operations::new(std::sync::Arc::new(OpLog::open(
         &root.join("journal.redb"),
     )?));
     let store = BackupStore::new(root.join("backups"));

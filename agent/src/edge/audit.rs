@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::identity::{PeerIdentity, Role};
+use crate::edge::identity::{PeerIdentity, Role};
 
 /// One audited event.
 #[derive(Debug, Clone, Serialize)]
@@ -130,7 +130,7 @@ struct Inner {
 impl AuditLog {
     /// Opens (creating, mode 0600, never through a link) `path` for appending.
     pub fn open(path: &Path) -> std::io::Result<AuditLog> {
-        let file = crate::private::open_append(path)?;
+        let file = crate::files::private::open_append(path)?;
         Ok(AuditLog {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
@@ -147,7 +147,7 @@ impl AuditLog {
     /// loudly but does not take the agent down.
     pub fn record(&self, record: &AuditRecord) {
         tracing::info!(
-            target: "covet_agent::audit",
+            target: "covet_agent::edge::audit",
             rpc = %record.rpc,
             outcome = %record.outcome,
             caller = record.caller_cn.as_deref().unwrap_or("-"),

@@ -12,25 +12,25 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
-use crate::audit::set_target;
-use crate::authz;
-use crate::backup::archive::Compression;
+use crate::archive::Compression;
 use crate::backup::{
     BackupError, BackupStore, CreateOptions, MANIFEST, Manifest, RestoreOptions, pg_target,
 };
 use crate::config::Config;
-use crate::identity::{PeerIdentity, Role};
-use crate::info::HostInfo;
-use crate::journal::{
-    Caller, EventBody, EventRecord, Journal, JournalError, OpKind, OpState, OperationRecord,
+use crate::edge::audit::set_target;
+use crate::edge::authz;
+use crate::edge::identity::{PeerIdentity, Role};
+use crate::edge::tls::PeerInfo;
+use crate::host::info::HostInfo;
+use crate::host::journald::{JournalReader, LogError, LogLine};
+use crate::host::metrics::{HostSample, MetricsHub};
+use crate::host::systemd::{ControlledUnit, Systemd, SystemdError, UnitAction, UnitState};
+use crate::ops::log::{
+    Caller, EventBody, EventRecord, OpKind, OpLog, OpLogError, OpState, OperationRecord,
     OutputStream, StepOutcome,
 };
-use crate::logs::{JournalReader, LogError, LogLine};
-use crate::metrics::{HostSample, MetricsHub};
 use crate::ops::{OpContext, OpError, OpSpec, Operations, Outcome};
 use crate::probes::{self, Attempts, ProbeError, ProbeOutcome, TargetPolicy};
-use crate::systemd::{ControlledUnit, Systemd, SystemdError, UnitAction, UnitState};
-use crate::tls::PeerInfo;
 
 /// What every service handler shares.
 #[derive(Clone)]
@@ -39,22 +39,22 @@ pub struct AgentState {
     pub metrics: MetricsHub,
     pub probe_policy: TargetPolicy,
     pub systemd: Arc<Systemd>,
-    pub journal: JournalReader,
+    pub journald: JournalReader,
     pub ops: Operations,
     pub backups: BackupStore,
 }
 
 impl AgentState {
-    pub fn new(config: Arc<Config>, journal: Arc<Journal>) -> AgentState {
-        let ops = Operations::new(journal);
+    pub fn new(config: Arc<Config>, oplog: Arc<OpLog>) -> AgentState {
+        let ops = Operations::new(oplog);
         let probe_policy = TargetPolicy::new(config.declared_probe_targets());
         let systemd = Arc::new(Systemd::new(&config.systemd.bus));
-        let journal = JournalReader::new(config.systemd.journal_dir.clone());
+        let journald = JournalReader::new(config.systemd.journal_dir.clone());
         AgentState {
             metrics: MetricsHub::new(),
             probe_policy,
             systemd,
-            journal,
+            journald,
             backups: BackupStore::new(config.backup_dir.clone()),
             config,
             ops,
@@ -167,7 +167,7 @@ impl pb::info_service_server::InfoService for InfoApi {
             arch: host.arch,
             uptime: Some(duration(host.uptime)),
             boot_id: host.boot_id,
-            agent_started: Some(timestamp(crate::info::agent_started())),
+            agent_started: Some(timestamp(crate::host::info::agent_started())),
             apps,
             caller: caller(&request).map(|c| caller_to_pb(&c)),
             machine_id: host.machine_id,
@@ -577,7 +577,7 @@ impl UnitApi {
             // Lines from this attempt first; older context if there are none.
             let since = started.checked_sub(Duration::from_secs(1));
             state
-                .journal
+                .journald
                 .tail(unit.as_str(), journal_lines, since)
                 .await
                 .map_err(log_error)?
@@ -730,10 +730,10 @@ impl LogApi {
         req: &pb::TailLogsRequest,
     ) -> Result<(ControlledUnit, u32, Option<SystemTime>), Status> {
         let unit = ControlledUnit::admit(&self.0.config, &req.unit).map_err(systemd_error)?;
-        if req.lines > crate::logs::MAX_LINES {
+        if req.lines > crate::host::journald::MAX_LINES {
             return Err(Status::invalid_argument(format!(
                 "lines must be at most {}",
-                crate::logs::MAX_LINES
+                crate::host::journald::MAX_LINES
             )));
         }
         let lines = if req.lines == 0 { 50 } else { req.lines };
@@ -757,7 +757,7 @@ impl pb::log_service_server::LogService for LogApi {
         let (unit, lines, since) = self.admit(request.get_ref())?;
         let entries = self
             .0
-            .journal
+            .journald
             .tail(unit.as_str(), lines, since)
             .await
             .map_err(log_error)?;
@@ -773,7 +773,7 @@ impl pb::log_service_server::LogService for LogApi {
         let (unit, lines, since) = self.admit(request.get_ref())?;
         let rx = self
             .0
-            .journal
+            .journald
             .follow(unit.as_str(), lines, since)
             .map_err(log_error)?;
         let stream = ReceiverStream::new(rx);
@@ -788,9 +788,9 @@ impl pb::log_service_server::LogService for LogApi {
 
 pub struct OperationApi(pub AgentState);
 
-fn journal_error(e: JournalError) -> Status {
+fn oplog_error(e: OpLogError) -> Status {
     match e {
-        JournalError::NotFound(id) => Status::not_found(format!("no operation {id} on this host")),
+        OpLogError::NotFound(id) => Status::not_found(format!("no operation {id} on this host")),
         other => Status::internal(other.to_string()),
     }
 }
@@ -798,7 +798,7 @@ fn journal_error(e: JournalError) -> Status {
 pub fn op_error(e: OpError) -> Status {
     match e {
         OpError::Locked { .. } => Status::aborted(e.to_string()),
-        OpError::Journal(j) => journal_error(j),
+        OpError::OpLog(j) => oplog_error(j),
     }
 }
 
@@ -987,9 +987,9 @@ impl pb::operation_service_server::OperationService for OperationApi {
         let operations = self
             .0
             .ops
-            .journal()
+            .oplog()
             .list()
-            .map_err(journal_error)?
+            .map_err(oplog_error)?
             .into_iter()
             .filter(|op| req.app.is_empty() || op.app == req.app)
             .filter(|op| !req.active_only || !op.state.is_final())
@@ -1006,9 +1006,9 @@ impl pb::operation_service_server::OperationService for OperationApi {
         let op = self
             .0
             .ops
-            .journal()
+            .oplog()
             .get(operation_id_arg(&request.get_ref().id)?)
-            .map_err(journal_error)?;
+            .map_err(oplog_error)?;
         Ok(Response::new(operation_to_pb(op)))
     }
 
@@ -1017,15 +1017,15 @@ impl pb::operation_service_server::OperationService for OperationApi {
         request: Request<pb::WatchOperationRequest>,
     ) -> Result<Response<BoxStream<pb::OperationEvent>>, Status> {
         let req = request.into_inner();
-        let journal = self.0.ops.journal().clone();
+        let oplog = self.0.ops.oplog().clone();
         let id = operation_id_arg(&req.id)?;
         // NOT_FOUND before anything is held for the caller; then subscribe
         // before reading the stored events so nothing falls between.
-        let op = journal.get(id).map_err(journal_error)?;
-        let mut live = journal.subscribe(id).map_err(journal_error)?;
-        let stored = journal
+        let op = oplog.get(id).map_err(oplog_error)?;
+        let mut live = oplog.subscribe(id).map_err(oplog_error)?;
+        let stored = oplog
             .events_from(&req.id, req.from_sequence.max(1))
-            .map_err(journal_error)?;
+            .map_err(oplog_error)?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             let mut last = req.from_sequence.saturating_sub(1);
@@ -1046,25 +1046,25 @@ impl pb::operation_service_server::OperationService for OperationApi {
                     Ok(e) if e.sequence <= last => continue,
                     Ok(e) if e.sequence == last + 1 => vec![e],
                     // A gap (we lagged behind, or the channel closed): read the journal.
-                    _ => match journal.events_from(&op.id, last + 1) {
+                    _ => match oplog.events_from(&op.id, last + 1) {
                         Ok(events) => events,
                         Err(e) => {
-                            let _ = tx.send(Err(journal_error(e))).await;
+                            let _ = tx.send(Err(oplog_error(e))).await;
                             return;
                         }
                     },
                 };
                 if batch.is_empty() {
                     // The channel closed with nothing new: the operation is over.
-                    match journal.get(&op.id) {
+                    match oplog.get(&op.id) {
                         Ok(now) if now.state.is_final() => return,
-                        _ => match journal.subscribe(&op.id) {
+                        _ => match oplog.subscribe(&op.id) {
                             Ok(again) => {
                                 live = again;
                                 continue;
                             }
                             Err(e) => {
-                                let _ = tx.send(Err(journal_error(e))).await;
+                                let _ = tx.send(Err(oplog_error(e))).await;
                                 return;
                             }
                         },
@@ -1089,7 +1089,7 @@ impl pb::operation_service_server::OperationService for OperationApi {
         operation_id_arg(&request.get_ref().id)?;
         set_target(&request, format!("operation={}", request.get_ref().id));
         let id = request.into_inner().id;
-        let op = self.0.ops.journal().get(&id).map_err(journal_error)?;
+        let op = self.0.ops.oplog().get(&id).map_err(oplog_error)?;
         if op.state.is_final() {
             return Err(Status::failed_precondition(format!(
                 "operation {id} is already over ({:?})",
@@ -1101,7 +1101,7 @@ impl pb::operation_service_server::OperationService for OperationApi {
                 "operation {id} is not running in this agent"
             )));
         }
-        let op = self.0.ops.journal().get(&id).map_err(journal_error)?;
+        let op = self.0.ops.oplog().get(&id).map_err(oplog_error)?;
         Ok(Response::new(operation_to_pb(op)))
     }
 }
@@ -1198,7 +1198,7 @@ impl BackupApi {
     fn references(&self) -> Result<std::collections::HashMap<String, Vec<String>>, Status> {
         let mut refs: std::collections::HashMap<String, Vec<String>> = Default::default();
         let mut last_upgrade_seen = std::collections::HashSet::new();
-        for op in self.0.ops.journal().list().map_err(journal_error)? {
+        for op in self.0.ops.oplog().list().map_err(oplog_error)? {
             if op.backup_id.is_empty() {
                 continue;
             }
@@ -1404,7 +1404,7 @@ impl pb::backup_service_server::BackupService for BackupApi {
                         Ok(deleted) => {
                             ctx.step_finished(
                                 "prune",
-                                crate::journal::StepOutcome::Succeeded,
+                                crate::ops::log::StepOutcome::Succeeded,
                                 if deleted.is_empty() {
                                     "nothing to delete".to_owned()
                                 } else {
@@ -1416,7 +1416,7 @@ impl pb::backup_service_server::BackupService for BackupApi {
                         Err(e) => {
                             ctx.step_finished(
                                 "prune",
-                                crate::journal::StepOutcome::Failed,
+                                crate::ops::log::StepOutcome::Failed,
                                 e.to_string(),
                             );
                             Outcome::Failed(e.to_string())
@@ -1479,7 +1479,7 @@ impl pb::backup_service_server::BackupService for BackupApi {
         // symlink, so a refusal is a status and no byte of a link's target
         // is ever read.
         let refused = |e: std::io::Error| download_refusal(&m.id, &dir, e);
-        let backup_dir = crate::safefs::Dir::open(&dir).map_err(refused)?;
+        let backup_dir = crate::files::safe::Dir::open(&dir).map_err(refused)?;
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         if req.file.is_empty() {
             let mut files = Vec::new();
@@ -1697,13 +1697,15 @@ impl AgentState {
             systemd: self.systemd.clone(),
             backups: self.backups.clone(),
             probe_policy: self.probe_policy.clone(),
-            journal: self.ops.journal().clone(),
+            oplog: self.ops.oplog().clone(),
         }
     }
 }
 
-fn env_edits_from_pb(edits: Vec<pb::EnvEdit>) -> Result<Vec<crate::envfile::EnvEdit>, Status> {
-    use crate::envfile::EnvEdit;
+fn env_edits_from_pb(
+    edits: Vec<pb::EnvEdit>,
+) -> Result<Vec<crate::host::envfile::EnvEdit>, Status> {
+    use crate::host::envfile::EnvEdit;
     use pb::env_edit::Edit;
     edits
         .into_iter()
@@ -1728,10 +1730,10 @@ fn env_edits_from_pb(edits: Vec<pb::EnvEdit>) -> Result<Vec<crate::envfile::EnvE
 fn editable_env_edits(
     app: &crate::config::AppConfig,
     edits: Vec<pb::EnvEdit>,
-) -> Result<Vec<crate::envfile::EnvEdit>, Status> {
+) -> Result<Vec<crate::host::envfile::EnvEdit>, Status> {
     let edits = env_edits_from_pb(edits)?;
-    crate::envfile::validate(&edits).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    crate::envfile::check_editable(&app.env_keys, &edits)
+    crate::host::envfile::validate(&edits).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    crate::host::envfile::check_editable(&app.env_keys, &edits)
         .map_err(|e| Status::permission_denied(format!("app {}: {e}", app.name)))?;
     Ok(edits)
 }
@@ -1884,12 +1886,12 @@ impl pb::upgrade_service_server::UpgradeService for UpgradeApi {
         self.busy(&app.name)?;
         let asked = request.get_ref().backup_id.clone();
         let (target, last_upgrade) =
-            crate::workflow::rollback_target(self.0.ops.journal(), &app.name, &asked).map_err(
+            crate::workflow::rollback_target(self.0.ops.oplog(), &app.name, &asked).map_err(
                 |e| match e {
                     crate::workflow::TargetError::NoUpgrade(_) => {
                         Status::failed_precondition(e.to_string())
                     }
-                    crate::workflow::TargetError::Journal(e) => journal_error(e),
+                    crate::workflow::TargetError::OpLog(e) => oplog_error(e),
                 },
             )?;
         // The last upgrade is the operator's to undo (fleet rollouts name

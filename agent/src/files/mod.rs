@@ -1,4 +1,9 @@
-//! Small file-system helpers shared by the capabilities.
+//! File-system helpers shared by the capabilities: `safe` resolves paths
+//! beneath a directory without following links, `private` writes the agent's
+//! own 0600/0700 state, and this module holds the small helpers.
+
+pub mod private;
+pub mod safe;
 
 use std::ffi::CString;
 use std::fs;

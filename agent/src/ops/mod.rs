@@ -1,6 +1,8 @@
 //! Running long operations: one mutating operation per app at a time (the
 //! app's lock), journaled before it acts, cancellable, and independent of the
-//! client that asked for it.
+//! client that asked for it. `log` is the operation log they are journaled in.
+
+pub mod log;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -8,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::journal::{
-    Caller, EventBody, Journal, JournalError, OpKind, OpState, OperationRecord, OutputStream,
+use crate::ops::log::{
+    Caller, EventBody, OpKind, OpLog, OpLogError, OpState, OperationRecord, OutputStream,
     StepOutcome,
 };
 
@@ -18,7 +20,7 @@ pub enum OpError {
     #[error("app {app} is busy: operation {holder} holds its lock; wait for it or cancel it")]
     Locked { app: String, holder: String },
     #[error(transparent)]
-    Journal(#[from] JournalError),
+    OpLog(#[from] OpLogError),
 }
 
 /// How an operation's work ended.
@@ -77,7 +79,7 @@ impl Drop for LockGuard {
 }
 
 struct Inner {
-    journal: Arc<Journal>,
+    oplog: Arc<OpLog>,
     locks: AppLocks,
     cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
 }
@@ -99,18 +101,18 @@ pub struct OpSpec {
 }
 
 impl Operations {
-    pub fn new(journal: Arc<Journal>) -> Operations {
+    pub fn new(oplog: Arc<OpLog>) -> Operations {
         Operations {
             inner: Arc::new(Inner {
-                journal,
+                oplog,
                 locks: AppLocks::default(),
                 cancels: Mutex::new(HashMap::new()),
             }),
         }
     }
 
-    pub fn journal(&self) -> &Arc<Journal> {
-        &self.inner.journal
+    pub fn oplog(&self) -> &Arc<OpLog> {
+        &self.inner.oplog
     }
 
     /// Journals a new operation, takes the app's lock, and runs `work` in the
@@ -125,7 +127,7 @@ impl Operations {
             OpKind::Rollback => "rb",
             _ => "bk",
         };
-        let id = crate::journal::new_id(prefix);
+        let id = crate::ops::log::new_id(prefix);
         if spec.exclusive {
             self.inner.locks.take(&spec.app, &id)?;
         }
@@ -139,14 +141,14 @@ impl Operations {
             id: id.clone(),
         };
         let record = new_record(&id, spec);
-        self.inner.journal.create(&record)?;
+        self.inner.oplog.create(&record)?;
         let cancel = Arc::new(AtomicBool::new(false));
         self.inner
             .cancels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), cancel.clone());
-        let ctx = OpContext::new(id.clone(), self.inner.journal.clone(), cancel);
+        let ctx = OpContext::new(id.clone(), self.inner.oplog.clone(), cancel);
         ctx.state(OpState::Running, "");
         let runner = ctx.clone();
         tokio::spawn(async move {
@@ -162,7 +164,7 @@ impl Operations {
     /// returns a guard to report through and to finish. A guard dropped
     /// unfinished (the client went away mid-call) ends the operation Failed.
     pub fn begin_inline(&self, spec: OpSpec) -> Result<InlineOp, OpError> {
-        let id = crate::journal::new_id("op");
+        let id = crate::ops::log::new_id("op");
         self.inner.locks.take(&spec.app, &id)?;
         let guard = LockGuard {
             ops: self.inner.clone(),
@@ -170,10 +172,10 @@ impl Operations {
             id: id.clone(),
         };
         let record = new_record(&id, spec);
-        self.inner.journal.create(&record)?;
+        self.inner.oplog.create(&record)?;
         let ctx = OpContext::new(
             id,
-            self.inner.journal.clone(),
+            self.inner.oplog.clone(),
             Arc::new(AtomicBool::new(false)),
         );
         ctx.state(OpState::Running, "");
@@ -203,7 +205,7 @@ impl Operations {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(op.id.clone(), cancel.clone());
-        let ctx = OpContext::new(op.id.clone(), self.inner.journal.clone(), cancel);
+        let ctx = OpContext::new(op.id.clone(), self.inner.oplog.clone(), cancel);
         tokio::spawn(async move {
             let _guard = guard;
             let outcome = work(ctx.clone()).await;
@@ -229,10 +231,10 @@ impl Operations {
     /// takes it over (upgrades roll back; see the workflow).
     /// Their steps that were running when the agent died are ended first
     /// as interrupted, so no record shows a step running forever.
-    pub fn recover_unfinished(&self) -> Result<Vec<OperationRecord>, JournalError> {
-        let journal = &self.inner.journal;
+    pub fn recover_unfinished(&self) -> Result<Vec<OperationRecord>, OpLogError> {
+        let oplog = &self.inner.oplog;
         let mut unfinished = Vec::new();
-        for op in journal.list()? {
+        for op in oplog.list()? {
             if op.state.is_final() {
                 continue;
             }
@@ -244,7 +246,7 @@ impl Operations {
                 .collect();
             running.dedup();
             for step in running {
-                journal.append(
+                oplog.append(
                     &op.id,
                     EventBody::StepFinished {
                         step: step.to_owned(),
@@ -253,7 +255,7 @@ impl Operations {
                     },
                 )?;
             }
-            unfinished.push(journal.get(&op.id)?);
+            unfinished.push(oplog.get(&op.id)?);
         }
         Ok(unfinished)
     }
@@ -324,7 +326,7 @@ impl Drop for InlineOp {
 #[derive(Clone)]
 pub struct OpContext {
     pub id: String,
-    journal: Arc<Journal>,
+    oplog: Arc<OpLog>,
     cancel: Arc<AtomicBool>,
     last_progress: Arc<Mutex<Option<(String, Instant)>>>,
     waited: Arc<Mutex<Waits>>,
@@ -375,10 +377,10 @@ impl Drop for WaitGuard<'_> {
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 impl OpContext {
-    fn new(id: String, journal: Arc<Journal>, cancel: Arc<AtomicBool>) -> OpContext {
+    fn new(id: String, oplog: Arc<OpLog>, cancel: Arc<AtomicBool>) -> OpContext {
         OpContext {
             id,
-            journal,
+            oplog,
             cancel,
             last_progress: Arc::new(Mutex::new(None)),
             waited: Arc::new(Mutex::new(Waits::default())),
@@ -388,7 +390,7 @@ impl OpContext {
     fn append(&self, body: EventBody) {
         // A journal write that fails must not go unnoticed, but the work's own
         // outcome is still reported by the caller; log loudly.
-        if let Err(e) = self.journal.append(&self.id, body) {
+        if let Err(e) = self.oplog.append(&self.id, body) {
             tracing::error!(op = %self.id, "cannot journal event: {e}");
         }
     }
@@ -414,7 +416,7 @@ impl OpContext {
 
     /// The operation's record as journaled now.
     pub fn record(&self) -> Option<OperationRecord> {
-        self.journal.get(&self.id).ok()
+        self.oplog.get(&self.id).ok()
     }
 
     pub fn canceled(&self) -> bool {
@@ -482,7 +484,7 @@ impl OpContext {
     }
 
     pub fn update(&self, change: impl FnOnce(&mut OperationRecord)) {
-        if let Err(e) = self.journal.update(&self.id, change) {
+        if let Err(e) = self.oplog.update(&self.id, change) {
             tracing::error!(op = %self.id, "cannot update operation record: {e}");
         }
     }

@@ -22,7 +22,7 @@ use gzp::par::compress::{ParCompress, ParCompressBuilder};
 use gzp::{GzpError, ZWriter};
 use tar::{EntryType, Header};
 
-use crate::safefs::{self, Dir};
+use crate::files::safe::{self, Dir};
 
 /// Size of file reads, archive writes and decompressed reads.
 const IO_CHUNK: usize = 1 << 20;
@@ -1282,7 +1282,7 @@ impl<'x> Extractor<'x> {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 let existing = parent.stat_at(name).map_err(io_at(&path))?;
-                if !existing.as_ref().is_some_and(safefs::is_dir) {
+                if !existing.as_ref().is_some_and(safe::is_dir) {
                     self.clear_slot(rel, &parent, name)?;
                     parent.mkdir(name, 0o700).map_err(io_at(&path))?;
                 }
@@ -1357,7 +1357,7 @@ impl<'x> Extractor<'x> {
     ) -> Result<(), ArchiveError> {
         let path = self.staging.join(rel);
         match parent.stat_at(name).map_err(io_at(&path))? {
-            Some(st) if safefs::is_dir(&st) => {
+            Some(st) if safe::is_dir(&st) => {
                 self.dirs.retain(|(dir, _)| dir != rel);
                 self.forget_dir(rel);
                 parent.remove(name, true).map_err(io_at(&path))
@@ -2373,7 +2373,7 @@ mod tests {
             .collect();
         state.sort();
         for name in ["victim", "vdir"] {
-            state.push(crate::fsutil::tree_fingerprint(&sentinel.join(name)).unwrap());
+            state.push(crate::files::tree_fingerprint(&sentinel.join(name)).unwrap());
             let m = fs::symlink_metadata(sentinel.join(name)).unwrap();
             state.push(format!("{} {} {:o}", m.uid(), m.gid(), m.mode()));
         }

@@ -16,7 +16,7 @@ const OPERATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("operation
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
 
 #[derive(Debug, thiserror::Error)]
-pub enum JournalError {
+pub enum OpLogError {
     #[error("operation journal {path}: {message}")]
     Store { path: String, message: String },
     #[error("no operation {0}")]
@@ -209,15 +209,15 @@ pub struct EventRecord {
 }
 
 /// The journal. Writes are serialized by redb; watchers get live events.
-pub struct Journal {
+pub struct OpLog {
     db: Database,
     path: String,
     watchers: Mutex<HashMap<String, broadcast::Sender<EventRecord>>>,
 }
 
-impl Journal {
-    pub fn open(path: &Path) -> Result<Journal, JournalError> {
-        let store_err = |e: &dyn std::fmt::Display| JournalError::Store {
+impl OpLog {
+    pub fn open(path: &Path) -> Result<OpLog, OpLogError> {
+        let store_err = |e: &dyn std::fmt::Display| OpLogError::Store {
             path: path.display().to_string(),
             message: e.to_string(),
         };
@@ -242,22 +242,22 @@ impl Journal {
         txn.open_table(OPERATIONS).map_err(|e| store_err(&e))?;
         txn.open_table(EVENTS).map_err(|e| store_err(&e))?;
         txn.commit().map_err(|e| store_err(&e))?;
-        Ok(Journal {
+        Ok(OpLog {
             db,
             path: path.display().to_string(),
             watchers: Mutex::new(HashMap::new()),
         })
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> JournalError {
-        JournalError::Store {
+    fn err(&self, e: impl std::fmt::Display) -> OpLogError {
+        OpLogError::Store {
             path: self.path.clone(),
             message: e.to_string(),
         }
     }
 
     /// Records a new operation (durably) before anything is done for it.
-    pub fn create(&self, op: &OperationRecord) -> Result<(), JournalError> {
+    pub fn create(&self, op: &OperationRecord) -> Result<(), OpLogError> {
         let bytes = serde_json::to_vec(op).map_err(|e| self.err(e))?;
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         {
@@ -271,7 +271,7 @@ impl Journal {
 
     /// Appends an event and updates the operation's record in one
     /// transaction; returns the event with its sequence number.
-    pub fn append(&self, id: &str, body: EventBody) -> Result<EventRecord, JournalError> {
+    pub fn append(&self, id: &str, body: EventBody) -> Result<EventRecord, OpLogError> {
         let time = SystemTime::now();
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
         if !body.is_durable() {
@@ -282,7 +282,7 @@ impl Journal {
             let mut ops = txn.open_table(OPERATIONS).map_err(|e| self.err(e))?;
             let mut op: OperationRecord = match ops.get(id).map_err(|e| self.err(e))? {
                 Some(v) => serde_json::from_slice(v.value()).map_err(|e| self.err(e))?,
-                None => return Err(JournalError::NotFound(id.to_owned())),
+                None => return Err(OpLogError::NotFound(id.to_owned())),
             };
             op.last_sequence += 1;
             op.updated = time;
@@ -313,13 +313,13 @@ impl Journal {
         &self,
         id: &str,
         change: impl FnOnce(&mut OperationRecord),
-    ) -> Result<OperationRecord, JournalError> {
+    ) -> Result<OperationRecord, OpLogError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         let op = {
             let mut ops = txn.open_table(OPERATIONS).map_err(|e| self.err(e))?;
             let mut op: OperationRecord = match ops.get(id).map_err(|e| self.err(e))? {
                 Some(v) => serde_json::from_slice(v.value()).map_err(|e| self.err(e))?,
-                None => return Err(JournalError::NotFound(id.to_owned())),
+                None => return Err(OpLogError::NotFound(id.to_owned())),
             };
             change(&mut op);
             op.updated = SystemTime::now();
@@ -331,17 +331,17 @@ impl Journal {
         Ok(op)
     }
 
-    pub fn get(&self, id: &str) -> Result<OperationRecord, JournalError> {
+    pub fn get(&self, id: &str) -> Result<OperationRecord, OpLogError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let ops = txn.open_table(OPERATIONS).map_err(|e| self.err(e))?;
         match ops.get(id).map_err(|e| self.err(e))? {
             Some(v) => serde_json::from_slice(v.value()).map_err(|e| self.err(e)),
-            None => Err(JournalError::NotFound(id.to_owned())),
+            None => Err(OpLogError::NotFound(id.to_owned())),
         }
     }
 
     /// Every operation, newest first.
-    pub fn list(&self) -> Result<Vec<OperationRecord>, JournalError> {
+    pub fn list(&self) -> Result<Vec<OperationRecord>, OpLogError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let ops = txn.open_table(OPERATIONS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
@@ -356,7 +356,7 @@ impl Journal {
     }
 
     /// Events of `id` with sequence >= `from`.
-    pub fn events_from(&self, id: &str, from: u64) -> Result<Vec<EventRecord>, JournalError> {
+    pub fn events_from(&self, id: &str, from: u64) -> Result<Vec<EventRecord>, OpLogError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let events = txn.open_table(EVENTS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
@@ -373,7 +373,7 @@ impl Journal {
     /// Live events of an existing operation from now on. The channel lives
     /// only while someone watches: the last [`Subscription`] dropped removes
     /// it, so watchers cannot make the agent hold channels for ids forever.
-    pub fn subscribe(self: &Arc<Self>, id: &str) -> Result<Subscription, JournalError> {
+    pub fn subscribe(self: &Arc<Self>, id: &str) -> Result<Subscription, OpLogError> {
         // Unknown ids never get a channel.
         self.get(id)?;
         let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
@@ -382,7 +382,7 @@ impl Journal {
             .or_insert_with(|| broadcast::channel(256).0)
             .subscribe();
         Ok(Subscription {
-            journal: Arc::clone(self),
+            oplog: Arc::clone(self),
             id: id.to_owned(),
             receiver: Some(receiver),
         })
@@ -409,9 +409,9 @@ impl Journal {
     }
 }
 
-/// A live view of one operation's events; see [`Journal::subscribe`].
+/// A live view of one operation's events; see [`OpLog::subscribe`].
 pub struct Subscription {
-    journal: Arc<Journal>,
+    oplog: Arc<OpLog>,
     id: String,
     receiver: Option<broadcast::Receiver<EventRecord>>,
 }
@@ -430,7 +430,7 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut watchers = self
-            .journal
+            .oplog
             .watchers
             .lock()
             .unwrap_or_else(|p| p.into_inner());
@@ -492,7 +492,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.redb");
         {
-            let j = Journal::open(&path).unwrap();
+            let j = OpLog::open(&path).unwrap();
             j.create(&op("op-1")).unwrap();
             j.create(&op("op-2")).unwrap();
             let e = j
@@ -540,7 +540,7 @@ mod tests {
             )
             .unwrap();
         }
-        let j = Journal::open(&path).unwrap();
+        let j = OpLog::open(&path).unwrap();
         let rec = j.get("op-1").unwrap();
         assert_eq!(rec.state, OpState::Succeeded);
         assert_eq!(rec.last_sequence, 4);
@@ -554,14 +554,14 @@ mod tests {
             .collect();
         assert_eq!(seqs, vec![2, 3, 4]);
         assert_eq!(j.events_from("op-2", 0).unwrap().len(), 1);
-        assert!(matches!(j.get("nope"), Err(JournalError::NotFound(_))));
+        assert!(matches!(j.get("nope"), Err(OpLogError::NotFound(_))));
         assert_eq!(j.list().unwrap().len(), 2);
     }
 
     #[tokio::test]
     async fn watchers_see_live_events() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(&dir.path().join("j.redb")).unwrap();
+        let j = OpLog::open(&dir.path().join("j.redb")).unwrap();
         j.create(&op("op-1")).unwrap();
         let j = Arc::new(j);
         let mut rx = j.subscribe("op-1").unwrap();
@@ -573,11 +573,11 @@ mod tests {
     #[test]
     fn channels_live_only_while_watched_and_only_for_known_ids() {
         let dir = tempfile::tempdir().unwrap();
-        let j = Arc::new(Journal::open(&dir.path().join("j.redb")).unwrap());
+        let j = Arc::new(OpLog::open(&dir.path().join("j.redb")).unwrap());
         j.create(&op("op-1")).unwrap();
         assert!(matches!(
             j.subscribe("op-made-up"),
-            Err(JournalError::NotFound(_))
+            Err(OpLogError::NotFound(_))
         ));
         assert_eq!(j.watched_operations(), 0);
         let a = j.subscribe("op-1").unwrap();

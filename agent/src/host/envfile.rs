@@ -234,7 +234,7 @@ pub fn apply(path: &Path, edits: &[EnvEdit], keep: &Path) -> Result<Vec<String>,
     let meta = metadata(&path)?;
     if !keep.exists() {
         // The kept original is the agent's own copy of secrets: 0600, root's.
-        crate::private::write_synced(keep, original.as_bytes())
+        crate::files::private::write_synced(keep, original.as_bytes())
             .map_err(|e| io_error(format!("saving {}", keep.display()), e))?;
     }
     if !diff.is_empty() {

@@ -12,9 +12,9 @@ use http_body::{Body, Frame};
 use tonic::Status;
 use tonic::body::Body as TonicBody;
 
-use crate::audit::{AuditLog, AuditRecord, AuditTarget};
-use crate::identity::Role;
-use crate::tls::PeerInfo;
+use crate::edge::audit::{AuditLog, AuditRecord, AuditTarget};
+use crate::edge::identity::Role;
+use crate::edge::tls::PeerInfo;
 
 /// Access rule for one RPC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

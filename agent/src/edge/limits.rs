@@ -15,8 +15,8 @@ use tonic::Status;
 use tonic::body::Body as TonicBody;
 
 use crate::config::LimitsConfig;
-use crate::identity::PeerIdentity;
-use crate::tls::{DenyList, PeerInfo};
+use crate::edge::identity::PeerIdentity;
+use crate::edge::tls::{DenyList, PeerInfo};
 
 /// Long-lived calls that hold agent resources (a `journalctl --follow`, a
 /// sampler, a journal subscription) for as long as the client keeps them.
@@ -272,7 +272,9 @@ mod tests {
     fn follows_table_names_served_streaming_methods() {
         for method in FOLLOWS {
             assert!(
-                crate::authz::RULES.iter().any(|r| r.method == *method),
+                crate::edge::authz::RULES
+                    .iter()
+                    .any(|r| r.method == *method),
                 "{method} is not in authz::RULES"
             );
         }

@@ -24,9 +24,9 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use crate::audit::{AuditLog, AuditRecord, Claimed, RefusalAudit};
 use crate::config::{LimitsConfig, TlsConfig};
-use crate::identity::PeerIdentity;
+use crate::edge::audit::{AuditLog, AuditRecord, Claimed, RefusalAudit};
+use crate::edge::identity::PeerIdentity;
 
 tokio::task_local! {
     /// Why the verifier refused this connection's certificate and whom it
