@@ -14,7 +14,6 @@ use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use rcgen::{
@@ -84,8 +83,8 @@ pub enum PkiError {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     },
-    #[error("unknown role `{0}`: expected reader, operator or admin")]
-    UnknownRole(String),
+    #[error(transparent)]
+    UnknownRole(#[from] covet_proto::UnknownRole),
     #[error("certificate {} is not valid PEM: {reason}", path.display())]
     NotPem { path: PathBuf, reason: String },
     #[error("{what} is not a valid X.509 certificate: {reason}")]
@@ -122,58 +121,7 @@ impl PkiError {
 }
 
 /// The role of a client, carried in the O= field of its certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Reader,
-    Operator,
-    Admin,
-}
-
-impl Role {
-    pub const ALL: [Role; 3] = [Role::Reader, Role::Operator, Role::Admin];
-
-    /// The Organization value that grants this role, e.g. `covet:reader`.
-    pub fn as_org(self) -> &'static str {
-        match self {
-            Role::Reader => "covet:reader",
-            Role::Operator => "covet:operator",
-            Role::Admin => "covet:admin",
-        }
-    }
-
-    /// The short name, e.g. `reader`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Reader => "reader",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
-        }
-    }
-
-    /// The role an Organization value grants; only the exact `covet:*` forms count.
-    pub fn from_org(org: &str) -> Option<Role> {
-        Role::ALL.into_iter().find(|role| role.as_org() == org)
-    }
-}
-
-impl FromStr for Role {
-    type Err = PkiError;
-
-    /// Accepts `reader`, `operator`, `admin` and their `covet:` forms.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Role::ALL
-            .into_iter()
-            .find(|role| role.as_str() == s || role.as_org() == s)
-            .ok_or_else(|| PkiError::UnknownRole(s.to_string()))
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use covet_proto::Role;
 
 /// How to create the CA.
 #[derive(Debug, Clone, PartialEq, Eq)]

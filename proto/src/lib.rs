@@ -1,8 +1,8 @@
 //! The covet.agent.v1 contract, generated from `proto/covet/agent/v1/*.proto`.
 //!
 //! The `.proto` files are the public API; this crate only carries the
-//! generated Rust types, clients and servers, and the descriptor set served
-//! over gRPC reflection.
+//! generated Rust types, clients and servers, the descriptor set served
+//! over gRPC reflection, and the roles a client certificate grants.
 
 // A panic on a daemon or CLI path loses the operation: errors are returned.
 // Test code (compiled only under cfg(test)) may unwrap.
@@ -11,6 +11,9 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 #![allow(clippy::all, missing_docs)]
+
+mod role;
+pub use role::{Role, UnknownRole};
 
 pub mod v1 {
     tonic::include_proto!("covet.agent.v1");

@@ -123,10 +123,13 @@ pub fn require<T>(request: &tonic::Request<T>, power: Power) -> Result<(), Statu
     match request.extensions().get::<Granted>() {
         Some(Granted(role)) if *role >= needed => Ok(()),
         Some(Granted(role)) => Err(Status::permission_denied(format!(
-            "role {role} may not do {what}: it needs {needed} or higher"
+            "role {} may not do {what}: it needs {} or higher",
+            role.as_org(),
+            needed.as_org()
         ))),
         None => Err(Status::permission_denied(format!(
-            "{what} needs {needed}, and this call carries no granted role"
+            "{what} needs {}, and this call carries no granted role",
+            needed.as_org()
         ))),
     }
 }
@@ -163,9 +166,10 @@ pub fn decide(method: &str, peer: Option<&PeerInfo>) -> Result<Role, Status> {
         Ok(role)
     } else {
         Err(Status::permission_denied(format!(
-            "role {role} may not call {}: it needs {} or higher",
+            "role {} may not call {}: it needs {} or higher",
+            role.as_org(),
             method.trim_start_matches('/'),
-            rule.min_role
+            rule.min_role.as_org()
         )))
     }
 }

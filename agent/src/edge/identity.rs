@@ -4,37 +4,7 @@ use std::fmt;
 
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-/// Roles in increasing order of power; each includes the ones before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Reader,
-    Operator,
-    Admin,
-}
-
-impl Role {
-    /// The certificate Organization (O=) that grants this role.
-    pub fn as_org(self) -> &'static str {
-        match self {
-            Role::Reader => "covet:reader",
-            Role::Operator => "covet:operator",
-            Role::Admin => "covet:admin",
-        }
-    }
-
-    pub fn from_org(org: &str) -> Option<Role> {
-        [Role::Reader, Role::Operator, Role::Admin]
-            .into_iter()
-            .find(|r| r.as_org() == org)
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_org())
-    }
-}
+pub use covet_proto::Role;
 
 /// A client certificate, as far as authorization and audit care.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
