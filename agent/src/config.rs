@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::host::systemd::{DeclaredUnits, validate_unit_name};
+use crate::probes::{Attempts, HttpProbeSpec, ProbeError, ProbeSpec, TcpProbeSpec};
+
 /// A problem found in the configuration, with the key it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -330,6 +333,39 @@ pub struct ProbeConfig {
     pub json_field: Option<String>,
     #[serde(default)]
     pub json_value: Option<String>,
+}
+
+impl ProbeConfig {
+    /// The probe this declares, named `APP KIND` unless `name` says otherwise.
+    /// INVALID when it has neither `url` nor `address` (check-config says so too).
+    pub fn spec(&self, app: &str, kind: &str) -> Result<ProbeSpec, ProbeError> {
+        let name = self.name.clone().unwrap_or_else(|| format!("{app} {kind}"));
+        let attempts = Attempts {
+            timeout: self.timeout,
+            retries: self.retries,
+            interval: self.interval,
+        };
+        if let Some(url) = &self.url {
+            return Ok(ProbeSpec::Http(HttpProbeSpec {
+                name,
+                url: url.clone(),
+                expect_status: self.expect_status,
+                json_field: self.json_field.clone(),
+                json_value: self.json_value.clone(),
+                attempts,
+            }));
+        }
+        match &self.address {
+            Some(address) => Ok(ProbeSpec::Tcp(TcpProbeSpec {
+                name,
+                address: address.clone(),
+                attempts,
+            })),
+            None => Err(ProbeError::InvalidTarget(format!(
+                "the {kind} probe of {app} has neither url nor address"
+            ))),
+        }
+    }
 }
 
 fn default_probe_timeout() -> Duration {
@@ -730,34 +766,11 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Unit names as systemd accepts them, minus templates: `NAME.TYPE`.
-pub fn validate_unit_name(unit: &str) -> Result<(), String> {
-    const TYPES: &[&str] = &[
-        "service", "socket", "target", "timer", "path", "mount", "slice", "scope",
-    ];
-    let bad = |why: &str| Err(format!("{unit:?} is not a valid unit name: {why}"));
-    if unit.is_empty() || unit.len() > 255 {
-        return bad("expected 1-255 characters like \"covet.service\"");
+/// The units the agent may control: the apps' own and `[systemd] allow`.
+impl DeclaredUnits for Config {
+    fn declares(&self, unit: &str) -> bool {
+        self.controllable_units().contains(unit)
     }
-    let Some((stem, kind)) = unit.rsplit_once('.') else {
-        return bad("missing a type suffix such as \".service\"");
-    };
-    if !TYPES.contains(&kind) {
-        return bad("unknown unit type");
-    }
-    if stem.is_empty() || stem.starts_with(['-', '.']) {
-        return bad("empty or starts with - or .");
-    }
-    if stem.contains('@') {
-        return bad("template instances are not accepted");
-    }
-    if !stem
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
-    {
-        return bad("only A-Z a-z 0-9 _ - . : are allowed");
-    }
-    Ok(())
 }
 
 /// Durations written as humantime strings: "30s", "5m", "1h 30m".
@@ -834,17 +847,6 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let err = toml::from_str::<Config>(&format!("{BASE}\nlisten_addr = 1")).unwrap_err();
         assert!(err.to_string().contains("listen_addr"), "{err}");
-    }
-
-    #[test]
-    fn unit_names() {
-        assert!(validate_unit_name("covet.service").is_ok());
-        assert!(validate_unit_name("postgresql@15-main.service").is_err());
-        assert!(validate_unit_name("../x.service").is_err());
-        assert!(validate_unit_name("a/b.service").is_err());
-        assert!(validate_unit_name("covet").is_err());
-        assert!(validate_unit_name("covet.exe").is_err());
-        assert!(validate_unit_name("-x.service").is_err());
     }
 
     #[test]

@@ -195,53 +195,21 @@ pub struct ProbeOutcome {
     pub body_excerpt: String,
 }
 
-impl HttpProbeSpec {
-    /// The probe declared in an app's configuration.
-    pub fn from_config(app: &str, kind: &str, cfg: &crate::config::ProbeConfig) -> Option<Self> {
-        Some(HttpProbeSpec {
-            name: cfg.name.clone().unwrap_or_else(|| format!("{app} {kind}")),
-            url: cfg.url.clone()?,
-            expect_status: cfg.expect_status,
-            json_field: cfg.json_field.clone(),
-            json_value: cfg.json_value.clone(),
-            attempts: Attempts {
-                timeout: cfg.timeout,
-                retries: cfg.retries,
-                interval: cfg.interval,
-            },
-        })
-    }
-}
-
-impl TcpProbeSpec {
-    pub fn from_config(app: &str, kind: &str, cfg: &crate::config::ProbeConfig) -> Option<Self> {
-        Some(TcpProbeSpec {
-            name: cfg.name.clone().unwrap_or_else(|| format!("{app} {kind}")),
-            address: cfg.address.clone()?,
-            attempts: Attempts {
-                timeout: cfg.timeout,
-                retries: cfg.retries,
-                interval: cfg.interval,
-            },
-        })
-    }
+/// A probe of either kind, as an app's configuration declares it.
+#[derive(Debug, Clone)]
+pub enum ProbeSpec {
+    Http(HttpProbeSpec),
+    Tcp(TcpProbeSpec),
 }
 
 /// Runs a declared probe, HTTP or TCP.
 pub async fn probe_declared(
     policy: &TargetPolicy,
-    app: &str,
-    kind: &str,
-    cfg: &crate::config::ProbeConfig,
+    spec: &ProbeSpec,
 ) -> Result<ProbeOutcome, ProbeError> {
-    if let Some(spec) = HttpProbeSpec::from_config(app, kind, cfg) {
-        return probe_http(policy, &spec).await;
-    }
-    match TcpProbeSpec::from_config(app, kind, cfg) {
-        Some(spec) => probe_tcp(policy, &spec).await,
-        None => Err(ProbeError::InvalidTarget(format!(
-            "the {kind} probe of {app} has neither url nor address"
-        ))),
+    match spec {
+        ProbeSpec::Http(spec) => probe_http(policy, spec).await,
+        ProbeSpec::Tcp(spec) => probe_tcp(policy, spec).await,
     }
 }
 

@@ -10,9 +10,9 @@ use covet_proto::v1 as pb;
 use serde_json::json;
 
 use crate::fleet::{Fleet, FleetArgs, Report};
-use crate::nodes::{Node, connect_node};
 use crate::operations::follow;
 use crate::output;
+use crate::target::{Node, connect_node};
 use crate::{Global, Output};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -298,7 +298,7 @@ fn create_private(path: &std::path::Path) -> std::io::Result<std::fs::File> {
 
 async fn download(
     g: &Global,
-    node: &crate::nodes::Node,
+    node: &crate::target::Node,
     client: &mut pb::backup_service_client::BackupServiceClient<tonic::transport::Channel>,
     id: String,
     to: PathBuf,

@@ -11,8 +11,8 @@ use anyhow::{Context as _, anyhow};
 use futures_util::StreamExt as _;
 use serde_json::json;
 
-use crate::nodes::{Node, Target};
 use crate::output;
+use crate::target::{Node, Target};
 use crate::{Global, Output};
 
 /// Options of every command that can run on several nodes.

@@ -16,6 +16,7 @@ mod output;
 mod pki_cmd;
 mod rollout;
 mod services;
+mod target;
 mod upgrades;
 
 use std::path::PathBuf;

@@ -12,8 +12,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::fleet::{Fleet, FleetArgs, Report};
-use crate::nodes::{Node, connect_node};
 use crate::output;
+use crate::target::{Node, connect_node};
 use crate::{Global, Output};
 
 /// Exit codes of commands that run operations.

@@ -25,8 +25,8 @@ use serde_json::json;
 use tonic::transport::Channel;
 
 use crate::fleet::{Fleet, FleetArgs};
-use crate::nodes::{Node, Target};
 use crate::operations::{EXIT_NEEDS_HUMAN, EXIT_ROLLED_BACK, Watched, state_name, watch_to_end};
+use crate::target::{Node, Target};
 use crate::upgrades::env_edits_from;
 use crate::{Global, Output, output};
 

@@ -9,8 +9,8 @@ use covet_proto::v1 as pb;
 use serde_json::json;
 
 use crate::fleet::{Fleet, FleetArgs, Report};
-use crate::nodes::{Node, connect_node, connect_node_with};
 use crate::output;
+use crate::target::{Node, connect_node, connect_node_with};
 use crate::{Global, Output};
 
 #[derive(Subcommand)]

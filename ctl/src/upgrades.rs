@@ -7,9 +7,9 @@ use anyhow::bail;
 use covet_proto::v1 as pb;
 use serde_json::json;
 
-use crate::nodes::{connect_node, connect_node_with};
 use crate::operations::follow;
 use crate::output;
+use crate::target::{connect_node, connect_node_with};
 use crate::{Global, Output};
 
 #[derive(clap::Args)]

@@ -371,7 +371,8 @@ impl pb::probe_service_server::ProbeService for ProbeApi {
             )));
         };
         let policy = &self.0.probe_policy;
-        let health = probes::probe_declared(policy, &app.name, "health", health)
+        let health = health.spec(&app.name, "health").map_err(probe_error)?;
+        let health = probes::probe_declared(policy, &health)
             .await
             .map_err(probe_error)?;
         let mut healthy = health.ok;
@@ -379,7 +380,8 @@ impl pb::probe_service_server::ProbeService for ProbeApi {
         // Smoke checks only mean something once the app is healthy.
         if req.include_smoke && healthy {
             for check in &app.smoke {
-                let outcome = probes::probe_declared(policy, &app.name, "smoke", check)
+                let check = check.spec(&app.name, "smoke").map_err(probe_error)?;
+                let outcome = probes::probe_declared(policy, &check)
                     .await
                     .map_err(probe_error)?;
                 healthy &= outcome.ok;

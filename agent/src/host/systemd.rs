@@ -12,8 +12,6 @@ use futures_util::StreamExt;
 use zbus::OwnedVariant as OwnedValue;
 use zbus_systemd::systemd1::ManagerProxy;
 
-use crate::config::{Config, validate_unit_name};
-
 #[derive(Debug, thiserror::Error)]
 pub enum SystemdError {
     #[error("{0}")]
@@ -38,15 +36,59 @@ pub enum SystemdError {
     },
 }
 
+/// The host's allow list of units (the configuration implements it).
+pub trait DeclaredUnits {
+    fn declares(&self, unit: &str) -> bool;
+}
+
+impl<T: DeclaredUnits> DeclaredUnits for std::sync::Arc<T> {
+    fn declares(&self, unit: &str) -> bool {
+        T::declares(self, unit)
+    }
+}
+
+/// Unit names as systemd accepts them, minus templates: `NAME.TYPE`.
+pub fn validate_unit_name(unit: &str) -> Result<(), String> {
+    const TYPES: &[&str] = &[
+        "service", "socket", "target", "timer", "path", "mount", "slice", "scope",
+    ];
+    let bad = |why: &str| Err(format!("{unit:?} is not a valid unit name: {why}"));
+    if unit.is_empty() || unit.len() > 255 {
+        return bad("expected 1-255 characters like \"covet.service\"");
+    }
+    let Some((stem, kind)) = unit.rsplit_once('.') else {
+        return bad("missing a type suffix such as \".service\"");
+    };
+    if !TYPES.contains(&kind) {
+        return bad("unknown unit type");
+    }
+    if stem.is_empty() || stem.starts_with(['-', '.']) {
+        return bad("empty or starts with - or .");
+    }
+    if stem.contains('@') {
+        return bad("template instances are not accepted");
+    }
+    if !stem
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+    {
+        return bad("only A-Z a-z 0-9 _ - . : are allowed");
+    }
+    Ok(())
+}
+
 /// A unit name that passed validation and the host's allow list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControlledUnit(String);
 
 impl ControlledUnit {
-    /// Admits `name` only if it is valid and declared by the configuration.
-    pub fn admit(config: &Config, name: &str) -> Result<ControlledUnit, SystemdError> {
+    /// Admits `name` only if it is valid and `declared` lists it.
+    pub fn admit(
+        declared: &impl DeclaredUnits,
+        name: &str,
+    ) -> Result<ControlledUnit, SystemdError> {
         validate_unit_name(name).map_err(SystemdError::InvalidUnit)?;
-        if config.controllable_units().contains(name) {
+        if declared.declares(name) {
             Ok(ControlledUnit(name.to_owned()))
         } else {
             Err(SystemdError::NotAllowed(name.to_owned()))
@@ -433,6 +475,17 @@ fn number(props: &HashMap<String, OwnedValue>, key: &str) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn unit_names() {
+        assert!(validate_unit_name("covet.service").is_ok());
+        assert!(validate_unit_name("postgresql@15-main.service").is_err());
+        assert!(validate_unit_name("../x.service").is_err());
+        assert!(validate_unit_name("a/b.service").is_err());
+        assert!(validate_unit_name("covet").is_err());
+        assert!(validate_unit_name("covet.exe").is_err());
+        assert!(validate_unit_name("-x.service").is_err());
+    }
+
     use super::*;
 
     #[test]

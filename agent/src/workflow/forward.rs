@@ -235,9 +235,7 @@ pub async fn probe(
     Ok(ctx
         .waiting(crate::probes::probe_declared(
             &deps.probe_policy,
-            &app.name,
-            kind,
-            cfg,
+            &cfg.spec(&app.name, kind)?,
         ))
         .await?)
 }

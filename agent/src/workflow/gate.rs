@@ -129,7 +129,8 @@ async fn health_gate(
         let mut attempts = 0;
         loop {
             let mut outcome =
-                probes::probe_declared(&deps.probe_policy, &app.name, "health", &once).await?;
+                probes::probe_declared(&deps.probe_policy, &once.spec(&app.name, "health")?)
+                    .await?;
             attempts += 1;
             outcome.attempts = attempts;
             let now = Instant::now();

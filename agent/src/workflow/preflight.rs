@@ -84,9 +84,12 @@ pub async fn preflight(
     if !spec.force
         && let Some(health) = &app.health
     {
-        let outcome = probes::probe_declared(&deps.probe_policy, &app.name, "health", health)
-            .await
-            .map_err(|e| PreflightError::Precondition(e.to_string()))?;
+        let outcome = async {
+            let health = health.spec(&app.name, "health")?;
+            probes::probe_declared(&deps.probe_policy, &health).await
+        }
+        .await
+        .map_err(|e| PreflightError::Precondition(e.to_string()))?;
         if !outcome.ok {
             return Err(PreflightError::Precondition(format!(
                 "{} is not healthy now ({}); fix it first or pass --force",
