@@ -21,34 +21,22 @@ pub const EXIT_ROLLED_BACK: u8 = 3;
 pub const EXIT_NEEDS_HUMAN: u8 = 4;
 
 /// A proto enum value in words: `OPERATION_STATE_ROLLED_BACK` -> `rolled_back`.
-fn enum_name(name: Option<&str>, prefix: &str) -> String {
-    name.map(|n| n.trim_start_matches(prefix).to_lowercase())
-        .unwrap_or_else(|| "unknown".into())
+fn enum_name<E: TryFrom<i32>>(value: i32, prefix: &str, name: fn(&E) -> &'static str) -> String {
+    E::try_from(value)
+        .map(|e| name(&e).trim_start_matches(prefix).to_lowercase())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 pub fn state_name(state: i32) -> String {
-    enum_name(
-        pb::OperationState::try_from(state)
-            .ok()
-            .map(|s| s.as_str_name()),
-        "OPERATION_STATE_",
-    )
+    enum_name(state, "OPERATION_STATE_", pb::OperationState::as_str_name)
 }
 
 fn kind_name(kind: i32) -> String {
-    enum_name(
-        pb::OperationKind::try_from(kind)
-            .ok()
-            .map(|k| k.as_str_name()),
-        "OPERATION_KIND_",
-    )
+    enum_name(kind, "OPERATION_KIND_", pb::OperationKind::as_str_name)
 }
 
 fn outcome_name(o: i32) -> String {
-    enum_name(
-        pb::StepOutcome::try_from(o).ok().map(|s| s.as_str_name()),
-        "STEP_OUTCOME_",
-    )
+    enum_name(o, "STEP_OUTCOME_", pb::StepOutcome::as_str_name)
 }
 
 pub fn exit_code(op: &pb::Operation) -> ExitCode {

@@ -27,7 +27,7 @@ use tonic::transport::Channel;
 use crate::fleet::{Fleet, FleetArgs};
 use crate::operations::{EXIT_NEEDS_HUMAN, EXIT_ROLLED_BACK, Watched, state_name, watch_to_end};
 use crate::target::{Node, Target};
-use crate::upgrades::env_edits_from;
+use crate::upgrades::EnvEditArgs;
 use crate::{Global, Output, output};
 
 #[derive(clap::Args)]
@@ -70,15 +70,8 @@ struct PlanArgs {
     /// After each node's health gate, watch its health this long.
     #[arg(long, value_parser = humantime::parse_duration)]
     watch: Option<Duration>,
-    /// Set KEY=VALUE in the env file (repeatable).
-    #[arg(long = "env-set", value_name = "KEY=VALUE")]
-    env_set: Vec<String>,
-    /// Rename OLD=NEW in the env file, keeping the value (repeatable).
-    #[arg(long = "env-rename", value_name = "OLD=NEW")]
-    env_rename: Vec<String>,
-    /// Remove KEY from the env file (repeatable).
-    #[arg(long = "env-unset", value_name = "KEY")]
-    env_unset: Vec<String>,
+    #[command(flatten)]
+    env: EnvEditArgs,
     /// When the rollout stops, leave the nodes it upgraded as they are.
     #[arg(long)]
     no_fleet_rollback: bool,
@@ -168,9 +161,8 @@ fn unbounded() -> usize {
 struct Rollout {
     app: String,
     to_version: String,
-    env_set: Vec<String>,
-    env_rename: Vec<String>,
-    env_unset: Vec<String>,
+    #[serde(flatten)]
+    env: EnvEditArgs,
     watch_seconds: Option<u64>,
     canary: usize,
     batch: usize,
@@ -196,9 +188,7 @@ impl Rollout {
         Rollout {
             app,
             to_version,
-            env_set: plan.env_set.clone(),
-            env_rename: plan.env_rename.clone(),
-            env_unset: plan.env_unset.clone(),
+            env: plan.env.clone(),
             watch_seconds: plan.watch.map(|w| w.as_secs()),
             canary: plan.canary.min(total),
             batch: plan.batch.of(total).max(1),
@@ -252,7 +242,7 @@ impl Rollout {
         Ok(pb::UpgradeRequest {
             app: self.app.clone(),
             to_version: self.to_version.clone(),
-            env_edits: env_edits_from(&self.env_set, &self.env_rename, &self.env_unset)?,
+            env_edits: self.env.to_pb()?,
             no_rollback: false,
             watch: self
                 .watch_seconds

@@ -18,15 +18,8 @@ pub struct UpgradeArgs {
     /// The version to install.
     #[arg(long = "to")]
     to_version: String,
-    /// Set KEY=VALUE in the env file (repeatable).
-    #[arg(long = "env-set", value_name = "KEY=VALUE")]
-    env_set: Vec<String>,
-    /// Rename OLD=NEW in the env file, keeping the value (repeatable).
-    #[arg(long = "env-rename", value_name = "OLD=NEW")]
-    env_rename: Vec<String>,
-    /// Remove KEY from the env file (repeatable).
-    #[arg(long = "env-unset", value_name = "KEY")]
-    env_unset: Vec<String>,
+    #[command(flatten)]
+    env: EnvEditArgs,
     /// Run the preflight and the migration's dry run, print the plan, change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -51,40 +44,49 @@ fn pair(flag: &str, text: &str) -> anyhow::Result<(String, String)> {
     }
 }
 
-fn env_edits(a: &UpgradeArgs) -> anyhow::Result<Vec<pb::EnvEdit>> {
-    env_edits_from(&a.env_set, &a.env_rename, &a.env_unset)
+/// The env-file edits an upgrade or a rollout asks for. A rollout's state
+/// file records them under these field names.
+#[derive(clap::Args, Clone, serde::Serialize, serde::Deserialize)]
+pub struct EnvEditArgs {
+    /// Set KEY=VALUE in the env file (repeatable).
+    #[arg(long = "env-set", value_name = "KEY=VALUE")]
+    env_set: Vec<String>,
+    /// Rename OLD=NEW in the env file, keeping the value (repeatable).
+    #[arg(long = "env-rename", value_name = "OLD=NEW")]
+    env_rename: Vec<String>,
+    /// Remove KEY from the env file (repeatable).
+    #[arg(long = "env-unset", value_name = "KEY")]
+    env_unset: Vec<String>,
 }
 
-/// The env-file edits of `--env-set`, `--env-rename` and `--env-unset`, in that order.
-pub fn env_edits_from(
-    set: &[String],
-    rename: &[String],
-    unset: &[String],
-) -> anyhow::Result<Vec<pb::EnvEdit>> {
-    use pb::env_edit::Edit;
-    let mut edits = Vec::new();
-    for s in set {
-        let (key, value) = pair("--env-set", s)?;
-        edits.push(Edit::Set(pb::EnvSet { key, value }));
+impl EnvEditArgs {
+    /// The edits of `--env-set`, `--env-rename` and `--env-unset`, in that order.
+    pub fn to_pb(&self) -> anyhow::Result<Vec<pb::EnvEdit>> {
+        use pb::env_edit::Edit;
+        let mut edits = Vec::new();
+        for s in &self.env_set {
+            let (key, value) = pair("--env-set", s)?;
+            edits.push(Edit::Set(pb::EnvSet { key, value }));
+        }
+        for r in &self.env_rename {
+            let (from, to) = pair("--env-rename", r)?;
+            edits.push(Edit::Rename(pb::EnvRename { from, to }));
+        }
+        for key in &self.env_unset {
+            edits.push(Edit::Unset(pb::EnvUnset { key: key.clone() }));
+        }
+        Ok(edits
+            .into_iter()
+            .map(|e| pb::EnvEdit { edit: Some(e) })
+            .collect())
     }
-    for r in rename {
-        let (from, to) = pair("--env-rename", r)?;
-        edits.push(Edit::Rename(pb::EnvRename { from, to }));
-    }
-    for key in unset {
-        edits.push(Edit::Unset(pb::EnvUnset { key: key.clone() }));
-    }
-    Ok(edits
-        .into_iter()
-        .map(|e| pb::EnvEdit { edit: Some(e) })
-        .collect())
 }
 
 pub async fn upgrade(g: &Global, a: UpgradeArgs) -> anyhow::Result<ExitCode> {
     let request = pb::UpgradeRequest {
         app: a.app.clone(),
         to_version: a.to_version.clone(),
-        env_edits: env_edits(&a)?,
+        env_edits: a.env.to_pb()?,
         no_rollback: a.no_rollback,
         watch: a
             .watch
