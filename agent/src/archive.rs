@@ -1752,6 +1752,17 @@ mod tests {
         names
     }
 
+    /// The entries, archived and extracted: the temp dir and the staging dir.
+    fn extracted(entries: &[Raw]) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let archive = tmp.path().join("entries.tar");
+        hostile_archive(&archive, entries);
+        let staging = tmp.path().join("staging");
+        fs::create_dir(&staging).unwrap();
+        extract(&archive, Compression::None, &staging, &Progress::silent()).unwrap();
+        (tmp, staging)
+    }
+
     fn assert_refused(entries: &[Raw], refused: &str) {
         let tmp = tempfile::tempdir().unwrap();
         let archive = tmp.path().join("evil.tar");
@@ -1813,20 +1824,12 @@ mod tests {
 
     #[test]
     fn restores_outward_symlinks_verbatim_and_never_follows_them() {
-        let tmp = tempfile::tempdir().unwrap();
-        let archive = tmp.path().join("venv.tar");
-        hostile_archive(
-            &archive,
-            &[
-                raw("venv/", EntryType::Directory, ""),
-                raw("venv/bin/", EntryType::Directory, ""),
-                raw("venv/bin/python3", EntryType::Symlink, "/usr/bin/python3"),
-                raw("venv/lib64", EntryType::Symlink, "../outside"),
-            ],
-        );
-        let staging = tmp.path().join("staging");
-        fs::create_dir(&staging).unwrap();
-        extract(&archive, Compression::None, &staging, &Progress::silent()).unwrap();
+        let (_tmp, staging) = extracted(&[
+            raw("venv/", EntryType::Directory, ""),
+            raw("venv/bin/", EntryType::Directory, ""),
+            raw("venv/bin/python3", EntryType::Symlink, "/usr/bin/python3"),
+            raw("venv/lib64", EntryType::Symlink, "../outside"),
+        ]);
         assert_eq!(
             fs::read_link(staging.join("venv/bin/python3")).unwrap(),
             Path::new("/usr/bin/python3")
@@ -1957,21 +1960,13 @@ mod tests {
 
     #[test]
     fn extracts_safe_links() {
-        let tmp = tempfile::tempdir().unwrap();
-        let archive = tmp.path().join("ok.tar");
-        hostile_archive(
-            &archive,
-            &[
-                raw("app/releases/v2/", EntryType::Directory, ""),
-                raw("app/releases/v2/bin", EntryType::Regular, ""),
-                raw("app/current", EntryType::Symlink, "releases/v2"),
-                raw("app/bin", EntryType::Symlink, "current/bin"),
-                raw("app/copy", EntryType::Link, "app/releases/v2/bin"),
-            ],
-        );
-        let staging = tmp.path().join("staging");
-        fs::create_dir(&staging).unwrap();
-        extract(&archive, Compression::None, &staging, &Progress::silent()).unwrap();
+        let (_tmp, staging) = extracted(&[
+            raw("app/releases/v2/", EntryType::Directory, ""),
+            raw("app/releases/v2/bin", EntryType::Regular, ""),
+            raw("app/current", EntryType::Symlink, "releases/v2"),
+            raw("app/bin", EntryType::Symlink, "current/bin"),
+            raw("app/copy", EntryType::Link, "app/releases/v2/bin"),
+        ]);
         assert_eq!(
             fs::read_to_string(staging.join("app/bin")).unwrap(),
             "evil\n"

@@ -54,57 +54,59 @@ pub fn by_name(name: &str) -> io::Result<Option<Account>> {
     let Ok(c_name) = CString::new(name) else {
         return Ok(None);
     };
-    with_buffer(|buf| {
-        // SAFETY: an all-zero passwd is a valid value for getpwnam_r to fill.
-        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call; `buf` outlives `entry`.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                c_name.as_ptr(),
-                &mut entry,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut found,
-            )
-        };
-        if rc != 0 || found.is_null() {
-            return (rc, None);
-        }
-        let home = if entry.pw_dir.is_null() {
-            PathBuf::new()
-        } else {
-            // SAFETY: on success pw_dir points to a NUL-terminated string in `buf`.
-            let dir = unsafe { CStr::from_ptr(entry.pw_dir) };
-            PathBuf::from(OsStr::from_bytes(dir.to_bytes()))
-        };
-        let account = Account {
-            name: name.to_owned(),
-            uid: entry.pw_uid,
-            gid: entry.pw_gid,
-            home,
-        };
-        (0, Some(account))
-    })
+    passwd_entry(
+        // SAFETY: every pointer is valid for the call; the buffer outlives the entry.
+        |entry, buf, found| unsafe {
+            libc::getpwnam_r(c_name.as_ptr(), entry, buf.as_mut_ptr(), buf.len(), found)
+        },
+        |entry| {
+            let home = if entry.pw_dir.is_null() {
+                PathBuf::new()
+            } else {
+                // SAFETY: on success pw_dir points to a NUL-terminated string in the buffer.
+                let dir = unsafe { CStr::from_ptr(entry.pw_dir) };
+                PathBuf::from(OsStr::from_bytes(dir.to_bytes()))
+            };
+            Some(Account {
+                name: name.to_owned(),
+                uid: entry.pw_uid,
+                gid: entry.pw_gid,
+                home,
+            })
+        },
+    )
 }
 
 /// The (UTF-8) name of the user with id `uid`, if there is one.
 pub fn name_of(uid: u32) -> Option<String> {
+    passwd_entry(
+        // SAFETY: every pointer is valid for the call; the buffer outlives the entry.
+        |entry, buf, found| unsafe {
+            libc::getpwuid_r(uid, entry, buf.as_mut_ptr(), buf.len(), found)
+        },
+        // SAFETY: on success pw_name points to a NUL-terminated string in the buffer.
+        |entry| unsafe { owned_text(entry.pw_name) },
+    )
+    .ok()
+    .flatten()
+}
+
+/// One getpw*_r `call` (entry, buffer, result), `read` copying what is
+/// needed out of the entry.
+fn passwd_entry<T>(
+    call: impl Fn(&mut libc::passwd, &mut [libc::c_char], &mut *mut libc::passwd) -> libc::c_int,
+    read: impl Fn(&libc::passwd) -> Option<T>,
+) -> io::Result<Option<T>> {
     with_buffer(|buf| {
-        // SAFETY: an all-zero passwd is a valid value for getpwuid_r to fill.
+        // SAFETY: an all-zero passwd is a valid value for getpw*_r to fill.
         let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
         let mut found: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call; `buf` outlives `entry`.
-        let rc =
-            unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
+        let rc = call(&mut entry, buf, &mut found);
         if rc != 0 || found.is_null() {
             return (rc, None);
         }
-        // SAFETY: on success pw_name points to a NUL-terminated string in `buf`.
-        (0, unsafe { owned_text(entry.pw_name) })
+        (0, read(&entry))
     })
-    .ok()
-    .flatten()
 }
 
 /// The (UTF-8) name of the group with id `gid`, if there is one.
