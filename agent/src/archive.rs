@@ -6,7 +6,7 @@
 //! lists and extracts (`tar -xzf`, `tar -I zstd -xf`, `tar -xf`).
 
 use std::collections::HashMap;
-use std::ffi::{CStr, OsString};
+use std::ffi::OsString;
 use std::fs::{self, File, FileTimes, Metadata, OpenOptions, Permissions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -23,6 +23,7 @@ use gzp::{GzpError, ZWriter};
 use tar::{EntryType, Header};
 
 use crate::files::safe::{self, Dir};
+use crate::host::users;
 
 /// Size of file reads, archive writes and decompressed reads.
 const IO_CHUNK: usize = 1 << 20;
@@ -674,78 +675,16 @@ impl OwnerNames {
     fn user(&mut self, uid: u32) -> Option<&str> {
         self.users
             .entry(uid)
-            .or_insert_with(|| lookup_user(uid))
+            .or_insert_with(|| users::name_of(uid))
             .as_deref()
     }
 
     fn group(&mut self, gid: u32) -> Option<&str> {
         self.groups
             .entry(gid)
-            .or_insert_with(|| lookup_group(gid))
+            .or_insert_with(|| users::group_name_of(gid))
             .as_deref()
     }
-}
-
-fn lookup_user(uid: u32) -> Option<String> {
-    with_nss_buffer(|buf| {
-        // SAFETY: an all-zero passwd is a valid value for getpwuid_r to fill.
-        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut found = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call; `buf` outlives the
-        // use of the strings it backs.
-        let rc =
-            unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
-        // SAFETY: on success pw_name points to a NUL-terminated string in `buf`.
-        (
-            rc,
-            (!found.is_null())
-                .then(|| unsafe { owned_name(entry.pw_name) })
-                .flatten(),
-        )
-    })
-}
-
-fn lookup_group(gid: u32) -> Option<String> {
-    with_nss_buffer(|buf| {
-        // SAFETY: an all-zero group is a valid value for getgrgid_r to fill.
-        let mut entry: libc::group = unsafe { std::mem::zeroed() };
-        let mut found = std::ptr::null_mut();
-        // SAFETY: as in lookup_user.
-        let rc =
-            unsafe { libc::getgrgid_r(gid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
-        // SAFETY: on success gr_name points to a NUL-terminated string in `buf`.
-        (
-            rc,
-            (!found.is_null())
-                .then(|| unsafe { owned_name(entry.gr_name) })
-                .flatten(),
-        )
-    })
-}
-
-/// Runs a reentrant NSS lookup with a buffer that grows while it is too small.
-fn with_nss_buffer(
-    mut lookup: impl FnMut(&mut [libc::c_char]) -> (libc::c_int, Option<String>),
-) -> Option<String> {
-    let mut size = 4096;
-    loop {
-        let mut buf = vec![0; size];
-        match lookup(&mut buf) {
-            (libc::ERANGE, _) if size < 1 << 20 => size *= 4,
-            (_, name) => return name,
-        }
-    }
-}
-
-/// # Safety
-/// `name` must be null or point to a NUL-terminated string.
-unsafe fn owned_name(name: *const libc::c_char) -> Option<String> {
-    if name.is_null() {
-        return None;
-    }
-    // SAFETY: guaranteed by the caller.
-    let name = unsafe { CStr::from_ptr(name) };
-    name.to_str().ok().map(str::to_owned)
 }
 
 // ---------------------------------------------------------------------------
@@ -1813,6 +1752,17 @@ mod tests {
         names
     }
 
+    /// The entries, archived and extracted: the temp dir and the staging dir.
+    fn extracted(entries: &[Raw]) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let archive = tmp.path().join("entries.tar");
+        hostile_archive(&archive, entries);
+        let staging = tmp.path().join("staging");
+        fs::create_dir(&staging).unwrap();
+        extract(&archive, Compression::None, &staging, &Progress::silent()).unwrap();
+        (tmp, staging)
+    }
+
     fn assert_refused(entries: &[Raw], refused: &str) {
         let tmp = tempfile::tempdir().unwrap();
         let archive = tmp.path().join("evil.tar");
@@ -1874,20 +1824,12 @@ mod tests {
 
     #[test]
     fn restores_outward_symlinks_verbatim_and_never_follows_them() {
-        let tmp = tempfile::tempdir().unwrap();
-        let archive = tmp.path().join("venv.tar");
-        hostile_archive(
-            &archive,
-            &[
-                raw("venv/", EntryType::Directory, ""),
-                raw("venv/bin/", EntryType::Directory, ""),
-                raw("venv/bin/python3", EntryType::Symlink, "/usr/bin/python3"),
-                raw("venv/lib64", EntryType::Symlink, "../outside"),
-            ],
-        );
-        let staging = tmp.path().join("staging");
-        fs::create_dir(&staging).unwrap();
-        extract(&archive, Compression::None, &staging, &Progress::silent()).unwrap();
+        let (_tmp, staging) = extracted(&[
+            raw("venv/", EntryType::Directory, ""),
+            raw("venv/bin/", EntryType::Directory, ""),
+            raw("venv/bin/python3", EntryType::Symlink, "/usr/bin/python3"),
+            raw("venv/lib64", EntryType::Symlink, "../outside"),
+        ]);
         assert_eq!(
             fs::read_link(staging.join("venv/bin/python3")).unwrap(),
             Path::new("/usr/bin/python3")
@@ -2018,21 +1960,13 @@ mod tests {
 
     #[test]
     fn extracts_safe_links() {
-        let tmp = tempfile::tempdir().unwrap();
-        let archive = tmp.path().join("ok.tar");
-        hostile_archive(
-            &archive,
-            &[
-                raw("app/releases/v2/", EntryType::Directory, ""),
-                raw("app/releases/v2/bin", EntryType::Regular, ""),
-                raw("app/current", EntryType::Symlink, "releases/v2"),
-                raw("app/bin", EntryType::Symlink, "current/bin"),
-                raw("app/copy", EntryType::Link, "app/releases/v2/bin"),
-            ],
-        );
-        let staging = tmp.path().join("staging");
-        fs::create_dir(&staging).unwrap();
-        extract(&archive, Compression::None, &staging, &Progress::silent()).unwrap();
+        let (_tmp, staging) = extracted(&[
+            raw("app/releases/v2/", EntryType::Directory, ""),
+            raw("app/releases/v2/bin", EntryType::Regular, ""),
+            raw("app/current", EntryType::Symlink, "releases/v2"),
+            raw("app/bin", EntryType::Symlink, "current/bin"),
+            raw("app/copy", EntryType::Link, "app/releases/v2/bin"),
+        ]);
         assert_eq!(
             fs::read_to_string(staging.join("app/bin")).unwrap(),
             "evil\n"

@@ -590,8 +590,8 @@ impl Config {
             let app_uid = app
                 .user
                 .as_deref()
-                .and_then(|u| crate::files::user_ids(u).ok().flatten())
-                .map(|(uid, _)| uid);
+                .and_then(|u| crate::host::users::by_name(u).ok().flatten())
+                .map(|account| account.uid);
             let pkg = app.package.as_ref();
             let declared = app
                 .paths

@@ -1,8 +1,6 @@
 //! Sampling the host: sysinfo, statvfs and /proc/diskstats.
 
 use std::collections::HashMap;
-use std::ffi::CString;
-use std::mem::MaybeUninit;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
@@ -10,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sysinfo::{CpuRefreshKind, DiskRefreshKind, Disks, MemoryRefreshKind, Networks, System};
 
 use super::sample::*;
+use crate::files::FsSpace;
 
 /// Kernel block-layer sector size used by /proc/diskstats, whatever the
 /// device's real sector size.
@@ -306,42 +305,12 @@ fn count_processes() -> u32 {
 
 // ---------------------------------------------------------------- statvfs
 
-#[derive(Clone, Copy)]
-struct VfsStats {
-    inodes_total: u64,
-    inodes_free: u64,
-    read_only: bool,
-}
-
 /// Inode counts and read-only flag of a mounted file system, which sysinfo
 /// does not report.
-fn statvfs(mount_point: &Path) -> Option<VfsStats> {
-    let path = CString::new(mount_point.as_os_str().as_bytes()).ok()?;
-    let mut stat = MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `path` is a valid NUL-terminated string and `stat` is a
-    // writable buffer of the right type; it is only read if the call succeeds.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
-    if rc != 0 {
-        tracing::debug!(
-            mount = %mount_point.display(),
-            "statvfs failed: {}",
-            std::io::Error::last_os_error()
-        );
-        return None;
-    }
-    // SAFETY: statvfs returned 0, so it filled the whole struct.
-    let stat = unsafe { stat.assume_init() };
-    Some(VfsStats {
-        inodes_total: widen(stat.f_files),
-        inodes_free: widen(stat.f_ffree),
-        read_only: stat.f_flag & libc::ST_RDONLY != 0,
-    })
-}
-
-/// Lossless widening whose source width depends on the target (fsfilcnt_t is
-/// 32 bits on some), without tripping clippy's same-type-conversion lint.
-fn widen<T: Into<u64>>(value: T) -> u64 {
-    value.into()
+fn statvfs(mount_point: &Path) -> Option<FsSpace> {
+    crate::files::fs_space(mount_point)
+        .map_err(|e| tracing::debug!(mount = %mount_point.display(), "statvfs failed: {e}"))
+        .ok()
 }
 
 // ---------------------------------------------------------------- /proc/diskstats
