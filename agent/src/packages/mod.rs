@@ -556,11 +556,6 @@ fn rename(from: &Path, to: &Path) -> Result<(), PackageError> {
     )))
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
 // ---------------------------------------------------------------------------
 // Running a tool
 // ---------------------------------------------------------------------------

@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use super::{
     Fallback, InstallOptions, Kind, OnLine, OpId, PackageError, RestorePoint, Version, blocking,
-    exists, fsync_dir, io_error, is_root, parent_of, remove_tree, rename, run_tool, sibling,
-    with_suffix,
+    exists, fsync_dir, io_error, parent_of, remove_tree, rename, run_tool, sibling, with_suffix,
 };
 use crate::config::PipConfig;
-use crate::files::tree_fingerprint;
+use crate::files::{is_root, tree_fingerprint};
 
 impl Kind for PipConfig {
     async fn check_available(&self, version: Version<'_>) -> Result<(), PackageError> {

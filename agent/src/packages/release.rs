@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use super::{
     Fallback, InstallOptions, Kind, OpId, PackageError, RestorePoint, Version, blocking, fsync_dir,
-    io_error, is_root, parent_of, remove_tree, rename,
+    io_error, parent_of, remove_tree, rename,
 };
 use crate::archive::{self, Compression, Progress};
 use crate::config::ReleaseConfig;
+use crate::files::is_root;
 use crate::files::safe::{self, Dir, Staging};
 
 /// Release artifacts, in the order they are looked for.

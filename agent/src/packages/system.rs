@@ -693,9 +693,10 @@ fn keep_file(keep_dir: &Path, file: Option<&Path>) -> Result<Option<PathBuf>, Pa
 #[cfg(test)]
 mod tests {
     use super::super::testing::{LONG, quiet, run};
-    use super::super::{discard, is_root, prepare_restore_point};
+    use super::super::{discard, prepare_restore_point};
     use super::*;
     use crate::config::PackageConfig;
+    use crate::files::is_root;
     use std::process::Command as StdCommand;
 
     #[test]
