@@ -562,8 +562,8 @@ impl Config {
             let app_uid = app
                 .user
                 .as_deref()
-                .and_then(|u| crate::files::user_ids(u).ok().flatten())
-                .map(|(uid, _)| uid);
+                .and_then(|u| crate::host::users::by_name(u).ok().flatten())
+                .map(|account| account.uid);
             let package_paths = app.package.as_ref().map(PackageConfig::app_paths);
             let declared = app
                 .paths

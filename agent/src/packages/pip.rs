@@ -403,7 +403,7 @@ async fn scratch_argv(
     let owner = (meta.uid(), meta.gid());
     let owner_name = match owner.0 {
         0 => None,
-        uid => Some(crate::host::process::user_name(uid).ok_or_else(|| {
+        uid => Some(crate::host::users::name_of(uid).ok_or_else(|| {
             format!(
                 "the owner (uid {uid}) of {} is no system user",
                 venv.display()
