@@ -243,11 +243,6 @@ fn gzp_to_io(error: GzpError) -> io::Error {
     }
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
 fn worker_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -961,7 +956,7 @@ impl<'x> Extractor<'x> {
             archive,
             root,
             staging,
-            as_root: is_root(),
+            as_root: crate::files::is_root(),
             options,
             budget,
             written: 0,
@@ -2207,7 +2202,7 @@ mod tests {
 
     #[test]
     fn imposed_owner_strips_setuid_and_owns_implied_directories() {
-        if !is_root() {
+        if !crate::files::is_root() {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();

@@ -184,6 +184,12 @@ pub fn untrusted_ancestors(path: &Path, app_uid: Option<u32>) -> Vec<(std::path:
         .collect()
 }
 
+/// Whether the agent runs as root (it may then chown what it makes).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

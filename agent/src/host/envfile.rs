@@ -688,15 +688,10 @@ fn write_atomically(path: &Path, bytes: &[u8], like: &fs::Metadata) -> Result<()
 
 /// Owner first: chown clears setuid/setgid bits that chmod then restores.
 fn copy_attributes(file: &File, like: &fs::Metadata) -> io::Result<()> {
-    if is_root() {
+    if crate::files::is_root() {
         std::os::unix::fs::fchown(file, Some(like.uid()), Some(like.gid()))?;
     }
     file.set_permissions(Permissions::from_mode(like.mode() & 0o7777))
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 #[cfg(test)]
