@@ -515,24 +515,6 @@ impl Config {
 }
 
 impl AppConfig {
-    /// What a backup of the app holds: its declared `paths`, and also its
-    /// env file and a pip package's virtualenv when no declared path holds
-    /// them already, so a rollback can always put those back.
-    pub fn backup_paths(&self) -> Vec<PathBuf> {
-        let mut paths = self.paths.clone();
-        let package_paths = self
-            .package
-            .as_ref()
-            .map(crate::packages::backup_paths)
-            .unwrap_or_default();
-        for extra in self.env_file.clone().into_iter().chain(package_paths) {
-            if !paths.iter().any(|p| extra.starts_with(p)) {
-                paths.push(extra);
-            }
-        }
-        paths
-    }
-
     fn check(&self, key: &str, out: &mut Problems) {
         if let Err(e) = validate_name(&self.name) {
             out.add(format!("{key}.name"), e);

@@ -20,6 +20,7 @@ use crate::archive::{self, ArchiveError, Compression, Progress};
 use crate::config::{AppConfig, RetentionConfig};
 use crate::db::{self, PgTarget};
 use crate::files::safe::{Dir, Staging};
+use crate::files::{free_bytes, fsync_dir};
 use crate::ops::OpContext;
 use std::ffi::OsString;
 
@@ -231,7 +232,7 @@ impl BackupStore {
     ) -> Result<u64, BackupError> {
         let mut needed = 0u64;
         if opts.files {
-            for path in &app.backup_paths() {
+            for path in &paths_of(app) {
                 needed += archive::measure(path)?.uncompressed_bytes;
             }
         }
@@ -363,7 +364,7 @@ impl BackupStore {
         stop: &Arc<AtomicBool>,
     ) -> Result<Vec<ManifestFile>, BackupError> {
         let mut files = Vec::new();
-        for (i, path) in app.backup_paths().iter().enumerate() {
+        for (i, path) in paths_of(app).iter().enumerate() {
             if stop.load(Ordering::Relaxed) {
                 return Err(BackupError::Canceled);
             }
@@ -673,7 +674,7 @@ impl BackupStore {
             for file in manifest.files.iter().filter(|f| !f.source_path.is_empty()) {
                 let target = PathBuf::from(&file.source_path);
                 // Only paths the app still declares may be written.
-                if !app.backup_paths().contains(&target) {
+                if !paths_of(app).contains(&target) {
                     undo_swaps(&swapped);
                     return Err(BackupError::Refused(format!(
                         "{} is no longer declared in the paths of {}: refusing to restore it",
@@ -1084,13 +1085,22 @@ pub async fn sha256_file(path: &Path) -> Result<String, BackupError> {
     .map_err(|e| BackupError::Refused(format!("checksum task failed: {e}")))?
 }
 
-pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// Bytes available to unprivileged writers on the file system of `path`.
-pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
-    Ok(crate::files::fs_space(path)?.available_bytes)
+/// What a backup of the app holds: its declared `paths`, and also its
+/// env file and a pip package's virtualenv when no declared path holds
+/// them already, so a rollback can always put those back.
+pub fn paths_of(app: &AppConfig) -> Vec<PathBuf> {
+    let mut paths = app.paths.clone();
+    let package_paths = app
+        .package
+        .as_ref()
+        .map(crate::packages::backup_paths)
+        .unwrap_or_default();
+    for extra in app.env_file.clone().into_iter().chain(package_paths) {
+        if !paths.iter().any(|p| extra.starts_with(p)) {
+            paths.push(extra);
+        }
+    }
+    paths
 }
 
 /// A cancel flag that is never set, for callers without an operation.

@@ -190,6 +190,16 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Makes a directory's entries (a rename, a new file) durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// Bytes available to unprivileged writers on the file system of `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    Ok(fs_space(path)?.available_bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

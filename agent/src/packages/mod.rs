@@ -533,7 +533,7 @@ fn parent_of(path: &Path) -> &Path {
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), PackageError> {
-    crate::backup::fsync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))
+    crate::files::fsync_dir(dir).map_err(io_error(format!("syncing directory {}", dir.display())))
 }
 
 fn exists(path: &Path) -> bool {

@@ -659,7 +659,7 @@ fn keep_file(keep_dir: &Path, file: Option<&Path>) -> Result<Option<PathBuf>, Pa
             let size = fs::metadata(file)
                 .map_err(io_error(format!("reading {}", file.display())))?
                 .len();
-            let available = crate::backup::free_bytes(&partial).map_err(io_error(format!(
+            let available = crate::files::free_bytes(&partial).map_err(io_error(format!(
                 "checking free space in {}",
                 partial.display()
             )))?;

@@ -249,7 +249,7 @@ pub fn fingerprint(path: &Path) -> String {
 }
 
 fn fingerprints(app: &AppConfig) -> BTreeMap<String, String> {
-    app.backup_paths()
+    crate::backup::paths_of(app)
         .iter()
         .map(|p| (p.display().to_string(), fingerprint(p)))
         .collect()

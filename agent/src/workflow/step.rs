@@ -101,7 +101,7 @@ impl Step {
         match self {
             Step::Preflight => "version available, unit loaded, app healthy, disk space".into(),
             Step::Backup => {
-                let paths = app.backup_paths().len();
+                let paths = crate::backup::paths_of(app).len();
                 let db = if app.database.is_some() {
                     " and the database"
                 } else {
