@@ -197,16 +197,9 @@ pub fn package_of(app: &AppConfig) -> Result<&PackageConfig, PackageError> {
 /// only (`A-Za-z0-9.+!-_`), 1 to 64 of them, no leading `-` or `.`, no `..`
 /// — so a version is always a safe file name and never an option.
 pub fn validate_version(v: &str) -> Result<(), PackageError> {
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '!' | '-' | '_');
-    let ok = (1..=MAX_VERSION_LEN).contains(&v.len())
-        && v.chars().all(allowed)
-        && !v.starts_with(['-', '.'])
-        && !v.contains("..");
-    if ok {
-        Ok(())
-    } else {
-        Err(PackageError::InvalidVersion(v.to_owned()))
-    }
+    crate::names::Version::parse(v)
+        .map(|_| ())
+        .map_err(|_| PackageError::InvalidVersion(v.to_owned()))
 }
 
 /// Preflight: `version` exists in the configured source, without touching

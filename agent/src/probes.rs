@@ -245,6 +245,39 @@ pub async fn probe_declared(
     }
 }
 
+/// An app's declared health probe and, only once it passes, its smoke checks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppHealth {
+    pub healthy: bool,
+    pub health: ProbeOutcome,
+    pub smoke: Vec<ProbeOutcome>,
+}
+
+/// Probes app `app` through `health`, then its smoke checks if asked;
+/// smoke checks only mean something once the app is healthy.
+pub async fn check_app(
+    policy: &TargetPolicy,
+    app: &crate::config::AppConfig,
+    health: &crate::config::ProbeConfig,
+    include_smoke: bool,
+) -> Result<AppHealth, ProbeError> {
+    let health = probe_declared(policy, &app.name, "health", health).await?;
+    let mut healthy = health.ok;
+    let mut smoke = Vec::new();
+    if include_smoke && healthy {
+        for check in &app.smoke {
+            let outcome = probe_declared(policy, &app.name, "smoke", check).await?;
+            healthy &= outcome.ok;
+            smoke.push(outcome);
+        }
+    }
+    Ok(AppHealth {
+        healthy,
+        health,
+        smoke,
+    })
+}
+
 /// Probes an HTTP endpoint. `Err` only when the target is malformed or not
 /// allowed; a failing endpoint is an `Ok` outcome with `ok == false`.
 pub async fn probe_http(

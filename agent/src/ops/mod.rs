@@ -270,6 +270,19 @@ impl Operations {
             .get(app)
             .cloned()
     }
+
+    /// Refuses early, as taking the lock would, when an operation holds
+    /// `app`: checks that come before the lock is taken (a backup's space
+    /// estimate, an upgrade's preflight) are not run for a busy app.
+    pub fn ensure_free(&self, app: &str) -> Result<(), OpError> {
+        match self.holder(app) {
+            Some(holder) => Err(OpError::Locked {
+                app: app.to_owned(),
+                holder,
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The journal record of a new operation, before it starts.
@@ -526,5 +539,34 @@ mod tests {
         assert_eq!(w.total(), once, "no time counts between waits");
         w.end(); // an extra end changes nothing
         assert_eq!(w.total(), once);
+    }
+
+    #[test]
+    fn a_busy_app_is_refused_as_its_lock_would_refuse() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ops = Operations::new(Arc::new(OpLog::open(&tmp.path().join("ops.redb")).unwrap()));
+        assert!(ops.ensure_free("covet").is_ok());
+        let spec = || OpSpec {
+            kind: OpKind::UnitAction,
+            app: "covet".into(),
+            caller: Caller::default(),
+            params: BTreeMap::new(),
+            exclusive: true,
+        };
+        let held = ops.begin_inline(spec()).unwrap();
+        let early = ops.ensure_free("covet").unwrap_err();
+        let Err(late) = ops.begin_inline(spec()) else {
+            panic!("the lock was taken twice");
+        };
+        assert_eq!(early.to_string(), late.to_string());
+        assert!(
+            early
+                .to_string()
+                .ends_with("holds its lock; wait for it or cancel it"),
+            "{early}"
+        );
+        assert!(ops.ensure_free("other").is_ok());
+        held.finish(Outcome::Succeeded);
+        assert!(ops.ensure_free("covet").is_ok());
     }
 }
