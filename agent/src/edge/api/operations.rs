@@ -12,6 +12,7 @@ use crate::names::OperationId;
 use crate::ops::log::{
     EventBody, EventRecord, OpKind, OpState, OperationRecord, OutputStream, StepOutcome,
 };
+use crate::ops::watch::watch;
 
 pub struct OperationApi(pub AgentState);
 
@@ -65,10 +66,6 @@ fn parse_watch_operation(req: pb::WatchOperationRequest) -> Result<WatchOperatio
     })
 }
 
-fn ends_operation(e: &EventRecord) -> bool {
-    matches!(&e.body, EventBody::StateChanged { state, .. } if state.is_final())
-}
-
 #[tonic::async_trait]
 impl pb::operation_service_server::OperationService for OperationApi {
     async fn list_operations(
@@ -104,69 +101,12 @@ impl pb::operation_service_server::OperationService for OperationApi {
         request: Request<pb::WatchOperationRequest>,
     ) -> Result<Response<BoxStream<pb::OperationEvent>>, Status> {
         let req = parse_watch_operation(request.into_inner())?;
-        let oplog = self.0.ops.oplog().clone();
-        let id = req.id.as_str();
-        // NOT_FOUND before anything is held for the caller; then subscribe
-        // before reading the stored events so nothing falls between.
-        let op = oplog.get(id).map_err(oplog_error)?;
-        let mut live = oplog.subscribe(id).map_err(oplog_error)?;
-        let stored = oplog
-            .events_from(id, req.from_sequence.max(1))
-            .map_err(oplog_error)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            let mut last = req.from_sequence.saturating_sub(1);
-            let mut over = op.state.is_final() && op.last_sequence <= last;
-            for e in stored {
-                last = e.sequence;
-                over |= ends_operation(&e);
-                if tx.send(Ok(event_to_pb(e))).await.is_err() {
-                    return;
-                }
-            }
-            while !over {
-                let next = tokio::select! {
-                    next = live.recv() => next,
-                    _ = tx.closed() => return,
-                };
-                let batch = match next {
-                    Ok(e) if e.sequence <= last => continue,
-                    Ok(e) if e.sequence == last + 1 => vec![e],
-                    // A gap (we lagged behind, or the channel closed): read the journal.
-                    _ => match oplog.events_from(&op.id, last + 1) {
-                        Ok(events) => events,
-                        Err(e) => {
-                            let _ = tx.send(Err(oplog_error(e))).await;
-                            return;
-                        }
-                    },
-                };
-                if batch.is_empty() {
-                    // The channel closed with nothing new: the operation is over.
-                    match oplog.get(&op.id) {
-                        Ok(now) if now.state.is_final() => return,
-                        _ => match oplog.subscribe(&op.id) {
-                            Ok(again) => {
-                                live = again;
-                                continue;
-                            }
-                            Err(e) => {
-                                let _ = tx.send(Err(oplog_error(e))).await;
-                                return;
-                            }
-                        },
-                    }
-                }
-                for e in batch {
-                    last = e.sequence;
-                    over |= ends_operation(&e);
-                    if tx.send(Ok(event_to_pb(e))).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let events =
+            watch(self.0.ops.oplog(), req.id.as_str(), req.from_sequence).map_err(oplog_error)?;
+        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
+            ReceiverStream::new(events),
+            |e| e.map(event_to_pb).map_err(oplog_error),
+        ))))
     }
 
     async fn cancel_operation(
