@@ -16,6 +16,17 @@ use crate::ops::log::{
     StepOutcome,
 };
 
+/// Why a cancel was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("operation {id} is already over ({state:?})")]
+    Over { id: String, state: OpState },
+    #[error("operation {0} is not running in this agent")]
+    NotRunningHere(String),
+    #[error(transparent)]
+    OpLog(#[from] OpLogError),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
     #[error("app {app} is busy: operation {holder} holds its lock; wait for it or cancel it")]
@@ -225,6 +236,22 @@ impl Operations {
             }
             None => false,
         }
+    }
+
+    /// Asks operation `id` to stop and returns its record as it is now;
+    /// refused when it is over or runs in no task of this agent.
+    pub fn cancel_running(&self, id: &str) -> Result<OperationRecord, CancelError> {
+        let op = self.inner.oplog.get(id)?;
+        if op.state.is_final() {
+            return Err(CancelError::Over {
+                id: id.to_owned(),
+                state: op.state,
+            });
+        }
+        if !self.cancel(id) {
+            return Err(CancelError::NotRunningHere(id.to_owned()));
+        }
+        Ok(self.inner.oplog.get(id)?)
     }
 
     /// Operations the journal shows as unfinished: the agent died while they
@@ -569,5 +596,49 @@ mod tests {
         assert!(ops.ensure_free("other").is_ok());
         held.finish(Outcome::Succeeded);
         assert!(ops.ensure_free("covet").is_ok());
+    }
+
+    #[tokio::test]
+    async fn only_a_running_operation_of_this_agent_is_canceled() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ops = Operations::new(Arc::new(OpLog::open(&tmp.path().join("ops.redb")).unwrap()));
+        let spec = |app: &str| OpSpec {
+            kind: OpKind::BackupCreate,
+            app: app.into(),
+            caller: Caller::default(),
+            params: BTreeMap::new(),
+            exclusive: true,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let running = ops
+            .start(spec("covet"), move |ctx| async move {
+                let _ = rx.await;
+                if ctx.canceled() {
+                    Outcome::Canceled("asked".into())
+                } else {
+                    Outcome::Succeeded
+                }
+            })
+            .unwrap();
+        let now = ops.cancel_running(&running.id).unwrap();
+        assert_eq!(now.id, running.id);
+        tx.send(()).unwrap();
+        let inline = ops.begin_inline(spec("shop")).unwrap();
+        let id = inline.ctx().id.clone();
+        assert!(matches!(
+            ops.cancel_running(&id),
+            Err(CancelError::NotRunningHere(_))
+        ));
+        inline.finish(Outcome::Succeeded);
+        let over = ops.cancel_running(&id).unwrap_err();
+        assert!(
+            over.to_string()
+                .starts_with(&format!("operation {id} is already over")),
+            "{over}"
+        );
+        assert!(matches!(
+            ops.cancel_running("op-none"),
+            Err(CancelError::OpLog(OpLogError::NotFound(_)))
+        ));
     }
 }

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use super::{AgentState, name_error, oplog_error, timestamp};
 use crate::edge::audit::set_target;
 use crate::names::OperationId;
+use crate::ops::CancelError;
 use crate::ops::log::{
     EventBody, EventRecord, OpKind, OpState, OperationRecord, OutputStream, StepOutcome,
 };
@@ -45,6 +46,16 @@ impl ListOperations {
     fn admits(&self, op: &OperationRecord) -> bool {
         self.app.as_ref().is_none_or(|a| &op.app == a)
             && (!self.active_only || !op.state.is_final())
+    }
+}
+
+/// An operation that is over, or not this agent's to stop, is FAILED_PRECONDITION.
+fn cancel_error(e: CancelError) -> Status {
+    match e {
+        CancelError::Over { .. } | CancelError::NotRunningHere(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        CancelError::OpLog(e) => oplog_error(e),
     }
 }
 
@@ -115,20 +126,11 @@ impl pb::operation_service_server::OperationService for OperationApi {
     ) -> Result<Response<pb::Operation>, Status> {
         let id = parse_operation_id(&request.get_ref().id)?;
         set_target(&request, format!("operation={}", id.as_str()));
-        let id = id.as_str();
-        let op = self.0.ops.oplog().get(id).map_err(oplog_error)?;
-        if op.state.is_final() {
-            return Err(Status::failed_precondition(format!(
-                "operation {id} is already over ({:?})",
-                op.state
-            )));
-        }
-        if !self.0.ops.cancel(id) {
-            return Err(Status::failed_precondition(format!(
-                "operation {id} is not running in this agent"
-            )));
-        }
-        let op = self.0.ops.oplog().get(id).map_err(oplog_error)?;
+        let op = self
+            .0
+            .ops
+            .cancel_running(id.as_str())
+            .map_err(cancel_error)?;
         Ok(Response::new(operation_to_pb(op)))
     }
 }

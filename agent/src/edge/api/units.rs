@@ -1,7 +1,7 @@
 //! UnitService: status of declared units, and start/stop/restart/reload
 //! journaled under the lock of the app the unit belongs to.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use covet_proto::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -14,8 +14,11 @@ use super::{
 use crate::config::Config;
 use crate::edge::audit::set_target;
 use crate::host::systemd::{ControlledUnit, UnitAction, UnitState};
-use crate::ops::log::{OpKind, StepOutcome};
+use crate::ops::log::OpKind;
 use crate::ops::{OpSpec, Outcome};
+use crate::workflow::unit_action::{
+    UnitActionError, UnitActionReport, UnitActionSpec, run_unit_action,
+};
 
 pub struct UnitApi(pub AgentState);
 
@@ -107,95 +110,28 @@ impl UnitApi {
         set_target(&request, format!("unit={}", request.get_ref().unit));
         let caller = caller_record(&request);
         let state = &self.0;
-        let UnitActionRequest {
-            unit,
-            timeout,
-            journal_lines,
-            lock,
-        } = parse_unit_action(request.into_inner(), &state.config)?;
-        let op = state
-            .ops
-            .begin_inline(OpSpec {
-                kind: OpKind::UnitAction,
-                app: lock,
-                caller,
-                params: [
-                    ("unit".to_owned(), unit.as_str().to_owned()),
-                    ("action".to_owned(), action.as_str().to_owned()),
-                ]
-                .into(),
-                exclusive: true,
-            })
-            .map_err(op_error)?;
-        op.ctx().step_started(action.as_str(), unit.as_str());
-        let started = SystemTime::now();
-        let job = match state.systemd.act(action, &unit, timeout).await {
-            Ok(job) => job,
-            Err(e) => {
-                op.ctx()
-                    .step_finished(action.as_str(), StepOutcome::Failed, e.to_string());
-                op.finish(Outcome::Failed(e.to_string()));
-                return Err(systemd_error(e));
-            }
+        let req = parse_unit_action(request.into_inner(), &state.config)?;
+        let unit = req.unit.as_str().to_owned();
+        let spec = UnitActionSpec {
+            action,
+            unit: req.unit,
+            timeout: req.timeout,
+            journal_lines: req.journal_lines,
+            lock: req.lock,
+            settle: state.config.systemd.settle,
         };
-        let mut status = state.systemd.status(&unit).await.map_err(systemd_error)?;
-        if matches!(action, UnitAction::Start | UnitAction::Restart) && job.result == "done" {
-            status = self.settle(&unit, status).await?;
-        }
-        let journal_tail = if status.is_active() {
-            Vec::new()
-        } else {
-            // Lines from this attempt first; older context if there are none.
-            let since = started.checked_sub(Duration::from_secs(1));
-            state
-                .journald
-                .tail(unit.as_str(), journal_lines, since)
-                .await
-                .map_err(log_error)?
-                .into_iter()
-                .map(log_line_to_pb)
-                .collect()
-        };
-        let wanted = if action == UnitAction::Stop {
-            !status.is_active()
-        } else {
-            status.is_active()
-        };
-        let detail = format!(
-            "job {}; now {}/{}",
-            job.result, status.active_state, status.sub_state
-        );
-        if job.result == "done" && wanted {
-            op.ctx()
-                .step_finished(action.as_str(), StepOutcome::Succeeded, detail);
-            op.finish(Outcome::Succeeded);
-        } else {
-            op.ctx()
-                .step_finished(action.as_str(), StepOutcome::Failed, detail.clone());
-            op.finish(Outcome::Failed(detail));
-        }
-        Ok(Response::new(pb::UnitActionResponse {
-            unit: unit.as_str().to_owned(),
-            job_result: job.result,
-            status: Some(unit_state_to_pb(status)),
-            journal_tail,
-            took: Some(duration(job.took)),
-        }))
+        let report = run_unit_action(&state.ops, &state.systemd, &state.journald, caller, spec)
+            .await
+            .map_err(unit_action_error)?;
+        Ok(Response::new(unit_action_to_pb(unit, report)))
     }
+}
 
-    /// Watches a just-started unit for the settle window: a simple service
-    /// is "started" once forked, and may die right after.
-    async fn settle(
-        &self,
-        unit: &ControlledUnit,
-        mut status: UnitState,
-    ) -> Result<UnitState, Status> {
-        let deadline = tokio::time::Instant::now() + self.0.config.systemd.settle;
-        while tokio::time::Instant::now() < deadline && status.is_active() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            status = self.0.systemd.status(unit).await.map_err(systemd_error)?;
-        }
-        Ok(status)
+fn unit_action_error(e: UnitActionError) -> Status {
+    match e {
+        UnitActionError::Op(e) => op_error(e),
+        UnitActionError::Systemd(e) => systemd_error(e),
+        UnitActionError::Log(e) => log_error(e),
     }
 }
 
@@ -269,6 +205,16 @@ impl pb::unit_service_server::UnitService for UnitApi {
                 Err(systemd_error(e))
             }
         }
+    }
+}
+
+fn unit_action_to_pb(unit: String, r: UnitActionReport) -> pb::UnitActionResponse {
+    pb::UnitActionResponse {
+        unit,
+        job_result: r.job_result,
+        status: Some(unit_state_to_pb(r.status)),
+        journal_tail: r.journal_tail.into_iter().map(log_line_to_pb).collect(),
+        took: Some(duration(r.took)),
     }
 }
 
