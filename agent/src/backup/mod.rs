@@ -7,6 +7,7 @@
 //! name is not a backup.
 
 pub mod download;
+pub mod jobs;
 pub mod references;
 
 use std::collections::{BTreeMap, HashSet};

@@ -16,11 +16,11 @@ use super::{
 use crate::archive::Compression;
 use crate::backup::download::{Chunk, Download, DownloadError};
 use crate::backup::references::References;
-use crate::backup::{BackupError, BackupStore, CreateOptions, Manifest, RestoreOptions, pg_target};
+use crate::backup::{BackupStore, CreateOptions, Manifest, RestoreOptions, jobs};
 use crate::config::Config;
 use crate::edge::audit::set_target;
 use crate::names::{AppName, BackupId};
-use crate::ops::log::{Caller, OpKind, StepOutcome};
+use crate::ops::log::{Caller, OpKind};
 use crate::ops::{OpContext, OpSpec, Outcome};
 
 pub struct BackupApi(pub AgentState);
@@ -128,15 +128,6 @@ fn download_error(e: DownloadError) -> Status {
     }
 }
 
-/// Outcome of a failed backup operation, canceled or not.
-fn backup_outcome(ctx: &OpContext, e: BackupError) -> Outcome {
-    if ctx.canceled() || matches!(e, BackupError::Canceled) {
-        Outcome::Canceled(format!("canceled; nothing was changed ({e})"))
-    } else {
-        Outcome::Failed(e.to_string())
-    }
-}
-
 impl BackupApi {
     fn app_names(&self) -> Vec<&str> {
         self.0.config.apps.iter().map(|a| a.name.as_str()).collect()
@@ -216,21 +207,7 @@ impl pb::backup_service_server::BackupService for BackupApi {
             caller,
             params,
             true,
-            move |ctx| {
-                Box::pin(async move {
-                    match store.create(&ctx, &app, opts, estimate).await {
-                        Ok(m) => {
-                            ctx.update(|op| op.backup_id = m.id.clone());
-                            ctx.note(format!(
-                                "backup {} is complete ({} bytes)",
-                                m.id, m.total_bytes
-                            ));
-                            Outcome::Succeeded
-                        }
-                        Err(e) => backup_outcome(&ctx, e),
-                    }
-                })
-            },
+            move |ctx| Box::pin(jobs::create(store, ctx, app, opts, estimate)),
         )
     }
 
@@ -285,19 +262,7 @@ impl pb::backup_service_server::BackupService for BackupApi {
             caller,
             params,
             false,
-            move |ctx| {
-                Box::pin(async move {
-                    ctx.update(|op| op.backup_id = m.id.clone());
-                    let pg = match pg_target(&app) {
-                        Ok(pg) => pg,
-                        Err(e) => return Outcome::Failed(e.to_string()),
-                    };
-                    match store.verify(&ctx, &dir, &m, pg.as_ref()).await {
-                        Ok(()) => Outcome::Succeeded,
-                        Err(e) => backup_outcome(&ctx, e),
-                    }
-                })
-            },
+            move |ctx| Box::pin(jobs::verify(store, ctx, app, dir, m)),
         )
     }
 
@@ -316,36 +281,7 @@ impl pb::backup_service_server::BackupService for BackupApi {
             caller,
             Default::default(),
             true,
-            move |ctx| {
-                Box::pin(async move {
-                    let Some(retention) = &app.retention else {
-                        ctx.note(format!(
-                            "app {} declares no [app.retention]: nothing is pruned",
-                            app.name
-                        ));
-                        return Outcome::Succeeded;
-                    };
-                    ctx.step_started("prune", "apply keep_last and keep_days");
-                    match store.prune(&app.name, retention, &referenced) {
-                        Ok(deleted) => {
-                            ctx.step_finished(
-                                "prune",
-                                StepOutcome::Succeeded,
-                                if deleted.is_empty() {
-                                    "nothing to delete".to_owned()
-                                } else {
-                                    format!("deleted {}", deleted.join(", "))
-                                },
-                            );
-                            Outcome::Succeeded
-                        }
-                        Err(e) => {
-                            ctx.step_finished("prune", StepOutcome::Failed, e.to_string());
-                            Outcome::Failed(e.to_string())
-                        }
-                    }
-                })
-            },
+            move |ctx| Box::pin(jobs::prune(store, ctx, app, referenced)),
         )
     }
 
@@ -438,22 +374,7 @@ impl pb::backup_service_server::BackupService for BackupApi {
             caller,
             params,
             true,
-            move |ctx| {
-                Box::pin(async move {
-                    ctx.update(|op| op.backup_id = m.id.clone());
-                    match store.restore(&ctx, &app, &dir, &m, opts).await {
-                        Ok(report) => {
-                            if let Some(kept) = report.database_kept_as {
-                                ctx.note(format!(
-                                    "the database as it was before is kept as {kept}"
-                                ));
-                            }
-                            Outcome::Succeeded
-                        }
-                        Err(e) => backup_outcome(&ctx, e),
-                    }
-                })
-            },
+            move |ctx| Box::pin(jobs::restore(store, ctx, app, dir, m, opts)),
         )
     }
 }
