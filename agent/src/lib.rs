@@ -26,6 +26,7 @@ pub mod files;
 #[cfg(test)]
 mod fuzzing;
 pub mod host;
+pub mod names;
 pub mod ops;
 pub mod packages;
 pub mod probes;

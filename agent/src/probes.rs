@@ -213,6 +213,38 @@ pub async fn probe_declared(
     }
 }
 
+/// An app's declared health probe and, only once it passes, its smoke checks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppHealth {
+    pub healthy: bool,
+    pub health: ProbeOutcome,
+    pub smoke: Vec<ProbeOutcome>,
+}
+
+/// Probes an app through `health`, then through its `smoke` checks: they
+/// only mean something once the app is healthy.
+pub async fn check_app(
+    policy: &TargetPolicy,
+    health: &ProbeSpec,
+    smoke_checks: &[ProbeSpec],
+) -> Result<AppHealth, ProbeError> {
+    let health = probe_declared(policy, health).await?;
+    let mut healthy = health.ok;
+    let mut smoke = Vec::new();
+    if healthy {
+        for check in smoke_checks {
+            let outcome = probe_declared(policy, check).await?;
+            healthy &= outcome.ok;
+            smoke.push(outcome);
+        }
+    }
+    Ok(AppHealth {
+        healthy,
+        health,
+        smoke,
+    })
+}
+
 /// Probes an HTTP endpoint. `Err` only when the target is malformed or not
 /// allowed; a failing endpoint is an `Ok` outcome with `ok == false`.
 pub async fn probe_http(

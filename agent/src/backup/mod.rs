@@ -6,6 +6,10 @@
 //! renamed into place: anything without a readable manifest under its final
 //! name is not a backup.
 
+pub mod download;
+pub mod jobs;
+pub mod references;
+
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::io::Read;
@@ -137,17 +141,9 @@ pub struct RestoreOptions {
 
 /// Backup ids name directories: letters, digits, `-`, `_`, `.`, not leading `.`.
 pub fn validate_id(id: &str) -> Result<(), BackupError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && !id.starts_with('.')
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(BackupError::InvalidId(id.to_owned()))
-    }
+    crate::names::BackupId::parse(id)
+        .map(|_| ())
+        .map_err(|_| BackupError::InvalidId(id.to_owned()))
 }
 
 /// The database of an app as the db module needs it.

@@ -3,6 +3,7 @@
 //! client that asked for it. `log` is the operation log they are journaled in.
 
 pub mod log;
+pub mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -14,6 +15,17 @@ use crate::ops::log::{
     Caller, EventBody, OpKind, OpLog, OpLogError, OpState, OperationRecord, OutputStream,
     StepOutcome,
 };
+
+/// Why a cancel was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("operation {id} is already over ({state:?})")]
+    Over { id: String, state: OpState },
+    #[error("operation {0} is not running in this agent")]
+    NotRunningHere(String),
+    #[error(transparent)]
+    OpLog(#[from] OpLogError),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
@@ -226,6 +238,22 @@ impl Operations {
         }
     }
 
+    /// Asks operation `id` to stop and returns its record as it is now;
+    /// refused when it is over or runs in no task of this agent.
+    pub fn cancel_running(&self, id: &str) -> Result<OperationRecord, CancelError> {
+        let op = self.inner.oplog.get(id)?;
+        if op.state.is_final() {
+            return Err(CancelError::Over {
+                id: id.to_owned(),
+                state: op.state,
+            });
+        }
+        if !self.cancel(id) {
+            return Err(CancelError::NotRunningHere(id.to_owned()));
+        }
+        Ok(self.inner.oplog.get(id)?)
+    }
+
     /// Operations the journal shows as unfinished: the agent died while they
     /// ran. Each is ended as failed with an explanation, unless `resume`
     /// takes it over (upgrades roll back; see the workflow).
@@ -269,6 +297,19 @@ impl Operations {
             .unwrap_or_else(|p| p.into_inner())
             .get(app)
             .cloned()
+    }
+
+    /// Refuses early, as taking the lock would, when an operation holds
+    /// `app`: checks that come before the lock is taken (a backup's space
+    /// estimate, an upgrade's preflight) are not run for a busy app.
+    pub fn ensure_free(&self, app: &str) -> Result<(), OpError> {
+        match self.holder(app) {
+            Some(holder) => Err(OpError::Locked {
+                app: app.to_owned(),
+                holder,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -526,5 +567,78 @@ mod tests {
         assert_eq!(w.total(), once, "no time counts between waits");
         w.end(); // an extra end changes nothing
         assert_eq!(w.total(), once);
+    }
+
+    #[test]
+    fn a_busy_app_is_refused_as_its_lock_would_refuse() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ops = Operations::new(Arc::new(OpLog::open(&tmp.path().join("ops.redb")).unwrap()));
+        assert!(ops.ensure_free("covet").is_ok());
+        let spec = || OpSpec {
+            kind: OpKind::UnitAction,
+            app: "covet".into(),
+            caller: Caller::default(),
+            params: BTreeMap::new(),
+            exclusive: true,
+        };
+        let held = ops.begin_inline(spec()).unwrap();
+        let early = ops.ensure_free("covet").unwrap_err();
+        let Err(late) = ops.begin_inline(spec()) else {
+            panic!("the lock was taken twice");
+        };
+        assert_eq!(early.to_string(), late.to_string());
+        assert!(
+            early
+                .to_string()
+                .ends_with("holds its lock; wait for it or cancel it"),
+            "{early}"
+        );
+        assert!(ops.ensure_free("other").is_ok());
+        held.finish(Outcome::Succeeded);
+        assert!(ops.ensure_free("covet").is_ok());
+    }
+
+    #[tokio::test]
+    async fn only_a_running_operation_of_this_agent_is_canceled() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ops = Operations::new(Arc::new(OpLog::open(&tmp.path().join("ops.redb")).unwrap()));
+        let spec = |app: &str| OpSpec {
+            kind: OpKind::BackupCreate,
+            app: app.into(),
+            caller: Caller::default(),
+            params: BTreeMap::new(),
+            exclusive: true,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let running = ops
+            .start(spec("covet"), move |ctx| async move {
+                let _ = rx.await;
+                if ctx.canceled() {
+                    Outcome::Canceled("asked".into())
+                } else {
+                    Outcome::Succeeded
+                }
+            })
+            .unwrap();
+        let now = ops.cancel_running(&running.id).unwrap();
+        assert_eq!(now.id, running.id);
+        tx.send(()).unwrap();
+        let inline = ops.begin_inline(spec("shop")).unwrap();
+        let id = inline.ctx().id.clone();
+        assert!(matches!(
+            ops.cancel_running(&id),
+            Err(CancelError::NotRunningHere(_))
+        ));
+        inline.finish(Outcome::Succeeded);
+        let over = ops.cancel_running(&id).unwrap_err();
+        assert!(
+            over.to_string()
+                .starts_with(&format!("operation {id} is already over")),
+            "{over}"
+        );
+        assert!(matches!(
+            ops.cancel_running("op-none"),
+            Err(CancelError::OpLog(OpLogError::NotFound(_)))
+        ));
     }
 }

@@ -42,7 +42,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(20);
 /// dpkg and rpm run maintainer scripts and look for helpers (ldconfig,
 /// start-stop-daemon) in sbin, whatever the agent's own PATH is.
 const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-const MAX_VERSION_LEN: usize = 64;
+use crate::names::MAX_VERSION_LEN;
 const MAX_OP_ID_LEN: usize = 128;
 /// Lines of tool output kept for the error message when the tool fails.
 const OUTPUT_TAIL_LINES: usize = 30;
@@ -186,13 +186,7 @@ impl<'a> Version<'a> {
     /// PEP 440 / semver characters only (`A-Za-z0-9.+!-_`), 1 to 64 of
     /// them, no leading `-` or `.`, no `..`.
     pub fn parse(v: &'a str) -> Result<Self, PackageError> {
-        let allowed =
-            |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '!' | '-' | '_');
-        let ok = (1..=MAX_VERSION_LEN).contains(&v.len())
-            && v.chars().all(allowed)
-            && !v.starts_with(['-', '.'])
-            && !v.contains("..");
-        if ok {
+        if crate::names::Version::is_safe(v) {
             Ok(Version(v))
         } else {
             Err(PackageError::InvalidVersion(v.to_owned()))

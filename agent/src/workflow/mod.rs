@@ -25,6 +25,7 @@ mod opdir;
 mod preflight;
 mod step;
 mod undo;
+pub mod unit_action;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
