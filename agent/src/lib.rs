@@ -26,9 +26,9 @@ pub mod files;
 #[cfg(test)]
 mod fuzzing;
 pub mod host;
-pub mod names;
+pub(crate) mod names;
 pub mod ops;
 pub mod packages;
-pub mod probes;
+pub(crate) mod probes;
 pub mod server;
-pub mod workflow;
+pub(crate) mod workflow;

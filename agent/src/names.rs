@@ -130,7 +130,8 @@ impl OperationId {
 /// A package version as it may reach a package tool's argv or a file name:
 /// 1 to 64 of letters, digits and `. + ! - _`, not starting with `-` (an
 /// option) or `.`, without `..` (a path).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct Version(String);
 
 impl Version {
@@ -155,9 +156,33 @@ impl Version {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
 
-    pub fn into_string(self) -> String {
-        self.0
+impl From<Version> for String {
+    fn from(v: Version) -> String {
+        v.0
+    }
+}
+
+/// A stored version (an operation's spec) is checked again when read.
+impl TryFrom<String> for Version {
+    type Error = NameError;
+    fn try_from(v: String) -> Result<Version, NameError> {
+        Version::parse(&v)
+    }
+}
+
+/// A version reads as the string it was parsed from.
+impl std::ops::Deref for Version {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use covet_agent::edge::authz::RULES;
-use covet_agent::edge::identity::Role;
+use covet_proto::Role;
 use covet_proto::v1 as pb;
 use covet_tests::agent::{AgentOptions, TestAgent, run_ctl};
 use covet_tests::http::{HttpServer, Reply};

@@ -6,9 +6,9 @@
 //! renamed into place: anything without a readable manifest under its final
 //! name is not a backup.
 
-pub mod download;
-pub mod jobs;
-pub mod references;
+pub(crate) mod download;
+pub(crate) mod jobs;
+pub(crate) mod references;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;

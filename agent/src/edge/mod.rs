@@ -2,9 +2,9 @@
 //! Each layer has one job (tls → identity → limits → audit → authz), and
 //! `api` turns proto messages into domain requests and results back.
 
-pub mod api;
-pub mod audit;
+pub(crate) mod api;
+pub(crate) mod audit;
 pub mod authz;
-pub mod identity;
+pub(crate) mod identity;
 pub mod limits;
-pub mod tls;
+pub(crate) mod tls;

@@ -4,10 +4,10 @@
 //! Nothing here knows of apps' upgrades or of gRPC.
 
 pub mod envfile;
-pub mod info;
-pub mod journald;
-pub mod metrics;
+pub(crate) mod info;
+pub(crate) mod journald;
+pub(crate) mod metrics;
 pub mod notify;
 pub mod process;
-pub mod systemd;
-pub mod users;
+pub(crate) mod systemd;
+pub(crate) mod users;

@@ -3,7 +3,7 @@
 //! client that asked for it. `log` is the operation log they are journaled in.
 
 pub mod log;
-pub mod watch;
+pub(crate) mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;

@@ -25,7 +25,7 @@ mod opdir;
 mod preflight;
 mod step;
 mod undo;
-pub mod unit_action;
+pub(crate) mod unit_action;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 pub use error::StepError;
-pub use preflight::{Preflight, PreflightError, hook_user, migration_dry_run, preflight};
+pub use preflight::{Preflight, PreflightError, migration_dry_run, preflight};
 pub use step::Step;
 pub use undo::RollbackOf;
 
@@ -62,7 +62,7 @@ pub struct Deps {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpgradeSpec {
     pub app: String,
-    pub to_version: String,
+    pub to_version: crate::names::Version,
     pub env_edits: Vec<EnvEdit>,
     pub no_rollback: bool,
     pub watch: Option<Duration>,
@@ -74,7 +74,7 @@ impl UpgradeSpec {
     /// edits by key name only, never a value (`DATABASE_PASSWORD=...`).
     pub fn to_params(&self) -> BTreeMap<String, String> {
         let mut p = BTreeMap::new();
-        p.insert("to_version".into(), self.to_version.clone());
+        p.insert("to_version".into(), self.to_version.to_string());
         let edits: Vec<String> = self
             .env_edits
             .iter()

@@ -55,7 +55,7 @@ pub async fn preflight(
         .map_err(|e| PreflightError::Precondition(e.to_string()))?;
     findings.push(format!("{} {} is available", pkg.name(), spec.to_version));
     let from_version = packages::installed_version(app).await.unwrap_or_default();
-    if from_version == spec.to_version {
+    if from_version == *spec.to_version {
         return Err(PreflightError::Precondition(format!(
             "{} is already at {}",
             app.name, spec.to_version

@@ -283,7 +283,7 @@ mod tests {
         .unwrap();
         let mut spec = UpgradeSpec {
             app: "covet".into(),
-            to_version: "0.2.0".into(),
+            to_version: crate::names::Version::parse("0.2.0").unwrap(),
             env_edits: Vec::new(),
             no_rollback: false,
             watch: None,

@@ -27,7 +27,7 @@ pub use backups::BackupApi;
 pub use info::InfoApi;
 pub use logs::LogApi;
 pub use metrics::MetricsApi;
-pub use operations::{OperationApi, event_to_pb, operation_to_pb};
+pub use operations::{OperationApi, operation_to_pb};
 pub use probes::ProbeApi;
 pub use units::UnitApi;
 pub use upgrades::UpgradeApi;

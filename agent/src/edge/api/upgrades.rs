@@ -53,7 +53,7 @@ fn parse_upgrade(req: pb::UpgradeRequest, config: &Config) -> Result<Upgrade, St
     };
     let spec = UpgradeSpec {
         app: app.as_str().to_owned(),
-        to_version: version.into_string(),
+        to_version: version,
         env_edits: parse_env_edits(app.config(), req.env_edits)?,
         no_rollback: req.no_rollback,
         watch,
@@ -182,7 +182,7 @@ impl pb::upgrade_service_server::UpgradeService for UpgradeApi {
         let deps = self.0.workflow_deps();
         let mut plan = pb::UpgradePlan {
             app: app.name.clone(),
-            to_version: spec.to_version.clone(),
+            to_version: spec.to_version.to_string(),
             ..Default::default()
         };
         if let Some(holder) = self.0.ops.holder(&app.name) {

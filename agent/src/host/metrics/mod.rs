@@ -11,7 +11,7 @@ mod collector;
 mod prometheus;
 mod sample;
 
-pub use prometheus::{render_prometheus, serve_prometheus};
+pub use prometheus::serve_prometheus;
 pub use sample::*;
 
 use std::fmt;
