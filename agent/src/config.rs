@@ -238,6 +238,8 @@ pub enum PackageKind {
     Release,
     Deb,
     Rpm,
+    Apt,
+    Dnf,
 }
 
 impl PackageKind {
@@ -247,6 +249,8 @@ impl PackageKind {
             PackageKind::Release => "release",
             PackageKind::Deb => "deb",
             PackageKind::Rpm => "rpm",
+            PackageKind::Apt => "apt",
+            PackageKind::Dnf => "dnf",
         }
     }
 }
@@ -271,6 +275,12 @@ pub struct PackageConfig {
     /// deb/rpm: a local repository directory of package files.
     #[serde(default)]
     pub repo_dir: Option<PathBuf>,
+    /// apt: where the installed version's .deb is kept for a rollback, in
+    /// `KEEP_DIR/before-OP_ID/` (an absolute directory on the host; apt's
+    /// repositories may drop old versions). dnf keeps nothing: its rollback
+    /// installs the previous version from the host's repositories again.
+    #[serde(default)]
+    pub keep_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -618,7 +628,8 @@ impl PackageConfig {
                 require(out, "releases_dir", &self.releases_dir);
                 require(out, "current", &self.current);
             }
-            PackageKind::Deb | PackageKind::Rpm => {}
+            PackageKind::Apt => require(out, "keep_dir", &self.keep_dir),
+            PackageKind::Deb | PackageKind::Rpm | PackageKind::Dnf => {}
         }
         for (i, p) in self.find_links.iter().enumerate() {
             out.absolute(&format!("{key}.find_links[{i}]"), p);

@@ -18,6 +18,8 @@
 //!   --oldpackage`. Before the install, the installed version's package file
 //!   is copied to `REPO_PARENT/.REPO_NAME.before-OP_ID/`, so a rollback can
 //!   reinstall it even if the repository changes; no copy, no upgrade.
+//! - apt, dnf: from the host's configured repositories (`apt-get install
+//!   NAME=VERSION`, `dnf install NAME-VERSION`); see [`apt`] and [`dnf`].
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -38,6 +40,9 @@ use crate::archive::{self, ArchiveError, Compression, Progress};
 use crate::config::{AppConfig, PackageConfig, PackageKind};
 use crate::files::safe::{self, Dir, Staging};
 use crate::files::tree_fingerprint;
+
+mod apt;
+mod dnf;
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(20);
 /// `restore` takes no timeout; reinstalling one package file gets this long.
@@ -135,6 +140,16 @@ pub enum PackageError {
         kind: &'static str,
         searched: String,
     },
+    /// apt, dnf: the repositories no longer offer the installed version,
+    /// so no rollback could bring it back.
+    #[error(
+        "cannot keep {name} {version} for a rollback: it is not to be had from {searched}; make a configured repository offer {name} {version} again and retry (nothing was changed)"
+    )]
+    PreviousUnavailable {
+        name: String,
+        version: String,
+        searched: String,
+    },
     #[error(
         "package {name} is in state {state:?}, not fully installed; repair it first (`dpkg --configure -a` or `apt-get -f install`; rpm: `rpm -V {name}`), then retry"
     )]
@@ -182,6 +197,13 @@ pub enum RestorePoint {
         keep_dir: PathBuf,
         kept: Option<PathBuf>,
     },
+    /// dnf: `name` was at `version` (`VERSION-RELEASE`; None: not
+    /// installed, so a restore removes it), installed again from the
+    /// repositories.
+    Dnf {
+        name: String,
+        version: Option<String>,
+    },
     /// Nothing to put back.
     None,
 }
@@ -223,6 +245,8 @@ pub async fn check_available(pkg: &PackageConfig, version: &str) -> Result<(), P
         PackageKind::Release => release_source(pkg, version).map(|_| ()),
         PackageKind::Deb => System::Deb.find(pkg, version).await.map(|_| ()),
         PackageKind::Rpm => System::Rpm(&[]).find(pkg, version).await.map(|_| ()),
+        PackageKind::Apt => apt::check_available(pkg, version).await,
+        PackageKind::Dnf => dnf::check_available(pkg, version).await,
     }
 }
 
@@ -243,6 +267,8 @@ pub async fn prepare_restore_point(
         PackageKind::Release => release_prepare(pkg),
         PackageKind::Deb => System::Deb.prepare(pkg, op_id).await,
         PackageKind::Rpm => System::Rpm(&[]).prepare(pkg, op_id).await,
+        PackageKind::Apt => apt::prepare(pkg, op_id).await,
+        PackageKind::Dnf => dnf::prepare(pkg).await,
     }
 }
 
@@ -251,14 +277,15 @@ pub async fn prepare_restore_point(
 /// then, so a copy (complete or `.partial`) is only clutter. Idempotent.
 pub async fn abandon_restore_point(pkg: &PackageConfig, op_id: &str) -> Result<(), PackageError> {
     validate_op_id(op_id)?;
-    let base = match pkg.kind {
-        PackageKind::Pip => venv_of(pkg)?.to_owned(),
-        PackageKind::Deb | PackageKind::Rpm => repo_dir_of(pkg)?.to_owned(),
-        PackageKind::Release => return Ok(()),
+    let copy = match pkg.kind {
+        PackageKind::Pip => sibling(venv_of(pkg)?, "before", op_id),
+        PackageKind::Deb | PackageKind::Rpm => sibling(repo_dir_of(pkg)?, "before", op_id),
+        PackageKind::Apt => apt::keep_of(pkg, op_id)?,
+        PackageKind::Release | PackageKind::Dnf => return Ok(()),
     };
-    let copy = sibling(&base, "before", op_id);
     blocking(move || {
         remove_tree(&with_suffix(&copy, ".partial"))?;
+        remove_tree(&with_suffix(&copy, ".download"))?;
         remove_tree(&copy)
     })
     .await
@@ -304,6 +331,8 @@ pub async fn install_as(
                 .install(pkg, version, timeout, on_line)
                 .await
         }
+        PackageKind::Apt => apt::install(pkg, version, timeout, on_line).await,
+        PackageKind::Dnf => dnf::install(pkg, version, timeout, on_line).await,
     }
 }
 
@@ -356,6 +385,7 @@ pub async fn restore(rp: &RestorePoint) -> Result<(), PackageError> {
             kept,
             ..
         } => System::Rpm(&[]).restore(name, version, kept).await,
+        RestorePoint::Dnf { name, version } => dnf::restore(name, version).await,
         RestorePoint::None => Ok(()),
     }
 }
@@ -377,7 +407,7 @@ pub async fn discard(rp: &RestorePoint) -> Result<(), PackageError> {
             })
             .await
         }
-        RestorePoint::Release { .. } | RestorePoint::None => Ok(()),
+        RestorePoint::Release { .. } | RestorePoint::Dnf { .. } | RestorePoint::None => Ok(()),
     }
 }
 
@@ -387,8 +417,12 @@ pub async fn installed_version(app: &AppConfig) -> Option<String> {
     match pkg.kind {
         PackageKind::Pip => pip_version(pkg),
         PackageKind::Release => release_version(pkg),
-        PackageKind::Deb => System::Deb.installed(&pkg.name).await.ok()?.version(),
-        PackageKind::Rpm => System::Rpm(&[]).installed(&pkg.name).await.ok()?.version(),
+        PackageKind::Deb | PackageKind::Apt => {
+            System::Deb.installed(&pkg.name).await.ok()?.version()
+        }
+        PackageKind::Rpm | PackageKind::Dnf => {
+            System::Rpm(&[]).installed(&pkg.name).await.ok()?.version()
+        }
     }
 }
 
@@ -1822,6 +1856,7 @@ mod tests {
             releases_dir: None,
             current: None,
             repo_dir: None,
+            keep_dir: None,
         }
     }
 

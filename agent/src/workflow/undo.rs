@@ -324,7 +324,11 @@ impl Undo<'_> {
                     .ok_or_else(|| StepError::NoPackage(self.app.name.clone()))?;
                 self.restore_paths(&[venv]).await
             }
-            PackageKind::Release | PackageKind::Deb | PackageKind::Rpm => {
+            PackageKind::Release
+            | PackageKind::Deb
+            | PackageKind::Rpm
+            | PackageKind::Apt
+            | PackageKind::Dnf => {
                 let version = &manifest.package_version;
                 if version.is_empty() {
                     return Err(StepError::NotInBackup {

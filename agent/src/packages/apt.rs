@@ -1,0 +1,293 @@
+//! `kind = "apt"`: the package comes from the host's configured apt
+//! repositories. Availability is what `apt-cache madison` lists (the host's
+//! package lists, as its own `apt-get update` left them); the install is
+//! `apt-get install NAME=VERSION`, waiting for dpkg's lock and keeping the
+//! operator's conffiles. Before it, the installed version's .deb is kept in
+//! `keep_dir/before-OP_ID/` (from apt's cache, else `apt-get download`ed
+//! from the repositories), so a rollback reinstalls that very file even
+//! when the repository has dropped the version since.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use super::{
+    APT_ARCHIVES, Installed, PackageError, RestorePoint, SYSTEM_PATH, System, TOOL_ENV, blocking,
+    check_name, checked, io_error, keep_file, remove_tree, required, run_tool,
+};
+use crate::config::PackageConfig;
+
+const APT_GET: &str = "/usr/bin/apt-get";
+const APT_CACHE: &str = "/usr/bin/apt-cache";
+/// `apt-get download` of one package file gets this long.
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The versions `apt-cache madison` lists for `name`, as apt spells them
+/// (with their epoch): lines `NAME | VERSION | SOURCE`.
+pub(super) fn parse_madison(text: &str, name: &str) -> Vec<String> {
+    let mut versions = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.split('|').map(str::trim);
+        let (Some(package), Some(version)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if package == name && !version.is_empty() && !versions.iter().any(|v| v == version) {
+            versions.push(version.to_owned());
+        }
+    }
+    versions
+}
+
+/// The listed version a request names: the same, or the same without its
+/// epoch (`1:2.0` for `2.0`).
+pub(super) fn matching<'a>(listed: &'a [String], version: &str) -> Option<&'a str> {
+    listed
+        .iter()
+        .find(|v| {
+            *v == version
+                || v.split_once(':')
+                    .is_some_and(|(epoch, rest)| rest == version && epoch.parse::<u32>().is_ok())
+        })
+        .map(String::as_str)
+}
+
+/// `apt-get install` of `target` (`NAME=VERSION` or a kept .deb's absolute
+/// path): never a prompt, never a removal of another package, up or down,
+/// dpkg's lock waited for up to `lock_wait`, edited conffiles kept.
+pub(super) fn install_args(target: OsString, lock_wait: Duration) -> Vec<OsString> {
+    let mut args: Vec<OsString> = [
+        "install",
+        "--yes",
+        "--quiet",
+        "--no-install-recommends",
+        "--no-remove",
+        "--allow-downgrades",
+        "-o",
+        "Dpkg::Options::=--force-confdef",
+        "-o",
+        "Dpkg::Options::=--force-confold",
+        "-o",
+    ]
+    .map(OsString::from)
+    .into();
+    args.push(format!("DPkg::Lock::Timeout={}", lock_wait.as_secs().max(1)).into());
+    args.extend([OsString::from("--"), target]);
+    args
+}
+
+async fn listed_versions(name: &str) -> Result<Vec<String>, PackageError> {
+    let out = super::capture(APT_CACHE, &["madison".into(), "--".into(), name.into()]).await?;
+    Ok(parse_madison(&checked(APT_CACHE, &out)?, name))
+}
+
+/// The version apt lists for the request, as apt spells it.
+async fn find(pkg: &PackageConfig, version: &str) -> Result<String, PackageError> {
+    check_name(System::Deb, &pkg.name)?;
+    let listed = listed_versions(&pkg.name).await?;
+    match matching(&listed, version) {
+        Some(found) => Ok(found.to_owned()),
+        None => Err(PackageError::VersionMissing {
+            name: pkg.name.clone(),
+            version: version.to_owned(),
+            searched: describe_listed(&pkg.name, &listed),
+        }),
+    }
+}
+
+fn describe_listed(name: &str, listed: &[String]) -> String {
+    if listed.is_empty() {
+        format!(
+            "apt's package lists (`apt-cache madison {name}` lists no version; is its repository configured and `apt-get update` run?)"
+        )
+    } else {
+        format!(
+            "apt's package lists (`apt-cache madison {name}` lists {})",
+            listed.join(", ")
+        )
+    }
+}
+
+/// Preflight: apt's package lists offer `version` of the package.
+pub(super) async fn check_available(
+    pkg: &PackageConfig,
+    version: &str,
+) -> Result<(), PackageError> {
+    find(pkg, version).await.map(|_| ())
+}
+
+/// `keep_dir/before-OP_ID`: one operation's kept .deb.
+pub(super) fn keep_of(pkg: &PackageConfig, op_id: &str) -> Result<PathBuf, PackageError> {
+    let keep_dir = required(pkg, "keep_dir", pkg.keep_dir.as_deref())?;
+    Ok(keep_dir.join(format!("before-{op_id}")))
+}
+
+/// Keeps the installed version's .deb (apt's cache, else downloaded from
+/// the repositories) in `keep_dir/before-OP_ID/`; none kept, no upgrade.
+/// The restore point is the deb kind's: its restore reinstalls the kept
+/// file with dpkg, keeping conffiles and waiting for dpkg's lock.
+pub(super) async fn prepare(
+    pkg: &PackageConfig,
+    op_id: &str,
+) -> Result<RestorePoint, PackageError> {
+    check_name(System::Deb, &pkg.name)?;
+    let keep = keep_of(pkg, op_id)?;
+    if keep.is_dir() {
+        // A retry: what was kept then is what was installed then.
+        return System::Deb.kept_point(&pkg.name, keep).await;
+    }
+    let (version, file) = match System::Deb.installed(&pkg.name).await? {
+        Installed::No => (None, None),
+        Installed::Unsettled(state) => {
+            return Err(PackageError::Unsettled {
+                name: pkg.name.clone(),
+                state,
+            });
+        }
+        Installed::Yes(version) => {
+            let file = previous_file(pkg, &keep, &version).await?;
+            (Some(version), Some(file))
+        }
+    };
+    let target = keep.clone();
+    let source = file.clone();
+    let kept = blocking(move || keep_file(&target, source.as_deref())).await;
+    // A downloaded file was only a step on the way to the keep.
+    if let Some(download) = file.as_deref().and_then(Path::parent) {
+        if download != Path::new(APT_ARCHIVES) {
+            let download = download.to_owned();
+            blocking(move || remove_tree(&download)).await?;
+        }
+    }
+    Ok(System::Deb.point(&pkg.name, version, keep, kept?))
+}
+
+/// The .deb of the installed `version`: in apt's cache, or fetched with
+/// `apt-get download` into `KEEP.download`.
+async fn previous_file(
+    pkg: &PackageConfig,
+    keep: &Path,
+    version: &str,
+) -> Result<PathBuf, PackageError> {
+    let cached = System::Deb
+        .search(&[Path::new(APT_ARCHIVES)], &pkg.name, version)
+        .await?;
+    let searched = match cached {
+        Ok((file, _)) => return Ok(file),
+        Err(searched) => searched,
+    };
+    let download = super::with_suffix(keep, ".download");
+    let dir = download.clone();
+    blocking(move || {
+        remove_tree(&dir)?;
+        std::fs::create_dir_all(&dir).map_err(io_error(format!("creating {}", dir.display())))
+    })
+    .await?;
+    let missing = |why: String| PackageError::PreviousUnavailable {
+        name: pkg.name.clone(),
+        version: version.to_owned(),
+        searched: format!("{searched}, apt's repositories ({why})"),
+    };
+    let fetched = match download_into(&download, &pkg.name, version).await {
+        Ok(()) => System::Deb
+            .search(&[download.as_path()], &pkg.name, version)
+            .await?
+            .map(|(file, _)| file)
+            .map_err(|_| missing("apt-get download left no such file".to_owned())),
+        Err(e) => Err(missing(e.to_string())),
+    };
+    if fetched.is_err() {
+        let dir = download.clone();
+        blocking(move || remove_tree(&dir)).await?;
+    }
+    fetched
+}
+
+/// `apt-get download NAME=VERSION`, which writes into its working directory.
+async fn download_into(dir: &Path, name: &str, version: &str) -> Result<(), PackageError> {
+    let mut command = Command::new(APT_GET);
+    command
+        .args(["download", "--quiet", "--"])
+        .arg(format!("{name}={version}"))
+        .current_dir(dir)
+        .env("PATH", SYSTEM_PATH)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = match tokio::time::timeout(DOWNLOAD_TIMEOUT, command.output()).await {
+        Err(_) => {
+            return Err(PackageError::Timeout {
+                program: APT_GET.to_owned(),
+                after: DOWNLOAD_TIMEOUT,
+            });
+        }
+        Ok(out) => out.map_err(io_error(format!("running {APT_GET}")))?,
+    };
+    checked(APT_GET, &out).map(|_| ())
+}
+
+/// `apt-get install NAME=VERSION`; nothing to do when it is installed.
+pub(super) async fn install(
+    pkg: &PackageConfig,
+    version: &str,
+    timeout: Duration,
+    on_line: &(dyn Fn(bool, &str) + Send + Sync),
+) -> Result<(), PackageError> {
+    let full = find(pkg, version).await?;
+    let wanted = Installed::Yes(full.clone());
+    if System::Deb.installed(&pkg.name).await? == wanted {
+        return Ok(());
+    }
+    let args = install_args(format!("{}={full}", pkg.name).into(), timeout);
+    run_tool(Path::new(APT_GET), &args, None, &TOOL_ENV, timeout, on_line).await?;
+    System::Deb.expect(&pkg.name, wanted).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn madison_lines_give_the_versions_of_that_package_only() {
+        let text = "   covapp |    3.0 | file:/srv/repo ./ Packages\n\
+                    \x20  covapp |  1:2.0 | http://deb.example/debian bookworm/main amd64 Packages\n\
+                    \x20  covapp |    3.0 | http://mirror.example/debian bookworm/main amd64 Packages\n\
+                    covapp-doc |    3.0 | file:/srv/repo ./ Packages\n\
+                    N: Unable to locate package other\n";
+        assert_eq!(parse_madison(text, "covapp"), ["3.0", "1:2.0"]);
+        assert!(parse_madison("", "covapp").is_empty());
+        assert!(parse_madison("N: Unable to locate package covapp\n", "covapp").is_empty());
+    }
+
+    #[test]
+    fn a_request_matches_with_or_without_the_epoch() {
+        let listed = vec!["3.0".to_owned(), "1:2.0".to_owned(), "x:1.0".to_owned()];
+        assert_eq!(matching(&listed, "3.0"), Some("3.0"));
+        assert_eq!(matching(&listed, "2.0"), Some("1:2.0"));
+        assert_eq!(matching(&listed, "1:2.0"), Some("1:2.0"));
+        assert_eq!(matching(&listed, "1.0"), None, "x is no epoch");
+        assert_eq!(matching(&listed, "3"), None);
+        assert_eq!(matching(&[], "3.0"), None);
+    }
+
+    #[test]
+    fn install_argv_is_explicit_and_ends_the_options_before_the_target() {
+        let args = install_args("covapp=2.0".into(), Duration::from_secs(90));
+        let args: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
+        assert_eq!(args.first(), Some(&"install"));
+        assert_eq!(args[args.len() - 2..], ["--", "covapp=2.0"]);
+        for wanted in [
+            "--yes",
+            "--no-remove",
+            "--allow-downgrades",
+            "Dpkg::Options::=--force-confold",
+            "DPkg::Lock::Timeout=90",
+        ] {
+            assert!(args.contains(&wanted), "{wanted} in {args:?}");
+        }
+        let short = install_args("/k/a.deb".into(), Duration::from_millis(10));
+        assert!(short.iter().any(|a| a == "DPkg::Lock::Timeout=1"));
+    }
+}
