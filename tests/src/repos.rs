@@ -78,24 +78,6 @@ impl RepoKind {
         eprintln!("SKIPPED: {why}");
         false
     }
-
-    /// Installs `name` at `version` from the repository, as an operator
-    /// would have before the agent.
-    pub fn install(self, name: &str, version: &str) -> anyhow::Result<()> {
-        let out = match self {
-            RepoKind::Apt => Command::new("/usr/bin/apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-q", "--no-install-recommends", "--"])
-                .arg(format!("{name}={version}"))
-                .output(),
-            RepoKind::Dnf => Command::new("/usr/bin/dnf")
-                .args(["-y", "-q", "install", "--"])
-                .arg(format!("{name}-{version}"))
-                .output(),
-        }
-        .context("run the package manager")?;
-        checked(&format!("installing {name} {version}"), out).map(|_| ())
-    }
 }
 
 /// A local repository of the package files in `dir`, known to the host's

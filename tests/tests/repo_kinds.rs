@@ -80,7 +80,10 @@ async fn upgrade_then_roll_back_through_the_agent(kind: RepoKind) {
             .unwrap();
     }
     let repo = Repo::create(kind, &repo_dir).unwrap();
-    kind.install(&name, "1.0").unwrap();
+    // Installed by hand before the agent (so apt's cache has no copy).
+    format
+        .install(&repo_dir.join(format.file_name(&name, "1.0")))
+        .unwrap();
     assert_eq!(format.installed_version(&name).as_deref(), Some("1.0"));
     // The operator's edit of the shipped config file survives every swap.
     let conf = Path::new("/etc").join(&name).join("app.conf");

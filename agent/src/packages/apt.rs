@@ -229,20 +229,47 @@ async fn download_into(dir: &Path, name: &str, version: &str) -> Result<(), Pack
 }
 
 /// `apt-get install NAME=VERSION`; nothing to do when it is installed.
+/// Preflight has asked apt for the version; apt's own refusal of one it
+/// does not know is still told as [`PackageError::VersionMissing`].
 pub(super) async fn install(
     pkg: &PackageConfig,
     version: &str,
     timeout: Duration,
     on_line: &(dyn Fn(bool, &str) + Send + Sync),
 ) -> Result<(), PackageError> {
-    let full = find(pkg, version).await?;
-    let wanted = Installed::Yes(full.clone());
-    if System::Deb.installed(&pkg.name).await? == wanted {
+    check_name(System::Deb, &pkg.name)?;
+    let is_wanted = |now: &Installed| match now {
+        Installed::Yes(v) => matching(std::slice::from_ref(v), version).is_some(),
+        _ => false,
+    };
+    if is_wanted(&System::Deb.installed(&pkg.name).await?) {
         return Ok(());
     }
-    let args = install_args(format!("{}={full}", pkg.name).into(), timeout);
-    run_tool(Path::new(APT_GET), &args, None, &TOOL_ENV, timeout, on_line).await?;
-    System::Deb.expect(&pkg.name, wanted).await
+    let args = install_args(format!("{}={version}", pkg.name).into(), timeout);
+    let ran = run_tool(Path::new(APT_GET), &args, None, &TOOL_ENV, timeout, on_line).await;
+    if let Err(PackageError::Tool { output, .. }) = &ran {
+        if output.contains(&format!(
+            "Version '{version}' for '{}' was not found",
+            pkg.name
+        )) {
+            return Err(PackageError::VersionMissing {
+                name: pkg.name.clone(),
+                version: version.to_owned(),
+                searched: describe_listed(&pkg.name, &listed_versions(&pkg.name).await?),
+            });
+        }
+    }
+    ran?;
+    let found = System::Deb.installed(&pkg.name).await?;
+    if is_wanted(&found) {
+        return Ok(());
+    }
+    Err(PackageError::WrongVersion {
+        program: APT_GET.to_owned(),
+        name: pkg.name.clone(),
+        wanted: format!("at {version}"),
+        found: found.describe(),
+    })
 }
 
 #[cfg(test)]
