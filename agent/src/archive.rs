@@ -6,7 +6,7 @@
 //! lists and extracts (`tar -xzf`, `tar -I zstd -xf`, `tar -xf`).
 
 use std::collections::HashMap;
-use std::ffi::{CStr, OsString};
+use std::ffi::OsString;
 use std::fs::{self, File, FileTimes, Metadata, OpenOptions, Permissions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -23,6 +23,7 @@ use gzp::{GzpError, ZWriter};
 use tar::{EntryType, Header};
 
 use crate::files::safe::{self, Dir};
+use crate::host::users;
 
 /// Size of file reads, archive writes and decompressed reads.
 const IO_CHUNK: usize = 1 << 20;
@@ -240,11 +241,6 @@ fn gzp_to_io(error: GzpError) -> io::Error {
         GzpError::Io(error) => error,
         other => io::Error::other(other),
     }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 fn worker_threads() -> usize {
@@ -674,78 +670,16 @@ impl OwnerNames {
     fn user(&mut self, uid: u32) -> Option<&str> {
         self.users
             .entry(uid)
-            .or_insert_with(|| lookup_user(uid))
+            .or_insert_with(|| users::name_of(uid))
             .as_deref()
     }
 
     fn group(&mut self, gid: u32) -> Option<&str> {
         self.groups
             .entry(gid)
-            .or_insert_with(|| lookup_group(gid))
+            .or_insert_with(|| users::group_name_of(gid))
             .as_deref()
     }
-}
-
-fn lookup_user(uid: u32) -> Option<String> {
-    with_nss_buffer(|buf| {
-        // SAFETY: an all-zero passwd is a valid value for getpwuid_r to fill.
-        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut found = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call; `buf` outlives the
-        // use of the strings it backs.
-        let rc =
-            unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
-        // SAFETY: on success pw_name points to a NUL-terminated string in `buf`.
-        (
-            rc,
-            (!found.is_null())
-                .then(|| unsafe { owned_name(entry.pw_name) })
-                .flatten(),
-        )
-    })
-}
-
-fn lookup_group(gid: u32) -> Option<String> {
-    with_nss_buffer(|buf| {
-        // SAFETY: an all-zero group is a valid value for getgrgid_r to fill.
-        let mut entry: libc::group = unsafe { std::mem::zeroed() };
-        let mut found = std::ptr::null_mut();
-        // SAFETY: as in lookup_user.
-        let rc =
-            unsafe { libc::getgrgid_r(gid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
-        // SAFETY: on success gr_name points to a NUL-terminated string in `buf`.
-        (
-            rc,
-            (!found.is_null())
-                .then(|| unsafe { owned_name(entry.gr_name) })
-                .flatten(),
-        )
-    })
-}
-
-/// Runs a reentrant NSS lookup with a buffer that grows while it is too small.
-fn with_nss_buffer(
-    mut lookup: impl FnMut(&mut [libc::c_char]) -> (libc::c_int, Option<String>),
-) -> Option<String> {
-    let mut size = 4096;
-    loop {
-        let mut buf = vec![0; size];
-        match lookup(&mut buf) {
-            (libc::ERANGE, _) if size < 1 << 20 => size *= 4,
-            (_, name) => return name,
-        }
-    }
-}
-
-/// # Safety
-/// `name` must be null or point to a NUL-terminated string.
-unsafe fn owned_name(name: *const libc::c_char) -> Option<String> {
-    if name.is_null() {
-        return None;
-    }
-    // SAFETY: guaranteed by the caller.
-    let name = unsafe { CStr::from_ptr(name) };
-    name.to_str().ok().map(str::to_owned)
 }
 
 // ---------------------------------------------------------------------------
@@ -1022,7 +956,7 @@ impl<'x> Extractor<'x> {
             archive,
             root,
             staging,
-            as_root: is_root(),
+            as_root: crate::files::is_root(),
             options,
             budget,
             written: 0,
@@ -2273,7 +2207,7 @@ mod tests {
 
     #[test]
     fn imposed_owner_strips_setuid_and_owns_implied_directories() {
-        if !is_root() {
+        if !crate::files::is_root() {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();

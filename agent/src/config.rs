@@ -231,56 +231,78 @@ pub struct AppConfig {
     pub retention: Option<RetentionConfig>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum PackageKind {
-    Pip,
-    Release,
-    Deb,
-    Rpm,
-    Apt,
-    Dnf,
+/// The app's package, by `kind`: each kind takes only its own fields, and
+/// the ones it needs are required (a missing or foreign key fails the parse
+/// with an error naming it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum PackageConfig {
+    Pip(PipConfig),
+    Release(ReleaseConfig),
+    Deb(SystemPackageConfig),
+    Rpm(SystemPackageConfig),
+    Apt(AptConfig),
+    Dnf(DnfConfig),
 }
 
-impl PackageKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PackageKind::Pip => "pip",
-            PackageKind::Release => "release",
-            PackageKind::Deb => "deb",
-            PackageKind::Rpm => "rpm",
-            PackageKind::Apt => "apt",
-            PackageKind::Dnf => "dnf",
-        }
-    }
-}
-
+/// `kind = "pip"`: a Python distribution installed in a virtualenv.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PackageConfig {
-    pub kind: PackageKind,
+pub struct PipConfig {
     pub name: String,
-    /// pip: the virtualenv the package is installed in.
-    #[serde(default)]
-    pub venv: Option<PathBuf>,
-    /// pip: local wheelhouses (`--no-index --find-links`).
+    /// The virtualenv the package is installed in.
+    pub venv: PathBuf,
+    /// Local wheelhouses (`--no-index --find-links`).
     #[serde(default)]
     pub find_links: Vec<PathBuf>,
-    /// release: directory holding `VERSION/` trees.
-    #[serde(default)]
-    pub releases_dir: Option<PathBuf>,
-    /// release: the symlink that points at the live release.
-    #[serde(default)]
-    pub current: Option<PathBuf>,
-    /// deb/rpm: a local repository directory of package files.
+}
+
+/// `kind = "release"`: unpacked release trees and a `current` symlink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseConfig {
+    pub name: String,
+    /// Directory holding `VERSION/` trees.
+    pub releases_dir: PathBuf,
+    /// The symlink that points at the live release.
+    pub current: PathBuf,
+    /// A directory of release artifacts (`NAME-VERSION.tar.gz` ...).
     #[serde(default)]
     pub repo_dir: Option<PathBuf>,
-    /// apt: where the installed version's .deb is kept for a rollback, in
-    /// `KEEP_DIR/before-OP_ID/` (an absolute directory on the host; apt's
-    /// repositories may drop old versions). dnf keeps nothing: its rollback
-    /// installs the previous version from the host's repositories again.
+    /// More directories of release artifacts.
     #[serde(default)]
-    pub keep_dir: Option<PathBuf>,
+    pub find_links: Vec<PathBuf>,
+}
+
+/// `kind = "deb"` or `"rpm"`: a system package from a local repository.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemPackageConfig {
+    pub name: String,
+    /// A local repository directory of package files.
+    pub repo_dir: PathBuf,
+}
+
+/// `kind = "apt"`: a deb from the host's configured apt repositories
+/// (`apt-get install NAME=VERSION`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AptConfig {
+    /// The package name, as apt knows it.
+    pub name: String,
+    /// Where the installed version's .deb is kept for a rollback, in
+    /// `KEEP_DIR/before-OP_ID/` (apt's repositories may drop old versions).
+    pub keep_dir: PathBuf,
+}
+
+/// `kind = "dnf"`: an rpm from the host's configured dnf repositories
+/// (`dnf install NAME-VERSION`); a rollback installs the previous version
+/// from them again, so nothing is kept on disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnfConfig {
+    /// The package name, as dnf knows it.
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -486,12 +508,12 @@ impl AppConfig {
     /// them already, so a rollback can always put those back.
     pub fn backup_paths(&self) -> Vec<PathBuf> {
         let mut paths = self.paths.clone();
-        let venv = self
+        let package_paths = self
             .package
             .as_ref()
-            .filter(|p| p.kind == PackageKind::Pip)
-            .and_then(|p| p.venv.clone());
-        for extra in [self.env_file.clone(), venv].into_iter().flatten() {
+            .map(crate::packages::backup_paths)
+            .unwrap_or_default();
+        for extra in self.env_file.clone().into_iter().chain(package_paths) {
             if !paths.iter().any(|p| extra.starts_with(p)) {
                 paths.push(extra);
             }
@@ -564,26 +586,24 @@ impl Config {
             let app_uid = app
                 .user
                 .as_deref()
-                .and_then(|u| crate::files::user_ids(u).ok().flatten())
-                .map(|(uid, _)| uid);
-            let pkg = app.package.as_ref();
+                .and_then(|u| crate::host::users::by_name(u).ok().flatten())
+                .map(|account| account.uid);
+            let package_paths = app.package.as_ref().map(PackageConfig::app_paths);
             let declared = app
                 .paths
                 .iter()
                 .enumerate()
-                .map(|(j, p)| (format!("paths[{j}]"), p))
+                .map(|(j, p)| (format!("paths[{j}]"), p.as_path()))
                 .chain(
-                    [
-                        ("env_file", app.env_file.as_ref()),
-                        ("package.venv", pkg.and_then(|p| p.venv.as_ref())),
-                        (
-                            "package.releases_dir",
-                            pkg.and_then(|p| p.releases_dir.as_ref()),
-                        ),
-                        ("package.current", pkg.and_then(|p| p.current.as_ref())),
-                    ]
-                    .into_iter()
-                    .filter_map(|(k, p)| p.map(|p| (k.to_owned(), p))),
+                    app.env_file
+                        .as_ref()
+                        .map(|p| ("env_file".to_owned(), p.as_path())),
+                )
+                .chain(
+                    package_paths
+                        .into_iter()
+                        .flatten()
+                        .map(|(field, p)| (format!("package.{field}"), p)),
                 );
             for (field, path) in declared {
                 for (dir, why) in crate::files::untrusted_ancestors(path, app_uid) {
@@ -603,36 +623,86 @@ impl Config {
 }
 
 impl PackageConfig {
+    /// The package's name, whatever its kind.
+    pub fn name(&self) -> &str {
+        match self {
+            PackageConfig::Pip(c) => &c.name,
+            PackageConfig::Release(c) => &c.name,
+            PackageConfig::Deb(c) | PackageConfig::Rpm(c) => &c.name,
+            PackageConfig::Apt(c) => &c.name,
+            PackageConfig::Dnf(c) => &c.name,
+        }
+    }
+
+    /// `kind` as written in the configuration.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PackageConfig::Pip(_) => "pip",
+            PackageConfig::Release(_) => "release",
+            PackageConfig::Deb(_) => "deb",
+            PackageConfig::Rpm(_) => "rpm",
+            PackageConfig::Apt(_) => "apt",
+            PackageConfig::Dnf(_) => "dnf",
+        }
+    }
+
+    /// The app's own paths the package lives in, by field name: the
+    /// package's undo puts them back, and check-config warns when another
+    /// user can write above them. (A deb or rpm lives in system paths.)
+    pub fn app_paths(&self) -> Vec<(&'static str, &Path)> {
+        match self {
+            PackageConfig::Pip(c) => vec![("venv", c.venv.as_path())],
+            PackageConfig::Release(c) => vec![
+                ("releases_dir", c.releases_dir.as_path()),
+                ("current", c.current.as_path()),
+            ],
+            PackageConfig::Deb(_)
+            | PackageConfig::Rpm(_)
+            | PackageConfig::Apt(_)
+            | PackageConfig::Dnf(_) => Vec::new(),
+        }
+    }
+
+    /// Every path the configuration declares, by field name (`find_links[0]`).
+    fn declared_paths(&self) -> Vec<(String, &Path)> {
+        let mut paths: Vec<(String, &Path)> = self
+            .app_paths()
+            .into_iter()
+            .map(|(field, p)| (field.to_owned(), p))
+            .collect();
+        let (repo_dir, find_links): (Option<&PathBuf>, &[PathBuf]) = match self {
+            PackageConfig::Pip(c) => (None, &c.find_links),
+            PackageConfig::Release(c) => (c.repo_dir.as_ref(), &c.find_links),
+            PackageConfig::Deb(c) | PackageConfig::Rpm(c) => (Some(&c.repo_dir), &[]),
+            PackageConfig::Apt(_) | PackageConfig::Dnf(_) => (None, &[]),
+        };
+        paths.extend(repo_dir.map(|p| ("repo_dir".to_owned(), p.as_path())));
+        if let PackageConfig::Apt(c) = self {
+            paths.push(("keep_dir".to_owned(), c.keep_dir.as_path()));
+        }
+        paths.extend(
+            find_links
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("find_links[{i}]"), p.as_path())),
+        );
+        paths
+    }
+
     fn check(&self, key: &str, out: &mut Problems) {
-        if self.name.is_empty()
-            || !self
-                .name
+        let name = self.name();
+        if name.is_empty()
+            || !name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "._-+".contains(c))
         {
             out.add(
                 format!("{key}.name"),
-                format!("{:?} is not a package name", self.name),
+                format!("{name:?} is not a package name"),
             );
         }
-        let require = |out: &mut Problems, field: &str, value: &Option<PathBuf>| match value {
-            Some(p) => out.absolute(&format!("{key}.{field}"), p),
-            None => out.add(
-                format!("{key}.{field}"),
-                format!("is required for kind = \"{}\"", self.kind.as_str()),
-            ),
-        };
-        match self.kind {
-            PackageKind::Pip => require(out, "venv", &self.venv),
-            PackageKind::Release => {
-                require(out, "releases_dir", &self.releases_dir);
-                require(out, "current", &self.current);
-            }
-            PackageKind::Apt => require(out, "keep_dir", &self.keep_dir),
-            PackageKind::Deb | PackageKind::Rpm | PackageKind::Dnf => {}
-        }
-        for (i, p) in self.find_links.iter().enumerate() {
-            out.absolute(&format!("{key}.find_links[{i}]"), p);
+        for (field, path) in self.declared_paths() {
+            out.absolute(&format!("{key}.{field}"), path);
         }
     }
 }
@@ -817,6 +887,8 @@ mod tests {
             [app.package]
             kind = "pip"
             name = "covetpy"
+            venv = "relative/venv"
+            find_links = ["wheels"]
             [app.migrate]
             command = ["covet", "migrate"]
             [app.health]
@@ -834,11 +906,110 @@ mod tests {
             "app[0].unit",
             "app[0].paths[0]",
             "app[0].package.venv",
+            "app[0].package.find_links[0]",
             "app[0].migrate.command",
             "app[0].health.url",
         ] {
             assert!(keys.contains(&want), "{want} missing from {keys:?}");
         }
+    }
+
+    fn package_error(package: &str) -> String {
+        let text = format!(
+            "{BASE}\n[[app]]\nname = \"covet\"\nunit = \"covet.service\"\n[app.package]\n{package}"
+        );
+        toml::from_str::<Config>(&text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn each_package_kind_takes_its_own_fields() {
+        let pip = "kind = \"pip\"\nname = \"covetpy\"\nvenv = \"/opt/covet/venv\"";
+        let c = parse(&format!(
+            "{BASE}\n[[app]]\nname = \"covet\"\nunit = \"covet.service\"\n[app.package]\n{pip}"
+        ));
+        let pkg = c.apps[0].package.as_ref().unwrap();
+        assert_eq!((pkg.kind(), pkg.name()), ("pip", "covetpy"));
+        assert_eq!(pkg.app_paths(), [("venv", Path::new("/opt/covet/venv"))]);
+        // A field another kind uses is refused, by name.
+        for (package, key) in [
+            (format!("{pip}\nrepo_dir = \"/srv/repo\""), "repo_dir"),
+            (format!("{pip}\ncurrent = \"/srv/current\""), "current"),
+            (
+                "kind = \"deb\"\nname = \"app\"\nrepo_dir = \"/r\"\nvenv = \"/v\"".to_owned(),
+                "venv",
+            ),
+            (
+                "kind = \"rpm\"\nname = \"app\"\nrepo_dir = \"/r\"\nfind_links = [\"/w\"]"
+                    .to_owned(),
+                "find_links",
+            ),
+            (
+                "kind = \"release\"\nname = \"a\"\nreleases_dir = \"/r\"\ncurrent = \"/c\"\nvenv = \"/v\""
+                    .to_owned(),
+                "venv",
+            ),
+        ] {
+            let err = package_error(&package);
+            assert!(err.contains("unknown field") && err.contains(key), "{key}: {err}");
+        }
+        // What a kind needs is required, by name.
+        for (package, key) in [
+            ("kind = \"pip\"\nname = \"covetpy\"", "venv"),
+            ("kind = \"deb\"\nname = \"app\"", "repo_dir"),
+            ("kind = \"rpm\"\nname = \"app\"", "repo_dir"),
+            (
+                "kind = \"release\"\nname = \"a\"\ncurrent = \"/c\"",
+                "releases_dir",
+            ),
+            (
+                "kind = \"release\"\nname = \"a\"\nreleases_dir = \"/r\"",
+                "current",
+            ),
+            ("name = \"app\"\nrepo_dir = \"/r\"", "kind"),
+        ] {
+            let err = package_error(package);
+            assert!(
+                err.contains("missing field") && err.contains(key),
+                "{key}: {err}"
+            );
+        }
+        let err = package_error("kind = \"msi\"\nname = \"app\"");
+        assert!(err.contains("msi") && err.contains("pip"), "{err}");
+    }
+
+    #[test]
+    fn package_paths_must_be_absolute() {
+        let text = format!(
+            "{BASE}\n{}",
+            r#"
+            [[app]]
+            name = "a"
+            unit = "a.service"
+            [app.package]
+            kind = "release"
+            name = "a"
+            releases_dir = "releases"
+            current = "/srv/a/current"
+            repo_dir = "artifacts"
+            [[app]]
+            name = "b"
+            unit = "b.service"
+            [app.package]
+            kind = "deb"
+            name = "b"
+            repo_dir = "repo"
+            "#
+        );
+        let problems = parse(&text).problems();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for want in [
+            "app[0].package.releases_dir",
+            "app[0].package.repo_dir",
+            "app[1].package.repo_dir",
+        ] {
+            assert!(keys.contains(&want), "{want} missing from {keys:?}");
+        }
+        assert!(!keys.contains(&"app[0].package.current"), "{keys:?}");
     }
 
     #[test]

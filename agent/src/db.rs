@@ -42,19 +42,20 @@
 //! outcome says which.
 
 use std::collections::BTreeMap;
-use std::ffi::{CStr, CString, OsStr, OsString};
+use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
+
+use crate::host::process::{ProcessBuilder, ProcessError, RunAs, canceled, read_capped};
 
 /// The database that administrative statements connect to.
 const MAINTENANCE_DB: &str = "postgres";
@@ -68,10 +69,6 @@ const ZSTD_LEVEL: i32 = 3;
 const CHUNK: usize = 256 * 1024;
 /// Chunks in flight between the two sides: bounds memory, keeps both busy.
 const PIPELINE_DEPTH: usize = 8;
-/// Stderr kept from one program; a runaway one must not fill memory.
-const STDERR_CAP: usize = 64 * 1024;
-/// How often a dump looks at its cancel flag.
-const CANCEL_POLL: Duration = Duration::from_millis(100);
 /// Attempts at the final rename when sessions keep coming back to the live db.
 const SWAP_ATTEMPTS: u32 = 3;
 const SWAP_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -313,8 +310,7 @@ pub async fn list_dump(
     dump: &Path,
     timeout: Duration,
 ) -> Result<Vec<String>, DbError> {
-    let mut pg_restore = Program::new(t, "pg_restore")?;
-    pg_restore.cmd.arg("--list");
+    let pg_restore = Program::new(t, "pg_restore")?.with(|c| c.arg("--list"));
     let out = run_fed(pg_restore, dump, true, timeout).await?;
     Ok(out.lines().map(str::to_owned).collect())
 }
@@ -575,14 +571,13 @@ async fn create_like(
 
 /// pg_restore of the dump into `db`, as the data role, all or nothing.
 async fn fill(t: &PgTarget, dump: &Path, db: &str, timeout: Duration) -> Result<(), DbError> {
-    let mut pg_restore = Program::new(t, "pg_restore")?;
     // No --no-owner: objects get their recorded owners back (a no-op when
     // the data role is that owner). Custom format reads fine from a pipe for
     // a serial restore; only --jobs needs a seekable file.
-    pg_restore
-        .cmd
-        .args(["--exit-on-error", "--single-transaction", "--no-password"])
-        .args(connection_args(t, t.data_role(), db));
+    let pg_restore = Program::new(t, "pg_restore")?.with(|c| {
+        c.args(["--exit-on-error", "--single-transaction", "--no-password"])
+            .args(connection_args(t, t.data_role(), db))
+    });
     run_fed(pg_restore, dump, false, timeout).await.map(drop)
 }
 
@@ -897,9 +892,8 @@ async fn psql(
     script: &str,
     timeout: Duration,
 ) -> Result<String, DbError> {
-    let mut psql = Program::new(t, "psql")?;
-    psql.cmd
-        .args([
+    let psql = Program::new(t, "psql")?.with(|c| {
+        c.args([
             "-X",
             "-v",
             "ON_ERROR_STOP=1",
@@ -912,7 +906,8 @@ async fn psql(
         .args(["-v", "VERBOSITY=verbose", "-f", "-"])
         .args(connection_args(t, role, db))
         // Names and counts are parsed as UTF-8, whatever the agent's locale.
-        .env("PGCLIENTENCODING", "UTF8");
+        .env("PGCLIENTENCODING", "UTF8")
+    });
     run(psql, script.as_bytes(), timeout).await
 }
 
@@ -943,11 +938,10 @@ async fn dump_into(
     dest: &Path,
     on_bytes: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<DumpStats, DbError> {
-    let mut pg_dump = Program::new(t, "pg_dump")?;
-    pg_dump
-        .cmd
-        .args(["--format=custom", "--compress=0", "--no-password"])
-        .args(connection_args(t, t.data_role(), &t.dbname));
+    let pg_dump = Program::new(t, "pg_dump")?.with(|c| {
+        c.args(["--format=custom", "--compress=0", "--no-password"])
+            .args(connection_args(t, t.data_role(), &t.dbname))
+    });
     let mut child = pg_dump.spawn()?;
     let (stdout, stderr) = (take(child.stdout.take())?, take(child.stderr.take())?);
     let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
@@ -1024,13 +1018,6 @@ fn sync_parent(path: &Path) -> Result<(), DbError> {
         .map_err(DbError::io(format!("fsync directory {}", parent.display())))
 }
 
-/// Resolves once `flag` is set.
-async fn canceled(flag: &AtomicBool) {
-    while !flag.load(Ordering::Relaxed) {
-        tokio::time::sleep(CANCEL_POLL).await;
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Restore pipeline: zstd on a blocking thread -> channel -> program's stdin.
 
@@ -1038,13 +1025,13 @@ async fn canceled(flag: &AtomicBool) {
 /// `to_end`: keep decompressing after the program stopped reading, so that
 /// damage anywhere in the file is detected.
 async fn run_fed(
-    mut prog: Program,
+    prog: Program,
     dump: &Path,
     to_end: bool,
     timeout: Duration,
 ) -> Result<String, DbError> {
     let program = prog.name;
-    prog.cmd.stdin(Stdio::piped());
+    let prog = prog.with(ProcessBuilder::stdin_piped);
     let work = async {
         let mut child = prog.spawn()?;
         let stdin = take(child.stdin.take())?;
@@ -1137,7 +1124,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 
 /// A client program ready to run, with what its messages need.
 struct Program {
-    cmd: Command,
+    command: ProcessBuilder,
     name: &'static str,
     /// The os_user it runs as, if any.
     as_user: Option<String>,
@@ -1145,46 +1132,77 @@ struct Program {
 
 impl Program {
     /// `name` from the bindir, run as the os_user (if any) from `/`, its
-    /// stdin closed and its output piped, killed when dropped.
+    /// stdin closed and its output piped, killed when dropped; its
+    /// environment only PATH, HOME (the os_user's, else the agent's) and
+    /// USER.
     ///
-    /// Switching user uses the spawn's own setgid/setuid (`CommandExt::uid`,
-    /// `gid`) rather than `runuser`: no PAM session, no extra process between
-    /// us and the program, so a kill on timeout reaches the program itself.
-    /// std also drops root's supplementary groups when it switches user.
+    /// The user is switched by the runner itself rather than by `runuser`:
+    /// no PAM session, no extra process between us and the program, so a
+    /// kill on timeout reaches the program itself.
     fn new(t: &PgTarget, name: &'static str) -> Result<Program, DbError> {
         if !t.bindir.is_absolute() {
             return Err(DbError::RelativeBindir(t.bindir.clone()));
         }
-        let mut cmd = Command::new(t.bindir.join(name));
-        cmd.current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        if let Some(user) = &t.os_user {
-            let account = lookup_account(user)?;
-            // SAFETY: geteuid(2) has no preconditions.
-            if account.uid != unsafe { libc::geteuid() } {
-                cmd.uid(account.uid).gid(account.gid);
+        let mut command = ProcessBuilder::new(t.bindir.join(name)).current_dir("/");
+        match &t.os_user {
+            // libpq finds ~/.pgpass and ~/.pg_service.conf in its home, not in root's.
+            Some(user) => {
+                let run_as = RunAs::lookup(user).map_err(|e| from_process(name, None, e))?;
+                command = command.user(run_as);
             }
-            // libpq finds ~/.pgpass and ~/.pg_service.conf there, not in root's.
-            cmd.env("HOME", account.home);
+            None => {
+                if let Some(home) = std::env::var_os("HOME") {
+                    command = command.env("HOME", home);
+                }
+            }
         }
         Ok(Program {
-            cmd,
+            command,
             name,
             as_user: t.os_user.clone(),
         })
     }
 
-    fn spawn(mut self) -> Result<Child, DbError> {
-        self.cmd.spawn().map_err(|source| DbError::Spawn {
-            program: PathBuf::from(self.cmd.as_std().get_program()),
-            user: self
-                .as_user
-                .unwrap_or_else(|| "the agent's own user".to_owned()),
+    /// The same program with `change` made to its command.
+    fn with(mut self, change: impl FnOnce(ProcessBuilder) -> ProcessBuilder) -> Program {
+        self.command = change(self.command);
+        self
+    }
+
+    fn spawn(self) -> Result<Child, DbError> {
+        self.command
+            .spawn()
+            .map_err(|e| from_process(self.name, self.as_user.as_deref(), e))
+    }
+}
+
+/// A runner's error in the words of this module: the program by its short
+/// name, the user it was to run as.
+fn from_process(program: &'static str, as_user: Option<&str>, error: ProcessError) -> DbError {
+    match error {
+        ProcessError::NotAbsolute(path) => DbError::RelativeBindir(path),
+        ProcessError::Spawn {
+            program, source, ..
+        } => DbError::Spawn {
+            program: PathBuf::from(program),
+            user: as_user.unwrap_or("the agent's own user").to_owned(),
             source,
-        })
+        },
+        ProcessError::UnknownUser(name) => DbError::UnknownOsUser(name),
+        ProcessError::UserLookup { name, source } => {
+            DbError::io(format!("look up system user {name:?}"))(source)
+        }
+        ProcessError::Timeout { after, .. } => DbError::Timeout {
+            program: program.to_owned(),
+            after,
+        },
+        ProcessError::Failed { status, tail, .. } => DbError::Tool {
+            program: program.to_owned(),
+            status,
+            stderr: tail.join("\n"),
+        },
+        ProcessError::Canceled => DbError::Canceled,
+        ProcessError::Io { context, source } => DbError::Io { context, source },
     }
 }
 
@@ -1205,34 +1223,22 @@ fn connection_args(t: &PgTarget, role: Option<&str>, db: &str) -> Vec<OsString> 
 }
 
 /// Runs a program to completion with `input` on its stdin; its stdout.
-async fn run(mut prog: Program, input: &[u8], timeout: Duration) -> Result<String, DbError> {
-    let program = prog.name;
-    prog.cmd.stdin(Stdio::piped());
-    let work = async {
-        let mut child = prog.spawn()?;
-        let mut stdin = take(child.stdin.take())?;
-        let (stdout, stderr) = (take(child.stdout.take())?, take(child.stderr.take())?);
-        let write = async {
-            let written = stdin.write_all(input).await;
-            drop(stdin);
-            written
-        };
-        let (written, out, err) = tokio::join!(write, read_all(stdout), read_capped(stderr));
-        let status = child
-            .wait()
-            .await
-            .map_err(DbError::io(format!("wait for {program}")))?;
-        check_status(program, status, &err)?;
-        // A program that succeeded without reading all its input (broken
-        // pipe) is still a success.
-        if let Err(e) = written
-            && e.kind() != io::ErrorKind::BrokenPipe
-        {
-            return Err(DbError::io(format!("write to {program}"))(e));
-        }
-        out.map_err(DbError::io(format!("read {program} output")))
-    };
-    within(program, timeout, work).await
+async fn run(prog: Program, input: &[u8], timeout: Duration) -> Result<String, DbError> {
+    let Program {
+        command,
+        name,
+        as_user,
+    } = prog;
+    let out = command
+        .stdin_bytes(input)
+        .timeout(timeout)
+        .output()
+        .await
+        .map_err(|e| from_process(name, as_user.as_deref(), e))?;
+    check_status(name, out.status, &out.stderr)?;
+    String::from_utf8(out.stdout).map_err(|e| {
+        DbError::io(format!("read {name} output"))(io::Error::new(io::ErrorKind::InvalidData, e))
+    })
 }
 
 /// A piped stdio handle: only missing if we forgot to ask for it.
@@ -1276,77 +1282,8 @@ async fn read_all(mut r: impl AsyncRead + Unpin) -> io::Result<String> {
     String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-/// All of `r` is read (so the writer never blocks), the first STDERR_CAP
-/// bytes kept.
-async fn read_capped(mut r: impl AsyncRead + Unpin) -> String {
-    let mut kept = Vec::new();
-    let mut dropped = 0usize;
-    let mut buf = [0u8; 8192];
-    loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let room = STDERR_CAP.saturating_sub(kept.len()).min(n);
-        kept.extend_from_slice(&buf[..room]);
-        dropped += n - room;
-    }
-    let mut text = String::from_utf8_lossy(&kept).into_owned();
-    if dropped > 0 {
-        text.push_str(&format!("\n[{dropped} more bytes not kept]"));
-    }
-    text
-}
-
 // ---------------------------------------------------------------------------
-// System lookups
-
-struct Account {
-    uid: libc::uid_t,
-    gid: libc::gid_t,
-    home: PathBuf,
-}
-
-/// The passwd entry of `name` (getpwnam_r: the agent is multi-threaded).
-fn lookup_account(name: &str) -> Result<Account, DbError> {
-    let unknown = || DbError::UnknownOsUser(name.to_owned());
-    let cname = CString::new(name).map_err(|_| unknown())?;
-    let mut buf: Vec<libc::c_char> = vec![0; 16 * 1024];
-    loop {
-        // SAFETY: all-zero is a valid passwd (null pointers, zero ids).
-        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call; buf outlives entry's use.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                cname.as_ptr(),
-                &mut entry,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut found,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < 1024 * 1024 {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 {
-            return Err(DbError::io(format!("look up system user {name:?}"))(
-                io::Error::from_raw_os_error(rc),
-            ));
-        }
-        if found.is_null() {
-            return Err(unknown());
-        }
-        // SAFETY: on success pw_dir points to a NUL-terminated string in buf.
-        let home = unsafe { CStr::from_ptr(entry.pw_dir) };
-        return Ok(Account {
-            uid: entry.pw_uid,
-            gid: entry.pw_gid,
-            home: PathBuf::from(OsStr::from_bytes(home.to_bytes())),
-        });
-    }
-}
+// Finding the client programs
 
 fn has_client_programs(dir: &Path) -> bool {
     CLIENT_PROGRAMS.iter().all(|p| dir.join(p).is_file())
@@ -1380,10 +1317,10 @@ fn newest_debian_bindir() -> Option<PathBuf> {
 
 /// A short synchronous run: stdout if the program exits 0 within `limit`.
 fn run_briefly(program: &Path, args: &[&str], limit: Duration) -> Option<String> {
-    let mut child = std::process::Command::new(program)
+    let mut child = ProcessBuilder::new(program)
         .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .std_command()
+        .ok()?
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
@@ -1685,14 +1622,15 @@ mod tests {
     }
 
     #[test]
-    fn accounts() {
-        let root = lookup_account("root").unwrap();
-        assert_eq!((root.uid, root.gid), (0, 0));
-        assert!(root.home.is_absolute());
+    fn an_unknown_os_user_is_named() {
+        let mut t = coreutils();
+        t.os_user = Some("no-such-user-covet".into());
         assert!(matches!(
-            lookup_account("no-such-user-covet"),
-            Err(DbError::UnknownOsUser(_))
+            Program::new(&t, "psql"),
+            Err(DbError::UnknownOsUser(name)) if name == "no-such-user-covet"
         ));
+        t.os_user = Some("root".into());
+        assert!(Program::new(&t, "psql").is_ok());
     }
 
     #[test]
@@ -1716,8 +1654,9 @@ mod tests {
     #[tokio::test]
     async fn failures_keep_stderr_and_timeouts_kill() {
         let t = coreutils();
-        let mut ls = Program::new(&t, "ls").unwrap();
-        ls.cmd.arg("/no/such/covet/path");
+        let ls = Program::new(&t, "ls")
+            .unwrap()
+            .with(|c| c.arg("/no/such/covet/path"));
         match run(ls, b"", Duration::from_secs(10)).await {
             Err(e @ DbError::Tool { .. }) => {
                 let text = e.to_string();
@@ -1727,8 +1666,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
 
-        let mut sleep = Program::new(&t, "sleep").unwrap();
-        sleep.cmd.arg("30");
+        let sleep = Program::new(&t, "sleep").unwrap().with(|c| c.arg("30"));
         let started = Instant::now();
         let late = run(sleep, b"", Duration::from_millis(200)).await;
         assert!(started.elapsed() < Duration::from_secs(5));
@@ -1754,16 +1692,5 @@ mod tests {
         let cat = Program::new(&coreutils(), "cat").unwrap();
         let out = run(cat, b"hello\n", Duration::from_secs(10)).await.unwrap();
         assert_eq!(out, "hello\n");
-    }
-
-    #[tokio::test]
-    async fn stderr_is_capped() {
-        let big = vec![b'e'; STDERR_CAP + 100];
-        let text = read_capped(&big[..]).await;
-        assert!(
-            text.ends_with("[100 more bytes not kept]"),
-            "{}",
-            &text[STDERR_CAP..]
-        );
     }
 }

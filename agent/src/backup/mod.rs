@@ -1090,15 +1090,7 @@ pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Bytes available to unprivileged writers on the file system of `path`.
 pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `s` a valid out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(s.f_bavail * s.f_frsize)
+    Ok(crate::files::fs_space(path)?.available_bytes)
 }
 
 /// A cancel flag that is never set, for callers without an operation.

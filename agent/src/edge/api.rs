@@ -182,12 +182,12 @@ fn app_summary(app: &crate::config::AppConfig) -> pb::AppSummary {
         package_kind: app
             .package
             .as_ref()
-            .map(|p| p.kind.as_str().to_owned())
+            .map(|p| p.kind().to_owned())
             .unwrap_or_default(),
         package_name: app
             .package
             .as_ref()
-            .map(|p| p.name.clone())
+            .map(|p| p.name().to_owned())
             .unwrap_or_default(),
         has_database: app.database.is_some(),
         has_health_probe: app.health.is_some(),

@@ -73,70 +73,59 @@ pub fn tree_fingerprint(root: &Path) -> io::Result<String> {
     )))
 }
 
+/// What statvfs(3) says of a file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsSpace {
+    /// Bytes available to unprivileged writers.
+    pub available_bytes: u64,
+    pub inodes_total: u64,
+    pub inodes_free: u64,
+    pub read_only: bool,
+}
+
+/// [`FsSpace`] of the file system holding `path` (statvfs).
+pub fn fs_space(path: &Path) -> io::Result<FsSpace> {
+    let c_path = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: `c_path` is NUL-terminated; the out-value is written by the call.
+    fs_space_with(|out| unsafe { libc::statvfs(c_path.as_ptr(), out) })
+}
+
+/// [`FsSpace`] of the file system holding the open `fd` (fstatvfs).
+pub fn fs_space_of(fd: std::os::fd::BorrowedFd) -> io::Result<FsSpace> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `fd` is open for the call; the out-value is written by it.
+    fs_space_with(|out| unsafe { libc::fstatvfs(fd.as_raw_fd(), out) })
+}
+
+fn fs_space_with(call: impl FnOnce(*mut libc::statvfs) -> libc::c_int) -> io::Result<FsSpace> {
+    // SAFETY: an all-zero statvfs is a valid out-value.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if call(&mut s) != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(FsSpace {
+        available_bytes: widen(s.f_bavail).saturating_mul(widen(s.f_frsize)),
+        inodes_total: widen(s.f_files),
+        inodes_free: widen(s.f_ffree),
+        read_only: s.f_flag & libc::ST_RDONLY != 0,
+    })
+}
+
+/// Lossless widening whose source width depends on the target (fsfilcnt_t is
+/// 32 bits on some), without tripping clippy's same-type-conversion lint.
+fn widen<T: Into<u64>>(value: T) -> u64 {
+    value.into()
+}
+
 /// uid and primary gid of the system user `name`; `None` if there is none.
 pub fn user_ids(name: &str) -> io::Result<Option<(u32, u32)>> {
-    let c_name = CString::new(name)?;
-    let mut buf: Vec<libc::c_char> = vec![0; 16 * 1024];
-    loop {
-        // SAFETY: an all-zero passwd is a valid value for getpwnam_r to fill.
-        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call; `buf` outlives `entry`.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                c_name.as_ptr(),
-                &mut entry,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut found,
-            )
-        };
-        match rc {
-            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
-            0 if found.is_null() => return Ok(None),
-            0 => return Ok(Some((entry.pw_uid, entry.pw_gid))),
-            // ENOENT and friends: no such user.
-            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
-            rc => return Err(io::Error::from_raw_os_error(rc)),
-        }
-    }
+    Ok(crate::host::users::by_name(name)?.map(|a| (a.uid, a.gid)))
 }
 
 /// The uids of the named members of group `gid` (`/etc/group`'s list;
 /// users whose primary group it is are not listed there).
 fn group_member_uids(gid: u32) -> Vec<u32> {
-    let mut buf: Vec<libc::c_char> = vec![0; 16 * 1024];
-    let mut names = Vec::new();
-    loop {
-        // SAFETY: an all-zero group is a valid value for getgrgid_r to fill.
-        let mut entry: libc::group = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call; `buf` outlives `entry`.
-        let rc =
-            unsafe { libc::getgrgid_r(gid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 4, 0);
-            continue;
-        }
-        if rc != 0 || found.is_null() || entry.gr_mem.is_null() {
-            break;
-        }
-        let mut member = entry.gr_mem;
-        // SAFETY: gr_mem is a NULL-terminated array of NUL-terminated
-        // strings inside `buf`.
-        unsafe {
-            while !(*member).is_null() {
-                names.push(
-                    std::ffi::CStr::from_ptr(*member)
-                        .to_string_lossy()
-                        .into_owned(),
-                );
-                member = member.add(1);
-            }
-        }
-        break;
-    }
-    names
+    crate::host::users::group_members(gid)
         .iter()
         .filter_map(|n| user_ids(n).ok().flatten().map(|(uid, _)| uid))
         .collect()
@@ -193,6 +182,12 @@ pub fn untrusted_ancestors(path: &Path, app_uid: Option<u32>) -> Vec<(std::path:
                 .map(|why| (dir.to_path_buf(), why))
         })
         .collect()
+}
+
+/// Whether the agent runs as root (it may then chown what it makes).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 #[cfg(test)]

@@ -390,10 +390,7 @@ impl Dir {
 
     /// Bytes available to unprivileged writers on this file system.
     pub fn free_bytes(&self) -> io::Result<u64> {
-        // SAFETY: an all-zero statvfs is a valid out-value.
-        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        check(unsafe { libc::fstatvfs(self.raw(), &mut s) })?;
-        Ok(s.f_bavail.saturating_mul(s.f_frsize))
+        Ok(super::fs_space_of(self.fd.as_fd())?.available_bytes)
     }
 
     /// A `File` on this directory's descriptor, for fchown/fchmod/futimens.

@@ -440,12 +440,7 @@ fn is_valid_name(key: &str) -> bool {
 }
 
 fn validate_key(key: &str) -> Result<(), EnvError> {
-    let mut chars = key.chars();
-    let starts_well = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if starts_well && rest_ok && key.len() <= MAX_KEY_LEN {
+    if is_valid_name(key) && key.len() <= MAX_KEY_LEN {
         Ok(())
     } else {
         Err(EnvError::InvalidKey(key.to_owned()))
@@ -595,13 +590,8 @@ fn assignment(line: &str) -> Option<Assignment> {
     let key_len = rest
         .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .unwrap_or(rest.len());
-    let key = &rest[..key_len];
-    let starts_well = key
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
     let after_key = rest[key_len..].trim_start_matches([' ', '\t']);
-    (starts_well && after_key.starts_with('=')).then_some(Assignment {
+    (is_valid_name(&rest[..key_len]) && after_key.starts_with('=')).then_some(Assignment {
         key_start,
         key_end: key_start + key_len,
     })
@@ -698,15 +688,10 @@ fn write_atomically(path: &Path, bytes: &[u8], like: &fs::Metadata) -> Result<()
 
 /// Owner first: chown clears setuid/setgid bits that chmod then restores.
 fn copy_attributes(file: &File, like: &fs::Metadata) -> io::Result<()> {
-    if is_root() {
+    if crate::files::is_root() {
         std::os::unix::fs::fchown(file, Some(like.uid()), Some(like.gid()))?;
     }
     file.set_permissions(Permissions::from_mode(like.mode() & 0o7777))
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 #[cfg(test)]

@@ -2,12 +2,12 @@
 //! bounded in time), from the system journal or a configured directory.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 use tokio::sync::mpsc;
+
+use crate::host::process::{ProcessBuilder, ProcessError};
 
 /// The most lines one request may ask for.
 pub const MAX_LINES: u32 = 10_000;
@@ -18,6 +18,8 @@ const JOURNALCTL: &str = "/usr/bin/journalctl";
 pub enum LogError {
     #[error("cannot run {JOURNALCTL}: {0}")]
     Spawn(std::io::Error),
+    #[error("journalctl: {0}")]
+    Process(ProcessError),
     #[error("journalctl failed: {0}")]
     Failed(String),
     #[error(
@@ -52,19 +54,20 @@ impl JournalReader {
 
     /// journalctl with the unit's matches: its own output and what the
     /// service manager logged about it, for system and user managers alike.
-    fn command(&self, unit: &str, lines: u32, since: Option<SystemTime>) -> Command {
-        let mut cmd = Command::new(JOURNALCTL);
+    fn command(&self, unit: &str, lines: u32, since: Option<SystemTime>) -> ProcessBuilder {
+        let mut cmd = ProcessBuilder::new(JOURNALCTL);
         if let Some(dir) = &self.dir {
-            cmd.arg(format!("--directory={}", dir.display()));
+            cmd = cmd.arg(format!("--directory={}", dir.display()));
         }
-        cmd.args(["--output=json", "--no-pager", "--quiet"])
+        cmd = cmd
+            .args(["--output=json", "--no-pager", "--quiet"])
             .arg(format!("--lines={}", lines.min(MAX_LINES)));
         if let Some(since) = since {
             let secs = since
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            cmd.arg(format!("--since=@{secs}"));
+            cmd = cmd.arg(format!("--since=@{secs}"));
         }
         // Field matches joined by "+" are alternatives.
         cmd.arg(format!("_SYSTEMD_UNIT={unit}"))
@@ -73,12 +76,7 @@ impl JournalReader {
             .arg("+")
             .arg(format!("_SYSTEMD_USER_UNIT={unit}"))
             .arg("+")
-            .arg(format!("USER_UNIT={unit}"));
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        cmd
+            .arg(format!("USER_UNIT={unit}"))
     }
 
     /// The last `lines` entries of `unit` (optionally only since a time).
@@ -88,17 +86,14 @@ impl JournalReader {
         lines: u32,
         since: Option<SystemTime>,
     ) -> Result<Vec<LogLine>, LogError> {
-        let child = self
+        let output = self
             .command(unit, lines, since)
-            .spawn()
-            .map_err(LogError::Spawn)?;
-        let output = tokio::time::timeout(TAIL_TIMEOUT, child.wait_with_output())
+            .timeout(TAIL_TIMEOUT)
+            .output()
             .await
-            .map_err(|_| LogError::Timeout)?
-            .map_err(LogError::Spawn)?;
+            .map_err(LogError::from)?;
         if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            return Err(LogError::Failed(stderr.trim().to_owned()));
+            return Err(LogError::Failed(output.stderr.trim().to_owned()));
         }
         Ok(String::from_utf8_lossy(&output.stdout)
             .lines()
@@ -114,9 +109,11 @@ impl JournalReader {
         lines: u32,
         since: Option<SystemTime>,
     ) -> Result<mpsc::Receiver<Result<LogLine, LogError>>, LogError> {
-        let mut cmd = self.command(unit, lines, since);
-        cmd.arg("--follow");
-        let mut child = cmd.spawn().map_err(LogError::Spawn)?;
+        let mut child = self
+            .command(unit, lines, since)
+            .arg("--follow")
+            .spawn()
+            .map_err(LogError::from)?;
         let stdout = child
             .stdout
             .take()
@@ -149,6 +146,16 @@ impl JournalReader {
             let _ = child.kill().await;
         });
         Ok(rx)
+    }
+}
+
+impl From<ProcessError> for LogError {
+    fn from(error: ProcessError) -> LogError {
+        match error {
+            ProcessError::Spawn { source, .. } => LogError::Spawn(source),
+            ProcessError::Timeout { .. } => LogError::Timeout,
+            other => LogError::Process(other),
+        }
     }
 }
 

@@ -8,10 +8,8 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::ffi::CString;
 use std::fmt::{self, Write as _};
 use std::future::Future;
-use std::mem::MaybeUninit;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,6 +26,8 @@ use sysinfo::{
     CpuRefreshKind, DiskRefreshKind, Disks, MINIMUM_CPU_UPDATE_INTERVAL, MemoryRefreshKind,
     Networks, System,
 };
+
+use crate::files::FsSpace;
 use tokio::net::TcpListener;
 
 /// A sample younger than this is served from cache, so that many concurrent
@@ -521,42 +521,12 @@ fn count_processes() -> u32 {
 
 // ---------------------------------------------------------------- statvfs
 
-#[derive(Clone, Copy)]
-struct VfsStats {
-    inodes_total: u64,
-    inodes_free: u64,
-    read_only: bool,
-}
-
 /// Inode counts and read-only flag of a mounted file system, which sysinfo
 /// does not report.
-fn statvfs(mount_point: &Path) -> Option<VfsStats> {
-    let path = CString::new(mount_point.as_os_str().as_bytes()).ok()?;
-    let mut stat = MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `path` is a valid NUL-terminated string and `stat` is a
-    // writable buffer of the right type; it is only read if the call succeeds.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
-    if rc != 0 {
-        tracing::debug!(
-            mount = %mount_point.display(),
-            "statvfs failed: {}",
-            std::io::Error::last_os_error()
-        );
-        return None;
-    }
-    // SAFETY: statvfs returned 0, so it filled the whole struct.
-    let stat = unsafe { stat.assume_init() };
-    Some(VfsStats {
-        inodes_total: widen(stat.f_files),
-        inodes_free: widen(stat.f_ffree),
-        read_only: stat.f_flag & libc::ST_RDONLY != 0,
-    })
-}
-
-/// Lossless widening whose source width depends on the target (fsfilcnt_t is
-/// 32 bits on some), without tripping clippy's same-type-conversion lint.
-fn widen<T: Into<u64>>(value: T) -> u64 {
-    value.into()
+fn statvfs(mount_point: &Path) -> Option<FsSpace> {
+    crate::files::fs_space(mount_point)
+        .map_err(|e| tracing::debug!(mount = %mount_point.display(), "statvfs failed: {e}"))
+        .ok()
 }
 
 // ---------------------------------------------------------------- /proc/diskstats

@@ -1,5 +1,6 @@
 //! What the agent drives on the machine: systemd over D-Bus, journald,
-//! external programs, env files, sd_notify, host facts and metrics.
+//! external programs, system users, env files, sd_notify, host facts and
+//! metrics.
 //! Nothing here knows of apps' upgrades or of gRPC.
 
 pub mod envfile;
@@ -9,3 +10,4 @@ pub mod metrics;
 pub mod notify;
 pub mod process;
 pub mod systemd;
+pub mod users;

@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
+use super::system::{APT_ARCHIVES, Installed, Manager, TOOL_ENV, check_name, keep_file};
 use super::{
-    APT_ARCHIVES, Installed, PackageError, RestorePoint, SYSTEM_PATH, System, TOOL_ENV, blocking,
-    check_name, checked, io_error, keep_file, remove_tree, required, run_tool,
+    Fallback, InstallOptions, Kind, OnLine, OpId, PackageError, RestorePoint, SYSTEM_PATH, Version,
+    blocking, checked, io_error, remove_tree, run_tool, with_suffix,
 };
-use crate::config::PackageConfig;
+use crate::config::AptConfig;
 
 const APT_GET: &str = "/usr/bin/apt-get";
 const APT_CACHE: &str = "/usr/bin/apt-cache";
@@ -84,8 +85,8 @@ async fn listed_versions(name: &str) -> Result<Vec<String>, PackageError> {
 }
 
 /// The version apt lists for the request, as apt spells it.
-async fn find(pkg: &PackageConfig, version: &str) -> Result<String, PackageError> {
-    check_name(System::Deb, &pkg.name)?;
+async fn find(pkg: &AptConfig, version: &str) -> Result<String, PackageError> {
+    check_name(Manager::Dpkg, &pkg.name)?;
     let listed = listed_versions(&pkg.name).await?;
     match matching(&listed, version) {
         Some(found) => Ok(found.to_owned()),
@@ -110,35 +111,60 @@ fn describe_listed(name: &str, listed: &[String]) -> String {
     }
 }
 
-/// Preflight: apt's package lists offer `version` of the package.
-pub(super) async fn check_available(
-    pkg: &PackageConfig,
-    version: &str,
-) -> Result<(), PackageError> {
-    find(pkg, version).await.map(|_| ())
+/// The app's package from apt's repositories.
+pub(super) struct Apt<'a>(pub(super) &'a AptConfig);
+
+impl Kind for Apt<'_> {
+    /// apt's package lists offer `version` of the package.
+    async fn check_available(&self, version: Version<'_>) -> Result<(), PackageError> {
+        find(self.0, version.as_str()).await.map(|_| ())
+    }
+
+    async fn prepare_restore_point(&self, op_id: OpId<'_>) -> Result<RestorePoint, PackageError> {
+        prepare(self.0, op_id).await
+    }
+
+    async fn abandon_restore_point(&self, op_id: OpId<'_>) -> Result<(), PackageError> {
+        let download = with_suffix(&keep_of(self.0, op_id), ".download");
+        blocking(move || remove_tree(&download)).await?;
+        super::system::discard(&keep_of(self.0, op_id)).await
+    }
+
+    async fn install(
+        &self,
+        version: Version<'_>,
+        options: &InstallOptions<'_>,
+    ) -> Result<(), PackageError> {
+        install(self.0, version.as_str(), options.timeout, options.on_line).await
+    }
+
+    async fn installed_version(&self) -> Option<String> {
+        Manager::Dpkg.installed(&self.0.name).await.ok()?.version()
+    }
+
+    /// The backed-up version is installed again from the repositories.
+    fn fallback(&self) -> Fallback {
+        Fallback::ReinstallBackedUpVersion
+    }
 }
 
 /// `keep_dir/before-OP_ID`: one operation's kept .deb.
-pub(super) fn keep_of(pkg: &PackageConfig, op_id: &str) -> Result<PathBuf, PackageError> {
-    let keep_dir = required(pkg, "keep_dir", pkg.keep_dir.as_deref())?;
-    Ok(keep_dir.join(format!("before-{op_id}")))
+fn keep_of(pkg: &AptConfig, op_id: OpId<'_>) -> PathBuf {
+    pkg.keep_dir.join(format!("before-{}", op_id.as_str()))
 }
 
 /// Keeps the installed version's .deb (apt's cache, else downloaded from
 /// the repositories) in `keep_dir/before-OP_ID/`; none kept, no upgrade.
 /// The restore point is the deb kind's: its restore reinstalls the kept
 /// file with dpkg, keeping conffiles and waiting for dpkg's lock.
-pub(super) async fn prepare(
-    pkg: &PackageConfig,
-    op_id: &str,
-) -> Result<RestorePoint, PackageError> {
-    check_name(System::Deb, &pkg.name)?;
-    let keep = keep_of(pkg, op_id)?;
+async fn prepare(pkg: &AptConfig, op_id: OpId<'_>) -> Result<RestorePoint, PackageError> {
+    check_name(Manager::Dpkg, &pkg.name)?;
+    let keep = keep_of(pkg, op_id);
     if keep.is_dir() {
         // A retry: what was kept then is what was installed then.
-        return System::Deb.kept_point(&pkg.name, keep).await;
+        return Manager::Dpkg.kept_point(&pkg.name, keep).await;
     }
-    let (version, file) = match System::Deb.installed(&pkg.name).await? {
+    let (version, file) = match Manager::Dpkg.installed(&pkg.name).await? {
         Installed::No => (None, None),
         Installed::Unsettled(state) => {
             return Err(PackageError::Unsettled {
@@ -161,24 +187,24 @@ pub(super) async fn prepare(
             blocking(move || remove_tree(&download)).await?;
         }
     }
-    Ok(System::Deb.point(&pkg.name, version, keep, kept?))
+    Ok(Manager::Dpkg.point(&pkg.name, version, keep, kept?))
 }
 
 /// The .deb of the installed `version`: in apt's cache, or fetched with
 /// `apt-get download` into `KEEP.download`.
 async fn previous_file(
-    pkg: &PackageConfig,
+    pkg: &AptConfig,
     keep: &Path,
     version: &str,
 ) -> Result<PathBuf, PackageError> {
-    let cached = System::Deb
+    let cached = Manager::Dpkg
         .search(&[Path::new(APT_ARCHIVES)], &pkg.name, version)
         .await?;
     let searched = match cached {
         Ok((file, _)) => return Ok(file),
         Err(searched) => searched,
     };
-    let download = super::with_suffix(keep, ".download");
+    let download = with_suffix(keep, ".download");
     let dir = download.clone();
     blocking(move || {
         remove_tree(&dir)?;
@@ -191,7 +217,7 @@ async fn previous_file(
         searched: format!("{searched}, apt's repositories ({why})"),
     };
     let fetched = match download_into(&download, &pkg.name, version).await {
-        Ok(()) => System::Deb
+        Ok(()) => Manager::Dpkg
             .search(&[download.as_path()], &pkg.name, version)
             .await?
             .map(|(file, _)| file)
@@ -231,18 +257,18 @@ async fn download_into(dir: &Path, name: &str, version: &str) -> Result<(), Pack
 /// `apt-get install NAME=VERSION`; nothing to do when it is installed.
 /// Preflight has asked apt for the version; apt's own refusal of one it
 /// does not know is still told as [`PackageError::VersionMissing`].
-pub(super) async fn install(
-    pkg: &PackageConfig,
+async fn install(
+    pkg: &AptConfig,
     version: &str,
     timeout: Duration,
-    on_line: &(dyn Fn(bool, &str) + Send + Sync),
+    on_line: OnLine<'_>,
 ) -> Result<(), PackageError> {
-    check_name(System::Deb, &pkg.name)?;
+    check_name(Manager::Dpkg, &pkg.name)?;
     let is_wanted = |now: &Installed| match now {
         Installed::Yes(v) => matching(std::slice::from_ref(v), version).is_some(),
         _ => false,
     };
-    if is_wanted(&System::Deb.installed(&pkg.name).await?) {
+    if is_wanted(&Manager::Dpkg.installed(&pkg.name).await?) {
         return Ok(());
     }
     let args = install_args(format!("{}={version}", pkg.name).into(), timeout);
@@ -260,7 +286,7 @@ pub(super) async fn install(
         }
     }
     ran?;
-    let found = System::Deb.installed(&pkg.name).await?;
+    let found = Manager::Dpkg.installed(&pkg.name).await?;
     if is_wanted(&found) {
         return Ok(());
     }

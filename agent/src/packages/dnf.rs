@@ -10,13 +10,16 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
+use super::system::{Installed, Manager, TOOL_ENV, check_name};
 use super::{
-    Installed, PackageError, RESTORE_TIMEOUT, RestorePoint, System, TOOL_ENV, check_name, checked,
+    Fallback, InstallOptions, Kind, OnLine, OpId, PackageError, RestorePoint, Version, checked,
     run_tool,
 };
-use crate::config::PackageConfig;
+use crate::config::DnfConfig;
 
 const DNF: &str = "/usr/bin/dnf";
+/// `restore` takes no timeout; installing one version again gets this long.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// `VERSION-RELEASE` lines of `repoquery --qf`, each once, in order.
 pub(super) fn parse_versions(text: &str) -> Vec<String> {
@@ -92,12 +95,48 @@ async fn find(name: &str, version: &str) -> Result<Result<String, String>, Packa
     })
 }
 
+/// The app's package from dnf's repositories.
+pub(super) struct Dnf<'a>(pub(super) &'a DnfConfig);
+
+impl Kind for Dnf<'_> {
+    async fn check_available(&self, version: Version<'_>) -> Result<(), PackageError> {
+        check_available(self.0, version.as_str()).await
+    }
+
+    async fn prepare_restore_point(&self, _op_id: OpId<'_>) -> Result<RestorePoint, PackageError> {
+        prepare(self.0).await
+    }
+
+    /// Nothing is kept on disk.
+    async fn abandon_restore_point(&self, _op_id: OpId<'_>) -> Result<(), PackageError> {
+        Ok(())
+    }
+
+    async fn install(
+        &self,
+        version: Version<'_>,
+        options: &InstallOptions<'_>,
+    ) -> Result<(), PackageError> {
+        install(self.0, version.as_str(), options.timeout, options.on_line).await
+    }
+
+    async fn installed_version(&self) -> Option<String> {
+        Manager::Rpm(&[])
+            .installed(&self.0.name)
+            .await
+            .ok()?
+            .version()
+    }
+
+    /// The backed-up version is installed again from the repositories.
+    fn fallback(&self) -> Fallback {
+        Fallback::ReinstallBackedUpVersion
+    }
+}
+
 /// Preflight: the repositories offer `version` of the package.
-pub(super) async fn check_available(
-    pkg: &PackageConfig,
-    version: &str,
-) -> Result<(), PackageError> {
-    check_name(System::Rpm(&[]), &pkg.name)?;
+async fn check_available(pkg: &DnfConfig, version: &str) -> Result<(), PackageError> {
+    check_name(Manager::Rpm(&[]), &pkg.name)?;
     find(&pkg.name, version)
         .await?
         .map(|_| ())
@@ -110,9 +149,9 @@ pub(super) async fn check_available(
 
 /// Records the installed version; refused, nothing changed, when the
 /// repositories no longer offer it (a rollback could not bring it back).
-pub(super) async fn prepare(pkg: &PackageConfig) -> Result<RestorePoint, PackageError> {
-    check_name(System::Rpm(&[]), &pkg.name)?;
-    let version = match System::Rpm(&[]).installed(&pkg.name).await? {
+async fn prepare(pkg: &DnfConfig) -> Result<RestorePoint, PackageError> {
+    check_name(Manager::Rpm(&[]), &pkg.name)?;
+    let version = match Manager::Rpm(&[]).installed(&pkg.name).await? {
         Installed::No => None,
         Installed::Unsettled(state) => {
             return Err(PackageError::Unsettled {
@@ -138,13 +177,13 @@ pub(super) async fn prepare(pkg: &PackageConfig) -> Result<RestorePoint, Package
 }
 
 /// `dnf install NAME-VERSION-RELEASE`; nothing to do when it is installed.
-pub(super) async fn install(
-    pkg: &PackageConfig,
+async fn install(
+    pkg: &DnfConfig,
     version: &str,
     timeout: Duration,
-    on_line: &(dyn Fn(bool, &str) + Send + Sync),
+    on_line: OnLine<'_>,
 ) -> Result<(), PackageError> {
-    check_name(System::Rpm(&[]), &pkg.name)?;
+    check_name(Manager::Rpm(&[]), &pkg.name)?;
     let full =
         find(&pkg.name, version)
             .await?
@@ -160,15 +199,15 @@ async fn install_exactly(
     name: &str,
     full: &str,
     timeout: Duration,
-    on_line: &(dyn Fn(bool, &str) + Send + Sync),
+    on_line: OnLine<'_>,
 ) -> Result<(), PackageError> {
     let wanted = Installed::Yes(full.to_owned());
-    if System::Rpm(&[]).installed(name).await? == wanted {
+    if Manager::Rpm(&[]).installed(name).await? == wanted {
         return Ok(());
     }
     let args = install_args(name, full);
     run_tool(Path::new(DNF), &args, None, &TOOL_ENV, timeout, on_line).await?;
-    System::Rpm(&[]).expect(name, wanted).await
+    Manager::Rpm(&[]).expect(name, wanted).await
 }
 
 /// Installs the recorded version from the repositories again (up or down),
@@ -176,12 +215,12 @@ async fn install_exactly(
 /// kind does).
 pub(super) async fn restore(name: &str, version: &Option<String>) -> Result<(), PackageError> {
     let Some(version) = version else {
-        return System::Rpm(&[]).restore(name, &None, &None).await;
+        return Manager::Rpm(&[]).restore(name, &None, &None).await;
     };
     let log = |is_stderr: bool, line: &str| {
         tracing::info!(package = name, is_stderr, "restore: {line}");
     };
-    if System::Rpm(&[]).installed(name).await? == Installed::Yes(version.clone()) {
+    if Manager::Rpm(&[]).installed(name).await? == Installed::Yes(version.clone()) {
         return Ok(());
     }
     if let Err(searched) = find(name, version).await? {

@@ -106,7 +106,7 @@ impl Upgrade<'_> {
             &on_line,
         ))
         .await?;
-        Ok(format!("installed {} {}", pkg.name, self.spec.to_version))
+        Ok(format!("installed {} {}", pkg.name(), self.spec.to_version))
     }
 
     fn config(&self) -> Result<String, StepError> {

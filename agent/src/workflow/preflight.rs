@@ -1,8 +1,7 @@
 //! Checks before an upgrade is accepted, and the migration dry run of
 //! PlanUpgrade: nothing here changes the app.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
 use super::{Deps, PACKAGE_TIMEOUT, StepError, UpgradeSpec};
 use crate::archive::Compression;
@@ -54,7 +53,7 @@ pub async fn preflight(
     packages::check_available(pkg, &spec.to_version)
         .await
         .map_err(|e| PreflightError::Precondition(e.to_string()))?;
-    findings.push(format!("{} {} is available", pkg.name, spec.to_version));
+    findings.push(format!("{} {} is available", pkg.name(), spec.to_version));
     let from_version = packages::installed_version(app).await.unwrap_or_default();
     if from_version == spec.to_version {
         return Err(PreflightError::Precondition(format!(
@@ -168,147 +167,18 @@ pub fn hook_user(app: &AppConfig) -> Result<Option<&str>, StepError> {
     }
 }
 
-/// A fresh scratch directory for the dry run's virtualenv, next to the app's
-/// venv (so its owner can reach it, unlike the 0700 state dir), with an
-/// unpredictable name, created without following links, owned by `owner`.
-fn scratch_dir_for(venv: &Path, owner: (u32, u32)) -> Result<PathBuf, String> {
-    let parent = venv.parent().unwrap_or(Path::new("/var/tmp"));
-    let mut random = [0u8; 12];
-    getrandom_fill(&mut random)?;
-    let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
-    let dir = parent.join(format!(".covet-plan-{suffix}"));
-    crate::files::private::create_dir(&dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let owned = std::os::unix::fs::chown(&dir, Some(owner.0), Some(owner.1)).and_then(|()| {
-        // Holds only the target version's code, which the hook's user must read.
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-    });
-    if let Err(e) = owned {
-        let _ = std::fs::remove_dir(&dir);
-        return Err(format!("cannot hand {} to its user: {e}", dir.display()));
-    }
-    Ok(dir)
-}
-
-fn getrandom_fill(buf: &mut [u8]) -> Result<(), String> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(buf))
-        .map_err(|e| format!("cannot read /dev/urandom: {e}"))
-}
-
-/// The dry-run argv as the target version would run it: for pip, the
-/// version is installed into a scratch virtualenv at `scratch/venv` and a
-/// program of the app's venv is replaced by the same one from there.
+/// The dry-run argv as the target version would run it, as the package's
+/// kind makes it (pip: from a scratch install of the target version).
 async fn target_argv(
     app: &AppConfig,
     spec: &UpgradeSpec,
     argv: &[String],
     scratch_slot: &mut Option<PathBuf>,
 ) -> Result<Vec<String>, String> {
-    let mut argv = argv.to_vec();
-    let pkg = app
-        .package
-        .as_ref()
-        .filter(|p| p.kind == crate::config::PackageKind::Pip);
-    let (Some(pkg), Some(venv)) = (pkg, pkg.and_then(|p| p.venv.clone())) else {
-        return Ok(argv);
+    let Some(pkg) = &app.package else {
+        return Ok(argv.to_vec());
     };
-    use std::os::unix::fs::MetadataExt;
-    // Python and pip run as the venv's owner (an sdist's setup.py is code),
-    // in a scratch dir that owner owns.
-    let meta = std::fs::metadata(&venv)
-        .map_err(|e| format!("cannot read virtualenv {}: {e}", venv.display()))?;
-    let owner = (meta.uid(), meta.gid());
-    let owner_name = match owner.0 {
-        0 => None,
-        uid => Some(crate::host::process::user_name(uid).ok_or_else(|| {
-            format!(
-                "the owner (uid {uid}) of {} is no system user",
-                venv.display()
-            )
-        })?),
-    };
-    let scratch = scratch_slot.insert(scratch_dir_for(&venv, owner)?);
-    let scratch_venv = scratch.join("venv");
-    let never = std::sync::atomic::AtomicBool::new(false);
-    let as_owner = |argv: Vec<String>, timeout: Duration| {
-        let owner = owner_name.clone();
-        let never = &never;
-        async move {
-            crate::host::process::run(&argv, owner.as_deref(), &[], timeout, never, &|_, _| {})
-                .await
-        }
-    };
-    let python = venv.join("bin/python").display().to_string();
-    // Without pip: the app's own pip installs into it (`pip --python`,
-    // pip 22.3 and later), which spares ensurepip's seconds.
-    as_owner(
-        vec![
-            python.clone(),
-            "-m".into(),
-            "venv".into(),
-            "--without-pip".into(),
-            scratch_venv.display().to_string(),
-        ],
-        Duration::from_secs(120),
-    )
-    .await
-    .map_err(|e| format!("cannot make a scratch virtualenv: {e}"))?;
-    let mut pip_from_app = vec![
-        python,
-        "-m".into(),
-        "pip".into(),
-        "--python".into(),
-        scratch_venv.join("bin/python").display().to_string(),
-        "install".into(),
-        "--no-input".into(),
-        "--disable-pip-version-check".into(),
-        "--no-cache-dir".into(),
-        "--no-index".into(),
-    ];
-    for dir in &pkg.find_links {
-        pip_from_app.push("--find-links".into());
-        pip_from_app.push(dir.display().to_string());
-    }
-    pip_from_app.push(format!("{}=={}", pkg.name, spec.to_version));
-    if let Err(e) = as_owner(pip_from_app, PACKAGE_TIMEOUT).await {
-        // An older pip: seed the scratch venv with its own and install as usual.
-        tracing::debug!("pip --python into the scratch venv failed ({e}); using ensurepip");
-        as_owner(
-            vec![
-                scratch_venv.join("bin/python").display().to_string(),
-                "-m".into(),
-                "ensurepip".into(),
-            ],
-            Duration::from_secs(120),
-        )
-        .await
-        .map_err(|e| format!("cannot seed the scratch virtualenv with pip: {e}"))?;
-        let mut scratch_pkg = pkg.clone();
-        scratch_pkg.venv = Some(scratch_venv.clone());
-        packages::install(
-            &scratch_pkg,
-            &spec.to_version,
-            "plan",
-            PACKAGE_TIMEOUT,
-            &|_, _| {},
-        )
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot install {} {} into a scratch virtualenv: {e}",
-                pkg.name, spec.to_version
-            )
-        })?;
-    }
-    if let Some(rest) = argv
-        .first()
-        .and_then(|p| Path::new(p).strip_prefix(&venv).ok().map(Path::to_owned))
-    {
-        argv[0] = scratch_venv.join(rest).display().to_string();
-    }
-    Ok(argv)
+    packages::dry_run_argv(pkg, &spec.to_version, argv, scratch_slot, PACKAGE_TIMEOUT).await
 }
 
 /// The env edits applied to variables, as the config step would apply them to the file.

@@ -110,7 +110,7 @@ impl Step {
                 format!("{paths} path(s){db}, as `backup create` does")
             }
             Step::Package => {
-                let name = app.package.as_ref().map_or("?", |p| p.name.as_str());
+                let name = app.package.as_ref().map_or("?", |p| p.name());
                 match from_version {
                     "" => format!("install {name} {}", spec.to_version),
                     from => format!("{name} {from} -> {}", spec.to_version),

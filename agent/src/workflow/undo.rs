@@ -15,12 +15,12 @@ use super::preflight::hook_user;
 use super::step::undo_order;
 use super::{Deps, Step, StepError, gate, journaled};
 use crate::backup::{Manifest, RestoreOptions, pg_target};
-use crate::config::{AppConfig, PackageKind};
+use crate::config::AppConfig;
 use crate::host::envfile;
 use crate::host::systemd::{ControlledUnit, UnitAction};
 use crate::ops::OpContext;
 use crate::ops::log::OperationRecord;
-use crate::packages;
+use crate::packages::{self, Fallback};
 
 /// What a rollback puts back.
 #[derive(Debug, Clone)]
@@ -284,8 +284,9 @@ impl Undo<'_> {
         Ok(format!("{} restored", env.display()))
     }
 
-    /// The package by its kind: the restore point when it is intact, else
-    /// the backup's virtualenv (pip) or the backup's version installed again.
+    /// The package: the restore point when it is intact, else the way back
+    /// its kind names (the backup's copy of its paths, or the backup's
+    /// version installed again).
     async fn package(&self) -> Result<String, StepError> {
         let ctx = self.ctx;
         let Some(pkg) = &self.app.package else {
@@ -316,24 +317,14 @@ impl Undo<'_> {
             }
         }
         let (_, manifest) = self.backup()?;
-        match pkg.kind {
-            PackageKind::Pip => {
-                let venv = pkg
-                    .venv
-                    .clone()
-                    .ok_or_else(|| StepError::NoPackage(self.app.name.clone()))?;
-                self.restore_paths(&[venv]).await
-            }
-            PackageKind::Release
-            | PackageKind::Deb
-            | PackageKind::Rpm
-            | PackageKind::Apt
-            | PackageKind::Dnf => {
+        match packages::fallback(pkg) {
+            Fallback::RestorePaths(paths) => self.restore_paths(&paths).await,
+            Fallback::ReinstallBackedUpVersion => {
                 let version = &manifest.package_version;
                 if version.is_empty() {
                     return Err(StepError::NotInBackup {
                         backup: self.backup_id.clone(),
-                        what: format!("the version of {} it was taken at", pkg.name),
+                        what: format!("the version of {} it was taken at", pkg.name()),
                     });
                 }
                 let on_line = output_to(ctx, "rollback: package");
@@ -346,7 +337,7 @@ impl Undo<'_> {
                     &on_line,
                 ))
                 .await?;
-                Ok(format!("{} {version} installed again", pkg.name))
+                Ok(format!("{} {version} installed again", pkg.name()))
             }
         }
     }
@@ -385,12 +376,7 @@ impl Undo<'_> {
         let package_undone = self.steps.contains(&Step::Package);
         (env_undone && Some(path) == self.app.env_file.as_deref())
             || (package_undone
-                && [
-                    pkg.and_then(|p| p.venv.as_deref()),
-                    pkg.and_then(|p| p.current.as_deref()),
-                    pkg.and_then(|p| p.releases_dir.as_deref()),
-                ]
-                .contains(&Some(path)))
+                && pkg.is_some_and(|p| p.app_paths().iter().any(|(_, own)| *own == path)))
     }
 
     /// Restores `paths` (backed-up app paths) from the backup, each by
