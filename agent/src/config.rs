@@ -978,6 +978,61 @@ mod tests {
     }
 
     #[test]
+    fn repository_kinds_take_a_name_and_apt_a_keep_dir_only() {
+        let c = parse(&format!(
+            "{BASE}\n[[app]]\nname = \"a\"\nunit = \"a.service\"\n[app.package]\nkind = \"apt\"\nname = \"covet-app\"\nkeep_dir = \"/var/lib/covet-agent/apt\"\n\
+             [[app]]\nname = \"b\"\nunit = \"b.service\"\n[app.package]\nkind = \"dnf\"\nname = \"covet-app\""
+        ));
+        let kinds: Vec<(&str, &str)> = c
+            .apps
+            .iter()
+            .filter_map(|a| a.package.as_ref())
+            .map(|p| (p.kind(), p.name()))
+            .collect();
+        assert_eq!(kinds, [("apt", "covet-app"), ("dnf", "covet-app")]);
+        let package_problems: Vec<Problem> = c
+            .problems()
+            .into_iter()
+            .filter(|p| p.key.contains(".package"))
+            .collect();
+        assert!(package_problems.is_empty(), "{package_problems:?}");
+        // No path from elsewhere: a repository or an option is not a key.
+        for (package, key) in [
+            (
+                "kind = \"apt\"\nname = \"a\"\nkeep_dir = \"/k\"\nrepo_dir = \"/r\"",
+                "repo_dir",
+            ),
+            (
+                "kind = \"dnf\"\nname = \"a\"\nkeep_dir = \"/k\"",
+                "keep_dir",
+            ),
+            (
+                "kind = \"dnf\"\nname = \"a\"\nrepo_dir = \"/r\"",
+                "repo_dir",
+            ),
+        ] {
+            let err = package_error(package);
+            assert!(
+                err.contains("unknown field") && err.contains(key),
+                "{key}: {err}"
+            );
+        }
+        let err = package_error("kind = \"apt\"\nname = \"a\"");
+        assert!(
+            err.contains("missing field") && err.contains("keep_dir"),
+            "{err}"
+        );
+        let relative = parse(&format!(
+            "{BASE}\n[[app]]\nname = \"a\"\nunit = \"a.service\"\n[app.package]\nkind = \"apt\"\nname = \"a\"\nkeep_dir = \"keep\""
+        ));
+        let keys: Vec<String> = relative.problems().into_iter().map(|p| p.key).collect();
+        assert!(
+            keys.contains(&"app[0].package.keep_dir".to_owned()),
+            "{keys:?}"
+        );
+    }
+
+    #[test]
     fn package_paths_must_be_absolute() {
         let text = format!(
             "{BASE}\n{}",

@@ -181,11 +181,11 @@ async fn prepare(pkg: &AptConfig, op_id: OpId<'_>) -> Result<RestorePoint, Packa
     let source = file.clone();
     let kept = blocking(move || keep_file(&target, source.as_deref())).await;
     // A downloaded file was only a step on the way to the keep.
-    if let Some(download) = file.as_deref().and_then(Path::parent) {
-        if download != Path::new(APT_ARCHIVES) {
-            let download = download.to_owned();
-            blocking(move || remove_tree(&download)).await?;
-        }
+    if let Some(download) = file.as_deref().and_then(Path::parent)
+        && download != Path::new(APT_ARCHIVES)
+    {
+        let download = download.to_owned();
+        blocking(move || remove_tree(&download)).await?;
     }
     Ok(Manager::Dpkg.point(&pkg.name, version, keep, kept?))
 }
@@ -273,17 +273,15 @@ async fn install(
     }
     let args = install_args(format!("{}={version}", pkg.name).into(), timeout);
     let ran = run_tool(Path::new(APT_GET), &args, None, &TOOL_ENV, timeout, on_line).await;
-    if let Err(PackageError::Tool { output, .. }) = &ran {
-        if output.contains(&format!(
-            "Version '{version}' for '{}' was not found",
-            pkg.name
-        )) {
-            return Err(PackageError::VersionMissing {
-                name: pkg.name.clone(),
-                version: version.to_owned(),
-                searched: describe_listed(&pkg.name, &listed_versions(&pkg.name).await?),
-            });
-        }
+    let not_found = format!("Version '{version}' for '{}' was not found", pkg.name);
+    if let Err(PackageError::Tool { output, .. }) = &ran
+        && output.contains(&not_found)
+    {
+        return Err(PackageError::VersionMissing {
+            name: pkg.name.clone(),
+            version: version.to_owned(),
+            searched: describe_listed(&pkg.name, &listed_versions(&pkg.name).await?),
+        });
     }
     ran?;
     let found = Manager::Dpkg.installed(&pkg.name).await?;
