@@ -156,6 +156,8 @@ impl Repo {
                     .output()
                     .context("run createrepo_c")?;
                 checked("createrepo_c", out)?;
+                // dnf may trust its copy of an index made the same second.
+                self.forget_caches();
             }
         }
         Ok(())
@@ -168,9 +170,10 @@ impl Repo {
     }
 }
 
-impl Drop for Repo {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.source);
+impl Repo {
+    /// Removes the lists (apt) or metadata caches (dnf) made for this
+    /// repository.
+    fn forget_caches(&self) {
         let (cache, prefix) = match self.kind {
             RepoKind::Apt => ("/var/lib/apt/lists", self.apt_lists_prefix()),
             RepoKind::Dnf => ("/var/cache/dnf", format!("{}-", self.id)),
@@ -193,6 +196,13 @@ impl Drop for Repo {
             let _ = fs::remove_file(format!("/var/cache/dnf/{}.{solv}", self.id));
             let _ = fs::remove_file(format!("/var/cache/dnf/{}-filenames.{solv}", self.id));
         }
+    }
+}
+
+impl Drop for Repo {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.source);
+        self.forget_caches();
     }
 }
 

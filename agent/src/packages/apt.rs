@@ -9,10 +9,7 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
-
-use tokio::process::Command;
 
 use super::system::{APT_ARCHIVES, Installed, Manager, TOOL_ENV, check_name, keep_file};
 use super::{
@@ -20,6 +17,7 @@ use super::{
     blocking, checked, io_error, remove_tree, run_tool, with_suffix,
 };
 use crate::config::AptConfig;
+use crate::host::process::ProcessBuilder;
 
 const APT_GET: &str = "/usr/bin/apt-get";
 const APT_CACHE: &str = "/usr/bin/apt-cache";
@@ -233,24 +231,15 @@ async fn previous_file(
 
 /// `apt-get download NAME=VERSION`, which writes into its working directory.
 async fn download_into(dir: &Path, name: &str, version: &str) -> Result<(), PackageError> {
-    let mut command = Command::new(APT_GET);
-    command
+    let out = ProcessBuilder::new(APT_GET)
         .args(["download", "--quiet", "--"])
         .arg(format!("{name}={version}"))
         .current_dir(dir)
         .env("PATH", SYSTEM_PATH)
         .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out = match tokio::time::timeout(DOWNLOAD_TIMEOUT, command.output()).await {
-        Err(_) => {
-            return Err(PackageError::Timeout {
-                program: APT_GET.to_owned(),
-                after: DOWNLOAD_TIMEOUT,
-            });
-        }
-        Ok(out) => out.map_err(io_error(format!("running {APT_GET}")))?,
-    };
+        .timeout(DOWNLOAD_TIMEOUT)
+        .output()
+        .await?;
     checked(APT_GET, &out).map(|_| ())
 }
 
@@ -272,7 +261,11 @@ async fn install(
         return Ok(());
     }
     let args = install_args(format!("{}={version}", pkg.name).into(), timeout);
-    let ran = run_tool(Path::new(APT_GET), &args, None, &TOOL_ENV, timeout, on_line).await;
+    let command = ProcessBuilder::new(APT_GET)
+        .args(args)
+        .envs(TOOL_ENV)
+        .timeout(timeout);
+    let ran = run_tool(command, on_line).await;
     let not_found = format!("Version '{version}' for '{}' was not found", pkg.name);
     if let Err(PackageError::Tool { output, .. }) = &ran
         && output.contains(&not_found)

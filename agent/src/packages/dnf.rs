@@ -16,6 +16,7 @@ use super::{
     run_tool,
 };
 use crate::config::DnfConfig;
+use crate::host::process::ProcessBuilder;
 
 const DNF: &str = "/usr/bin/dnf";
 /// `restore` takes no timeout; installing one version again gets this long.
@@ -206,7 +207,11 @@ async fn install_exactly(
         return Ok(());
     }
     let args = install_args(name, full);
-    run_tool(Path::new(DNF), &args, None, &TOOL_ENV, timeout, on_line).await?;
+    let command = ProcessBuilder::new(DNF)
+        .args(args)
+        .envs(TOOL_ENV)
+        .timeout(timeout);
+    run_tool(command, on_line).await?;
     Manager::Rpm(&[]).expect(name, wanted).await
 }
 

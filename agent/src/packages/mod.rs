@@ -32,20 +32,15 @@ mod pip;
 mod release;
 mod system;
 
-use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
-
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::Command;
 
 use crate::archive::ArchiveError;
 use crate::config::{AppConfig, PackageConfig};
+use crate::host::process::{Output, ProcessBuilder, ProcessError};
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(20);
 /// dpkg and rpm run maintainer scripts and look for helpers (ldconfig,
@@ -115,6 +110,14 @@ pub enum PackageError {
     Io { context: String, source: io::Error },
     #[error("{0}")]
     Unsupported(String),
+    /// The runner could not run a tool (not its exit status: see `Tool`).
+    #[error(transparent)]
+    Process(ProcessError),
+    #[error(
+        "{} belongs to uid {uid}, which is no system user: pip runs as the virtualenv's owner; give the directory to the app's user",
+        path.display()
+    )]
+    NamelessOwner { path: PathBuf, uid: u32 },
     #[error("app {0} declares no [package]")]
     NoPackage(String),
     #[error(
@@ -590,97 +593,34 @@ fn rename(from: &Path, to: &Path) -> Result<(), PackageError> {
 // Running a tool
 // ---------------------------------------------------------------------------
 
-/// Runs `program` (absolute path) with `args`, streaming its output lines,
-/// killed when `timeout` passes. `owner` is the uid/gid to run as; `env`
-/// is set on top of the agent's environment.
-async fn run_tool(
-    program: &Path,
-    args: &[OsString],
-    owner: Option<(u32, u32)>,
-    env: &[(&str, &str)],
-    timeout: Duration,
-    on_line: &(dyn Fn(bool, &str) + Send + Sync),
-) -> Result<(), PackageError> {
-    let name = program.display().to_string();
-    let mut command = Command::new(program);
+/// Runs a package tool through the one runner to its end, streaming its
+/// output lines; a failure keeps its last [`OUTPUT_TAIL_LINES`] lines.
+async fn run_tool(command: ProcessBuilder, on_line: OnLine<'_>) -> Result<(), PackageError> {
     command
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    // The agent's own environment must not steer pip or Python.
-    for (key, _) in std::env::vars_os() {
-        let key_bytes = key.as_bytes();
-        if key_bytes.starts_with(b"PIP_") || key_bytes.starts_with(b"PYTHON") {
-            command.env_remove(&key);
-        }
-    }
-    command.envs(env.iter().copied());
-    if let Some((uid, gid)) = owner {
-        command.uid(uid).gid(gid);
-    }
-    let mut child = command
-        .spawn()
-        .map_err(io_error(format!("starting {name}")))?;
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let finished = tokio::time::timeout(timeout, async {
-        let (out_tail, err_tail) = tokio::join!(
-            stream_lines(stdout, false, on_line),
-            stream_lines(stderr, true, on_line)
-        );
-        (child.wait().await, out_tail, err_tail)
-    })
-    .await;
-    let Ok((status, out_tail, err_tail)) = finished else {
-        let _ = child.kill().await;
-        return Err(PackageError::Timeout {
-            program: name,
-            after: timeout,
-        });
-    };
-    let status = status.map_err(io_error(format!("waiting for {name}")))?;
-    if status.success() {
-        return Ok(());
-    }
-    let tail = if err_tail.is_empty() {
-        out_tail
-    } else {
-        err_tail
-    };
-    Err(PackageError::Tool {
-        program: name,
-        status: status.to_string(),
-        output: Vec::from(tail).join("\n"),
-    })
+        .tail_lines(OUTPUT_TAIL_LINES)
+        .run(on_line)
+        .await
+        .map(|_| ())
+        .map_err(PackageError::from)
 }
 
-/// Hands each line to `on_line`; returns the last lines for error messages.
-async fn stream_lines(
-    stream: Option<impl AsyncRead + Unpin>,
-    is_stderr: bool,
-    on_line: &(dyn Fn(bool, &str) + Send + Sync),
-) -> VecDeque<String> {
-    let mut tail = VecDeque::new();
-    let Some(stream) = stream else { return tail };
-    let mut reader = BufReader::new(stream);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+impl From<ProcessError> for PackageError {
+    /// A tool's failure and time-out read as before the one runner.
+    fn from(e: ProcessError) -> Self {
+        match e {
+            ProcessError::Timeout { program, after } => PackageError::Timeout { program, after },
+            ProcessError::Failed {
+                program,
+                status,
+                tail,
+            } => PackageError::Tool {
+                program,
+                status: status.to_string(),
+                output: tail.join("\n"),
+            },
+            other => PackageError::Process(other),
         }
-        let line = String::from_utf8_lossy(&buf);
-        let line = line.trim_end_matches(['\n', '\r']);
-        on_line(is_stderr, line);
-        if tail.len() == OUTPUT_TAIL_LINES {
-            tail.pop_front();
-        }
-        tail.push_back(line.to_owned());
     }
-    tail
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -691,31 +631,29 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 
 /// Runs a query program (absolute path) in the C locale, so its answers
 /// can be parsed; killed after [`QUERY_TIMEOUT`].
-async fn capture(program: &str, args: &[OsString]) -> Result<std::process::Output, PackageError> {
-    let mut command = Command::new(program);
-    command
+async fn capture(program: &str, args: &[OsString]) -> Result<Output, PackageError> {
+    ProcessBuilder::new(program)
         .args(args)
         .env("PATH", SYSTEM_PATH)
         .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    match tokio::time::timeout(QUERY_TIMEOUT, command.output()).await {
-        Err(_) => Err(PackageError::Timeout {
-            program: program.to_owned(),
-            after: QUERY_TIMEOUT,
-        }),
-        Ok(output) => output.map_err(io_error(format!(
-            "running {program} (is its package installed?)"
-        ))),
-    }
+        .timeout(QUERY_TIMEOUT)
+        .output()
+        .await
+        .map_err(|e| match e {
+            ProcessError::Spawn { source, .. } => PackageError::Io {
+                context: format!("running {program} (is its package installed?)"),
+                source,
+            },
+            other => PackageError::from(other),
+        })
 }
 
 /// Standard output of a query that succeeded, else its error output.
-fn checked(program: &str, out: &std::process::Output) -> Result<String, PackageError> {
+fn checked(program: &str, out: &Output) -> Result<String, PackageError> {
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    let stderr = out.stderr.trim().to_owned();
     Err(PackageError::Tool {
         program: program.to_owned(),
         status: out.status.to_string(),
@@ -850,16 +788,10 @@ mod tests {
             |is_stderr: bool, line: &str| seen.lock().unwrap().push((is_stderr, line.to_owned()));
         let script =
             "import sys; print('working'); print('ERROR: no luck', file=sys.stderr); sys.exit(3)";
-        let err = run_tool(
-            Path::new("/usr/bin/python3"),
-            &["-c".into(), script.into()],
-            None,
-            &[],
-            LONG,
-            &collect,
-        )
-        .await
-        .unwrap_err();
+        let command = ProcessBuilder::new("/usr/bin/python3")
+            .args(["-c", script])
+            .timeout(LONG);
+        let err = run_tool(command, &collect).await.unwrap_err();
         let PackageError::Tool { status, output, .. } = &err else {
             panic!("{err}");
         };
@@ -879,16 +811,10 @@ mod tests {
     #[tokio::test]
     async fn tool_timeout_kills_the_program() {
         let started = std::time::Instant::now();
-        let err = run_tool(
-            Path::new("/bin/sleep"),
-            &["30".into()],
-            None,
-            &[],
-            Duration::from_millis(200),
-            &quiet,
-        )
-        .await
-        .unwrap_err();
+        let command = ProcessBuilder::new("/bin/sleep")
+            .arg("30")
+            .timeout(Duration::from_millis(200));
+        let err = run_tool(command, &quiet).await.unwrap_err();
         assert!(matches!(err, PackageError::Timeout { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
     }

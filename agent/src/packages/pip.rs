@@ -15,6 +15,8 @@ use super::{
 };
 use crate::config::PipConfig;
 use crate::files::{is_root, tree_fingerprint};
+use crate::host::process::{ProcessBuilder, RunAs};
+use crate::host::users;
 
 impl Kind for PipConfig {
     async fn check_available(&self, version: Version<'_>) -> Result<(), PackageError> {
@@ -285,7 +287,11 @@ async fn pip_install(
         args.push(dir.into());
     }
     args.push(format!("{}=={version}", pkg.name).into());
-    run_tool(&python, &args, venv_owner(venv)?, &[], timeout, on_line).await?;
+    let mut command = ProcessBuilder::new(&python).args(&args).timeout(timeout);
+    if let Some(owner) = venv_owner(venv)? {
+        command = command.user(owner);
+    }
+    run_tool(command, on_line).await?;
     let installed = pip_version(pkg);
     if !installed
         .as_deref()
@@ -297,10 +303,17 @@ async fn pip_install(
 }
 
 /// Files pip writes must belong to whoever owns the virtualenv, not root.
-fn venv_owner(venv: &Path) -> Result<Option<(u32, u32)>, PackageError> {
+fn venv_owner(venv: &Path) -> Result<Option<RunAs>, PackageError> {
     let meta =
         fs::metadata(venv).map_err(io_error(format!("reading virtualenv {}", venv.display())))?;
-    Ok((is_root() && meta.uid() != 0).then(|| (meta.uid(), meta.gid())))
+    if !is_root() || meta.uid() == 0 {
+        return Ok(None);
+    }
+    let name = users::name_of(meta.uid()).ok_or_else(|| PackageError::NamelessOwner {
+        path: venv.to_owned(),
+        uid: meta.uid(),
+    })?;
+    Ok(Some(RunAs::lookup(&name)?))
 }
 
 /// Each state a crash can leave is resumed: (live, copy) → (aside, copy)
@@ -403,7 +416,7 @@ async fn scratch_argv(
     let owner = (meta.uid(), meta.gid());
     let owner_name = match owner.0 {
         0 => None,
-        uid => Some(crate::host::users::name_of(uid).ok_or_else(|| {
+        uid => Some(users::name_of(uid).ok_or_else(|| {
             format!(
                 "the owner (uid {uid}) of {} is no system user",
                 venv.display()

@@ -14,6 +14,7 @@ use super::{
     sibling, with_suffix,
 };
 use crate::config::SystemPackageConfig;
+use crate::host::process::ProcessBuilder;
 
 /// `restore` takes no timeout; reinstalling one package file gets this long.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -265,9 +266,7 @@ impl Manager<'_> {
                     name.into(),
                 ];
                 let out = capture(DPKG_QUERY, &args).await?;
-                if out.status.code() == Some(1)
-                    && String::from_utf8_lossy(&out.stderr).contains("no packages found")
-                {
+                if out.status.code() == Some(1) && out.stderr.contains("no packages found") {
                     return Ok(Installed::No);
                 }
                 let text = checked(DPKG_QUERY, &out)?;
@@ -563,7 +562,11 @@ impl Manager<'_> {
         let mut said_waiting = false;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let result = run_tool(tool, args, None, &TOOL_ENV, left, on_line).await;
+            let command = ProcessBuilder::new(tool)
+                .args(args)
+                .envs(TOOL_ENV)
+                .timeout(left);
+            let result = run_tool(command, on_line).await;
             let holder = match &result {
                 Err(PackageError::Tool { output, .. }) if matches!(self, Manager::Dpkg) => {
                     dpkg_lock_holder(output)
