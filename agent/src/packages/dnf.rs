@@ -7,7 +7,6 @@
 //! The package database is rpm's (on Debian: root's `~/.rpmdb`).
 
 use std::ffi::OsString;
-use std::path::Path;
 use std::time::Duration;
 
 use super::system::{Installed, Manager, TOOL_ENV, check_name};
