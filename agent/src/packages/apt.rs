@@ -109,17 +109,19 @@ fn describe_listed(name: &str, listed: &[String]) -> String {
     }
 }
 
-/// The app's package from apt's repositories.
+/// The app's package from apt's repositories. Its steps are boxed: every
+/// kind's future is inlined in the callers' (`with_kind!`), and apt's are
+/// large enough to overflow a small test thread's stack.
 pub(super) struct Apt<'a>(pub(super) &'a AptConfig);
 
 impl Kind for Apt<'_> {
     /// apt's package lists offer `version` of the package.
     async fn check_available(&self, version: Version<'_>) -> Result<(), PackageError> {
-        find(self.0, version.as_str()).await.map(|_| ())
+        Box::pin(find(self.0, version.as_str())).await.map(|_| ())
     }
 
     async fn prepare_restore_point(&self, op_id: OpId<'_>) -> Result<RestorePoint, PackageError> {
-        prepare(self.0, op_id).await
+        Box::pin(prepare(self.0, op_id)).await
     }
 
     async fn abandon_restore_point(&self, op_id: OpId<'_>) -> Result<(), PackageError> {
@@ -133,7 +135,13 @@ impl Kind for Apt<'_> {
         version: Version<'_>,
         options: &InstallOptions<'_>,
     ) -> Result<(), PackageError> {
-        install(self.0, version.as_str(), options.timeout, options.on_line).await
+        Box::pin(install(
+            self.0,
+            version.as_str(),
+            options.timeout,
+            options.on_line,
+        ))
+        .await
     }
 
     async fn installed_version(&self) -> Option<String> {

@@ -100,11 +100,11 @@ pub(super) struct Dnf<'a>(pub(super) &'a DnfConfig);
 
 impl Kind for Dnf<'_> {
     async fn check_available(&self, version: Version<'_>) -> Result<(), PackageError> {
-        check_available(self.0, version.as_str()).await
+        Box::pin(check_available(self.0, version.as_str())).await
     }
 
     async fn prepare_restore_point(&self, _op_id: OpId<'_>) -> Result<RestorePoint, PackageError> {
-        prepare(self.0).await
+        Box::pin(prepare(self.0)).await
     }
 
     /// Nothing is kept on disk.
@@ -117,7 +117,13 @@ impl Kind for Dnf<'_> {
         version: Version<'_>,
         options: &InstallOptions<'_>,
     ) -> Result<(), PackageError> {
-        install(self.0, version.as_str(), options.timeout, options.on_line).await
+        Box::pin(install(
+            self.0,
+            version.as_str(),
+            options.timeout,
+            options.on_line,
+        ))
+        .await
     }
 
     async fn installed_version(&self) -> Option<String> {

@@ -474,7 +474,7 @@ pub async fn restore(rp: &RestorePoint) -> Result<(), PackageError> {
             kept,
             ..
         } => system::Manager::Rpm(&[]).restore(name, version, kept).await,
-        RestorePoint::Dnf { name, version } => dnf::restore(name, version).await,
+        RestorePoint::Dnf { name, version } => Box::pin(dnf::restore(name, version)).await,
         RestorePoint::None => Ok(()),
     }
 }
