@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
-ensure_packages "${PROJECT_PACKAGES[@]}" "${PACKAGING_PACKAGES[@]}"
+# The apt and dnf package kinds' tests index real local repositories.
+REPO_KIND_PACKAGES=(apt-utils dnf createrepo-c)
+ensure_packages "${PROJECT_PACKAGES[@]}" "${PACKAGING_PACKAGES[@]}" "${REPO_KIND_PACKAGES[@]}"
 ensure_cargo
 bash packaging/build --install-tools
 

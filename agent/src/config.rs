@@ -244,6 +244,8 @@ pub enum PackageConfig {
     Release(ReleaseConfig),
     Deb(SystemPackageConfig),
     Rpm(SystemPackageConfig),
+    Apt(AptConfig),
+    Dnf(DnfConfig),
 }
 
 /// `kind = "pip"`: a Python distribution installed in a virtualenv.
@@ -282,6 +284,28 @@ pub struct SystemPackageConfig {
     pub name: String,
     /// A local repository directory of package files.
     pub repo_dir: PathBuf,
+}
+
+/// `kind = "apt"`: a deb from the host's configured apt repositories
+/// (`apt-get install NAME=VERSION`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AptConfig {
+    /// The package name, as apt knows it.
+    pub name: String,
+    /// Where the installed version's .deb is kept for a rollback, in
+    /// `KEEP_DIR/before-OP_ID/` (apt's repositories may drop old versions).
+    pub keep_dir: PathBuf,
+}
+
+/// `kind = "dnf"`: an rpm from the host's configured dnf repositories
+/// (`dnf install NAME-VERSION`); a rollback installs the previous version
+/// from them again, so nothing is kept on disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnfConfig {
+    /// The package name, as dnf knows it.
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -623,6 +647,8 @@ impl PackageConfig {
             PackageConfig::Pip(c) => &c.name,
             PackageConfig::Release(c) => &c.name,
             PackageConfig::Deb(c) | PackageConfig::Rpm(c) => &c.name,
+            PackageConfig::Apt(c) => &c.name,
+            PackageConfig::Dnf(c) => &c.name,
         }
     }
 
@@ -633,6 +659,8 @@ impl PackageConfig {
             PackageConfig::Release(_) => "release",
             PackageConfig::Deb(_) => "deb",
             PackageConfig::Rpm(_) => "rpm",
+            PackageConfig::Apt(_) => "apt",
+            PackageConfig::Dnf(_) => "dnf",
         }
     }
 
@@ -646,7 +674,10 @@ impl PackageConfig {
                 ("releases_dir", c.releases_dir.as_path()),
                 ("current", c.current.as_path()),
             ],
-            PackageConfig::Deb(_) | PackageConfig::Rpm(_) => Vec::new(),
+            PackageConfig::Deb(_)
+            | PackageConfig::Rpm(_)
+            | PackageConfig::Apt(_)
+            | PackageConfig::Dnf(_) => Vec::new(),
         }
     }
 
@@ -661,8 +692,12 @@ impl PackageConfig {
             PackageConfig::Pip(c) => (None, &c.find_links),
             PackageConfig::Release(c) => (c.repo_dir.as_ref(), &c.find_links),
             PackageConfig::Deb(c) | PackageConfig::Rpm(c) => (Some(&c.repo_dir), &[]),
+            PackageConfig::Apt(_) | PackageConfig::Dnf(_) => (None, &[]),
         };
         paths.extend(repo_dir.map(|p| ("repo_dir".to_owned(), p.as_path())));
+        if let PackageConfig::Apt(c) = self {
+            paths.push(("keep_dir".to_owned(), c.keep_dir.as_path()));
+        }
         paths.extend(
             find_links
                 .iter()
@@ -935,6 +970,61 @@ mod tests {
         }
         let err = package_error("kind = \"msi\"\nname = \"app\"");
         assert!(err.contains("msi") && err.contains("pip"), "{err}");
+    }
+
+    #[test]
+    fn repository_kinds_take_a_name_and_apt_a_keep_dir_only() {
+        let c = parse(&format!(
+            "{BASE}\n[[app]]\nname = \"a\"\nunit = \"a.service\"\n[app.package]\nkind = \"apt\"\nname = \"covet-app\"\nkeep_dir = \"/var/lib/covet-agent/apt\"\n\
+             [[app]]\nname = \"b\"\nunit = \"b.service\"\n[app.package]\nkind = \"dnf\"\nname = \"covet-app\""
+        ));
+        let kinds: Vec<(&str, &str)> = c
+            .apps
+            .iter()
+            .filter_map(|a| a.package.as_ref())
+            .map(|p| (p.kind(), p.name()))
+            .collect();
+        assert_eq!(kinds, [("apt", "covet-app"), ("dnf", "covet-app")]);
+        let package_problems: Vec<Problem> = c
+            .problems()
+            .into_iter()
+            .filter(|p| p.key.contains(".package"))
+            .collect();
+        assert!(package_problems.is_empty(), "{package_problems:?}");
+        // No path from elsewhere: a repository or an option is not a key.
+        for (package, key) in [
+            (
+                "kind = \"apt\"\nname = \"a\"\nkeep_dir = \"/k\"\nrepo_dir = \"/r\"",
+                "repo_dir",
+            ),
+            (
+                "kind = \"dnf\"\nname = \"a\"\nkeep_dir = \"/k\"",
+                "keep_dir",
+            ),
+            (
+                "kind = \"dnf\"\nname = \"a\"\nrepo_dir = \"/r\"",
+                "repo_dir",
+            ),
+        ] {
+            let err = package_error(package);
+            assert!(
+                err.contains("unknown field") && err.contains(key),
+                "{key}: {err}"
+            );
+        }
+        let err = package_error("kind = \"apt\"\nname = \"a\"");
+        assert!(
+            err.contains("missing field") && err.contains("keep_dir"),
+            "{err}"
+        );
+        let relative = parse(&format!(
+            "{BASE}\n[[app]]\nname = \"a\"\nunit = \"a.service\"\n[app.package]\nkind = \"apt\"\nname = \"a\"\nkeep_dir = \"keep\""
+        ));
+        let keys: Vec<String> = relative.problems().into_iter().map(|p| p.key).collect();
+        assert!(
+            keys.contains(&"app[0].package.keep_dir".to_owned()),
+            "{keys:?}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod container;
 pub mod http;
 pub mod pki;
 pub mod postgres;
+pub mod repos;
 pub mod sampleapp;
 pub mod sandbox;
 pub mod syspkg;

@@ -55,13 +55,7 @@ impl Format {
     /// True when the test may go on; else prints "SKIPPED: why". With CI
     /// set, panics instead of skipping (`scripts/test.sh` installs `rpm`).
     pub fn or_skip(self) -> bool {
-        let Some(why) = self.unavailable() else {
-            return true;
-        };
-        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
-        assert!(!ci, "CI is set, so this is a failure, not a skip: {why}");
-        eprintln!("SKIPPED: {why}");
-        false
+        go_on_or_skip(self.unavailable())
     }
 
     /// Held for a whole test: a package database takes one lock for the
@@ -349,4 +343,16 @@ impl Drop for Installed {
         let _ = fs::remove_dir_all(Path::new("/etc").join(&self.name));
         let _ = fs::remove_dir_all(Path::new("/opt").join(&self.name));
     }
+}
+
+/// True when `why` is None; else prints "SKIPPED: why", or, with CI set,
+/// panics: CI installs every tool, so a missing one is a failure.
+pub fn go_on_or_skip(why: Option<String>) -> bool {
+    let Some(why) = why else {
+        return true;
+    };
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+    assert!(!ci, "CI is set, so this is a failure, not a skip: {why}");
+    eprintln!("SKIPPED: {why}");
+    false
 }

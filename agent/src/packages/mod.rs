@@ -19,11 +19,15 @@
 //!   --oldpackage`. Before the install, the installed version's package file
 //!   is copied to `REPO_PARENT/.REPO_NAME.before-OP_ID/`, so a rollback can
 //!   reinstall it even if the repository changes; no copy, no upgrade.
+//! - [`apt`], [`dnf`]: from the host's configured repositories (`apt-get
+//!   install NAME=VERSION`, `dnf install NAME-VERSION`).
 //!
 //! A new kind is one file implementing [`Kind`], one [`PackageConfig`]
 //! variant and one [`RestorePoint`] variant; the compiler then points at
 //! the arms to add (`with_kind!`, [`restore`], [`discard`]).
 
+mod apt;
+mod dnf;
 mod pip;
 mod release;
 mod system;
@@ -125,6 +129,16 @@ pub enum PackageError {
         kind: &'static str,
         searched: String,
     },
+    /// apt, dnf: the repositories no longer offer the installed version,
+    /// so no rollback could bring it back.
+    #[error(
+        "cannot keep {name} {version} for a rollback: it is not to be had from {searched}; make a configured repository offer {name} {version} again and retry (nothing was changed)"
+    )]
+    PreviousUnavailable {
+        name: String,
+        version: String,
+        searched: String,
+    },
     #[error(
         "package {name} is in state {state:?}, not fully installed; repair it first (`dpkg --configure -a` or `apt-get -f install`; rpm: `rpm -V {name}`), then retry"
     )]
@@ -171,6 +185,13 @@ pub enum RestorePoint {
         version: Option<String>,
         keep_dir: PathBuf,
         kept: Option<PathBuf>,
+    },
+    /// dnf: `name` was at `version` (`VERSION-RELEASE`; None: not
+    /// installed, so a restore removes it), installed again from the
+    /// repositories.
+    Dnf {
+        name: String,
+        version: Option<String>,
     },
     /// Nothing to put back.
     None,
@@ -316,6 +337,14 @@ macro_rules! with_kind {
                 let $kind = system::SystemPackages::new(system::Manager::Rpm(&[]), config);
                 $body
             }
+            PackageConfig::Apt(config) => {
+                let $kind = apt::Apt(config);
+                $body
+            }
+            PackageConfig::Dnf(config) => {
+                let $kind = dnf::Dnf(config);
+                $body
+            }
         }
     };
 }
@@ -439,6 +468,7 @@ pub async fn restore(rp: &RestorePoint) -> Result<(), PackageError> {
             kept,
             ..
         } => system::Manager::Rpm(&[]).restore(name, version, kept).await,
+        RestorePoint::Dnf { name, version } => Box::pin(dnf::restore(name, version)).await,
         RestorePoint::None => Ok(()),
     }
 }
@@ -452,7 +482,7 @@ pub async fn discard(rp: &RestorePoint) -> Result<(), PackageError> {
         RestorePoint::Deb { keep_dir, .. } | RestorePoint::Rpm { keep_dir, .. } => {
             system::discard(keep_dir).await
         }
-        RestorePoint::Release { .. } | RestorePoint::None => Ok(()),
+        RestorePoint::Release { .. } | RestorePoint::Dnf { .. } | RestorePoint::None => Ok(()),
     }
 }
 

@@ -26,7 +26,7 @@ const DPKG_QUERY: &str = "/usr/bin/dpkg-query";
 const RPM: &str = "/usr/bin/rpm";
 /// Where apt leaves the .debs it downloaded: a second place to find the
 /// installed version's file.
-const APT_ARCHIVES: &str = "/var/cache/apt/archives";
+pub(super) const APT_ARCHIVES: &str = "/var/cache/apt/archives";
 
 /// The system package manager a kind drives. `Rpm` carries arguments for
 /// every rpm call that touches a database: the agent passes none (the
@@ -108,7 +108,7 @@ pub(super) async fn discard(keep_dir: &Path) -> Result<(), PackageError> {
 
 /// A package file's own fields, as its package manager reads them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct FileFields {
+pub(super) struct FileFields {
     name: String,
     /// deb: `Version` (with its epoch, if any); rpm: `VERSION-RELEASE`.
     version: String,
@@ -125,7 +125,7 @@ impl FileFields {
 
 /// What the package database says about one package.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Installed {
+pub(super) enum Installed {
     No,
     Yes(String),
     /// Half installed, unpacked, half configured, several versions...
@@ -133,14 +133,14 @@ enum Installed {
 }
 
 impl Installed {
-    fn version(self) -> Option<String> {
+    pub(super) fn version(self) -> Option<String> {
         match self {
             Installed::Yes(v) => Some(v),
             _ => None,
         }
     }
 
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         match self {
             Installed::No => "not installed".to_owned(),
             Installed::Yes(v) => format!("at {v}"),
@@ -255,7 +255,7 @@ impl Manager<'_> {
 
     /// The package's state in the database (`LC_ALL=C`, so the "not
     /// installed" answers can be recognized).
-    async fn installed(self, name: &str) -> Result<Installed, PackageError> {
+    pub(super) async fn installed(self, name: &str) -> Result<Installed, PackageError> {
         check_name(self, name)?;
         match self {
             Manager::Dpkg => {
@@ -305,7 +305,7 @@ impl Manager<'_> {
     }
 
     /// The file of `name` at `version` in `dirs`, or what was searched.
-    async fn search(
+    pub(super) async fn search(
         self,
         dirs: &[&Path],
         name: &str,
@@ -408,7 +408,11 @@ impl Manager<'_> {
 
     /// The restore point a complete `keep_dir` stands for: its one package
     /// file, or none when the package was not installed.
-    async fn kept_point(self, name: &str, keep_dir: PathBuf) -> Result<RestorePoint, PackageError> {
+    pub(super) async fn kept_point(
+        self,
+        name: &str,
+        keep_dir: PathBuf,
+    ) -> Result<RestorePoint, PackageError> {
         let files = candidates(&keep_dir, self.kind(), name)
             .map_err(io_error(format!("listing {}", keep_dir.display())))?;
         let (version, kept) = match &files[..] {
@@ -433,7 +437,7 @@ impl Manager<'_> {
         Ok(self.point(name, version, keep_dir, kept))
     }
 
-    fn point(
+    pub(super) fn point(
         self,
         name: &str,
         version: Option<String>,
@@ -583,7 +587,7 @@ impl Manager<'_> {
         }
     }
 
-    async fn expect(self, name: &str, wanted: Installed) -> Result<(), PackageError> {
+    pub(super) async fn expect(self, name: &str, wanted: Installed) -> Result<(), PackageError> {
         let found = self.installed(name).await?;
         if found == wanted {
             return Ok(());
@@ -608,14 +612,14 @@ fn dpkg_lock_holder(output: &str) -> Option<&str> {
 }
 
 /// Environment for dpkg and rpm: maintainer scripts never prompt.
-const TOOL_ENV: [(&str, &str); 3] = [
+pub(super) const TOOL_ENV: [(&str, &str); 3] = [
     ("PATH", SYSTEM_PATH),
     ("DEBIAN_FRONTEND", "noninteractive"),
     ("DEBCONF_NONINTERACTIVE_SEEN", "true"),
 ];
 
 /// Package names reach dpkg and rpm as arguments: never as options.
-fn check_name(manager: Manager<'_>, name: &str) -> Result<(), PackageError> {
+pub(super) fn check_name(manager: Manager<'_>, name: &str) -> Result<(), PackageError> {
     if name.is_empty() || name.starts_with('-') {
         return Err(PackageError::NotConfigured {
             name: name.to_owned(),
@@ -649,7 +653,10 @@ fn candidates(dir: &Path, ext: &str, name: &str) -> io::Result<Vec<PathBuf>> {
 /// Fills `keep_dir` by way of `keep_dir.partial`, so that only a complete
 /// keep carries the final name: with a copy of `file`, or empty when the
 /// package was not installed.
-fn keep_file(keep_dir: &Path, file: Option<&Path>) -> Result<Option<PathBuf>, PackageError> {
+pub(super) fn keep_file(
+    keep_dir: &Path,
+    file: Option<&Path>,
+) -> Result<Option<PathBuf>, PackageError> {
     let partial = with_suffix(keep_dir, ".partial");
     remove_tree(&partial)?;
     fs::create_dir(&partial).map_err(io_error(format!("creating {}", partial.display())))?;
