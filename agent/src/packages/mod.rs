@@ -142,7 +142,7 @@ pub enum PackageError {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RestorePoint {
     /// `copy` is a complete snapshot of `venv` taken before the install
-    /// (files hard-linked, see [`snapshot_venv`]); `version` is what was
+    /// (files hard-linked, see `pip::snapshot_venv`); `version` is what was
     /// installed then; `fingerprint` says what the snapshot held, so a
     /// restore refuses a snapshot whose files were changed in place since.
     Pip {
