@@ -156,7 +156,7 @@ pub enum PackageError {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RestorePoint {
     /// `copy` is a complete snapshot of `venv` taken before the install
-    /// (files hard-linked, see [`snapshot_venv`]); `version` is what was
+    /// (files hard-linked, see `pip::snapshot_venv`); `version` is what was
     /// installed then; `fingerprint` says what the snapshot held, so a
     /// restore refuses a snapshot whose files were changed in place since.
     Pip {
@@ -317,7 +317,9 @@ pub(crate) trait Kind {
 }
 
 /// Runs `$body` with `$kind` bound to the [`Kind`] of `$pkg`'s variant:
-/// the one place that maps configuration variants to kinds.
+/// the one place that maps configuration variants to kinds. Callers box
+/// the kind's future: inline, the largest kind's state would sit in every
+/// caller's (a tokio worker's stack overflowed in debug builds).
 macro_rules! with_kind {
     ($pkg:expr, |$kind:ident| $body:expr) => {
         match $pkg {
@@ -370,7 +372,7 @@ pub fn validate_version(v: &str) -> Result<(), PackageError> {
 /// (rpm: `VERSION-RELEASE` or `VERSION`), for this machine's architecture.
 pub async fn check_available(pkg: &PackageConfig, version: &str) -> Result<(), PackageError> {
     let version = Version::parse(version)?;
-    with_kind!(pkg, |kind| kind.check_available(version).await)
+    with_kind!(pkg, |kind| Box::pin(kind.check_available(version)).await)
 }
 
 /// Records how to put the installed package back exactly; call before
@@ -385,7 +387,8 @@ pub async fn prepare_restore_point(
     op_id: &str,
 ) -> Result<RestorePoint, PackageError> {
     let op_id = OpId::parse(op_id)?;
-    with_kind!(pkg, |kind| kind.prepare_restore_point(op_id).await)
+    with_kind!(pkg, |kind| Box::pin(kind.prepare_restore_point(op_id))
+        .await)
 }
 
 /// Removes what [`prepare_restore_point`] may have left for `op_id` when the
@@ -393,7 +396,8 @@ pub async fn prepare_restore_point(
 /// then, so a copy (complete or `.partial`) is only clutter. Idempotent.
 pub async fn abandon_restore_point(pkg: &PackageConfig, op_id: &str) -> Result<(), PackageError> {
     let op_id = OpId::parse(op_id)?;
-    with_kind!(pkg, |kind| kind.abandon_restore_point(op_id).await)
+    with_kind!(pkg, |kind| Box::pin(kind.abandon_restore_point(op_id))
+        .await)
 }
 
 /// Installs exactly `version`, handing each line of tool output to
@@ -432,7 +436,7 @@ pub async fn install_as(
         timeout,
         on_line,
     };
-    with_kind!(pkg, |kind| kind.install(version, &options).await)
+    with_kind!(pkg, |kind| Box::pin(kind.install(version, &options)).await)
 }
 
 /// Puts the package recorded in `rp` back exactly. pip: the live virtualenv
@@ -489,7 +493,7 @@ pub async fn discard(rp: &RestorePoint) -> Result<(), PackageError> {
 /// The installed version of the app's package, when one is declared and found.
 pub async fn installed_version(app: &AppConfig) -> Option<String> {
     let pkg = app.package.as_ref()?;
-    with_kind!(pkg, |kind| kind.installed_version().await)
+    with_kind!(pkg, |kind| Box::pin(kind.installed_version()).await)
 }
 
 /// How a rollback takes `pkg` back when its restore point cannot be used.
@@ -517,9 +521,10 @@ pub async fn dry_run_argv(
     timeout: Duration,
 ) -> Result<Vec<String>, String> {
     let version = Version::parse(version).map_err(|e| e.to_string())?;
-    with_kind!(pkg, |kind| kind
-        .dry_run_argv(version, argv, scratch, timeout)
-        .await)
+    with_kind!(pkg, |kind| Box::pin(
+        kind.dry_run_argv(version, argv, scratch, timeout)
+    )
+    .await)
 }
 
 // ---------------------------------------------------------------------------
@@ -590,9 +595,7 @@ fn rename(from: &Path, to: &Path) -> Result<(), PackageError> {
 /// Runs a package tool through the one runner to its end, streaming its
 /// output lines; a failure keeps its last [`OUTPUT_TAIL_LINES`] lines.
 async fn run_tool(command: ProcessBuilder, on_line: OnLine<'_>) -> Result<(), PackageError> {
-    command
-        .tail_lines(OUTPUT_TAIL_LINES)
-        .run(on_line)
+    Box::pin(command.tail_lines(OUTPUT_TAIL_LINES).run(on_line))
         .await
         .map(|_| ())
         .map_err(PackageError::from)
@@ -739,6 +742,33 @@ mod tests {
                 serde_json::from_str(&serde_json::to_string(&want).unwrap()).unwrap();
             assert_eq!(again, want);
         }
+    }
+
+    /// Whatever the network sends, an accepted version or operation id is
+    /// one plain file name: no separator, no `..`, never an option, and the
+    /// sibling it names stays in the same directory.
+    #[test]
+    fn fuzz_accepted_versions_and_op_ids_are_plain_file_names() {
+        use proptest::prelude::*;
+        let text = prop_oneof!["[-.+!_/a-zA-Z0-9 ]{0,70}", "\\PC{0,70}"];
+        crate::fuzzing::run(2000, text, |v: String| {
+            let plain = |name: &str| {
+                let mut parts = Path::new(name).components();
+                matches!(parts.next(), Some(std::path::Component::Normal(_)))
+                    && parts.next().is_none()
+                    && !name.starts_with('-')
+                    && !name.contains("..")
+            };
+            if let Ok(version) = Version::parse(&v) {
+                prop_assert!(plain(version.as_str()), "{v:?}");
+            }
+            if let Ok(op_id) = OpId::parse(&v) {
+                prop_assert!(plain(op_id.as_str()) || op_id.as_str().starts_with('-'));
+                let copy = sibling(Path::new("/srv/app/venv"), "before", op_id.as_str());
+                prop_assert_eq!(copy.parent(), Some(Path::new("/srv/app")));
+            }
+            Ok(())
+        });
     }
 
     #[test]

@@ -62,10 +62,13 @@ impl Upgrade<'_> {
         // unchanging files, so they are made side by side.
         let app_owned = app.clone();
         let (manifest, prints, snapshot) = tokio::join!(
-            ctx.waiting(
-                deps.backups
-                    .create(ctx, app, opts, self.pre.backup_estimate)
-            ),
+            // Boxed: with a database dump it is too large for a worker's stack.
+            ctx.waiting(Box::pin(deps.backups.create(
+                ctx,
+                app,
+                opts,
+                self.pre.backup_estimate
+            ))),
             tokio::task::spawn_blocking(move || fingerprints(&app_owned)),
             packages::prepare_restore_point(self.pkg, &ctx.id),
         );
