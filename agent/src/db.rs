@@ -289,7 +289,7 @@ pub async fn dump(
         .open(dest)
         .map_err(DbError::io(format!("create dump file {}", dest.display())))?;
     let dumped = tokio::select! {
-        dumped = within("pg_dump", timeout, dump_into(t, file, dest, on_bytes)) => dumped,
+        dumped = Box::pin(within("pg_dump", timeout, dump_into(t, file, dest, on_bytes))) => dumped,
         () = canceled(cancel) => Err(DbError::Canceled),
     };
     if dumped.is_err() {
@@ -908,7 +908,8 @@ async fn psql(
         // Names and counts are parsed as UTF-8, whatever the agent's locale.
         .env("PGCLIENTENCODING", "UTF8")
     });
-    run(psql, script.as_bytes(), timeout).await
+    // On the heap: the futures of whole backups and upgrades hold this one.
+    Box::pin(run(psql, script.as_bytes(), timeout)).await
 }
 
 fn parse_counts(out: &str) -> Result<BTreeMap<String, u64>, DbError> {
@@ -1050,7 +1051,7 @@ async fn run_fed(
         check_status(program, status, &err)?;
         out.map_err(DbError::io(format!("read {program} output")))
     };
-    within(program, timeout, work).await
+    Box::pin(within(program, timeout, work)).await
 }
 
 /// Writes the decompressed dump to `stdin`, then closes it.

@@ -354,7 +354,8 @@ impl ProcessBuilder {
             })?;
             Ok((status, out_tail, err_tail))
         };
-        let (status, out_tail, err_tail) = match self.limited(work).await {
+        // On the heap: callers' futures (the whole upgrade) stay small.
+        let (status, out_tail, err_tail) = match Box::pin(self.limited(work)).await {
             Ok(done) => done,
             Err(e) => {
                 kill(&mut child).await;
@@ -427,7 +428,8 @@ impl ProcessBuilder {
                 stderr,
             })
         };
-        let output = self.limited(work).await;
+        // On the heap: callers' futures (the whole upgrade) stay small.
+        let output = Box::pin(self.limited(work)).await;
         if output.is_err() {
             kill(&mut child).await;
         }
@@ -522,7 +524,7 @@ async fn stream_lines(
 pub async fn read_capped(mut r: impl AsyncRead + Unpin) -> String {
     let mut kept = Vec::new();
     let mut dropped = 0usize;
-    let mut buf = [0u8; 8192];
+    let mut buf = vec![0u8; 8192];
     loop {
         let n = match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -565,7 +567,7 @@ pub async fn run(
     };
     // The caller's flag is borrowed: dropping the run kills the child.
     tokio::select! {
-        done = command.run(on_line) => done,
+        done = Box::pin(command.run(on_line)) => done,
         () = canceled(cancel) => Err(ProcessError::Canceled),
     }
 }
