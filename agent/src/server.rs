@@ -15,7 +15,8 @@ use crate::edge::api::{
     AgentState, BackupApi, InfoApi, LogApi, MetricsApi, OperationApi, ProbeApi, UnitApi, UpgradeApi,
 };
 use crate::edge::audit::AuditLog;
-use crate::edge::authz::{AuditLayer, AuthzLayer};
+use crate::edge::authz::{Audit, Authz};
+use crate::edge::layer::CallLayer;
 use crate::edge::tls::ReloadableTls;
 
 /// A bound, ready-to-serve agent.
@@ -155,9 +156,9 @@ impl Agent {
             // Dead peers are dropped: an unanswered PING ends the connection.
             .http2_keepalive_interval(Some(keepalive))
             .http2_keepalive_timeout(Some(keepalive_timeout))
-            .layer(AuditLayer::new(audit))
-            .layer(limit_layer)
-            .layer(AuthzLayer)
+            .layer(CallLayer(Audit::new(audit)))
+            .layer(CallLayer(limit_layer))
+            .layer(CallLayer(Authz))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -100,8 +100,8 @@ async fn every_role_against_the_table() {
                 assert!(
                     status
                         .message()
-                        .contains(&format!("role {role} may not call"))
-                        && status.message().contains(&rule.min_role.to_string()),
+                        .contains(&format!("role {} may not call", role.as_org()))
+                        && status.message().contains(rule.min_role.as_org()),
                     "{}",
                     status.message()
                 );

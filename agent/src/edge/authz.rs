@@ -4,7 +4,6 @@
 //! The table below is the only place roles are decided. An RPC missing from
 //! it is admin-only and audited, so a new RPC is safe by default.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -14,6 +13,7 @@ use tonic::body::Body as TonicBody;
 
 use crate::edge::audit::{AuditLog, AuditRecord, AuditTarget};
 use crate::edge::identity::Role;
+use crate::edge::layer::{CallFilter, CallFuture, refuse};
 use crate::edge::tls::PeerInfo;
 
 /// Access rule for one RPC.
@@ -174,45 +174,23 @@ pub fn decide(method: &str, peer: Option<&PeerInfo>) -> Result<Role, Status> {
     }
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-/// Refuses calls that the caller's role may not make.
+/// Refuses calls that the caller's role may not make; a granted call
+/// carries its role (`Granted`) for the handler's [`require`].
 #[derive(Clone, Default)]
-pub struct AuthzLayer;
+pub struct Authz;
 
-impl<S> tower_layer::Layer<S> for AuthzLayer {
-    type Service = Authz<S>;
-    fn layer(&self, inner: S) -> Authz<S> {
-        Authz { inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct Authz<S> {
-    inner: S,
-}
-
-impl<S, B> tower_service::Service<http::Request<B>> for Authz<S>
-where
-    S: tower_service::Service<http::Request<B>, Response = http::Response<TonicBody>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<TonicBody>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+impl CallFilter for Authz {
+    fn filter<B, E: Send + 'static>(
+        &self,
+        mut req: http::Request<B>,
+        next: impl FnOnce(http::Request<B>) -> CallFuture<E>,
+    ) -> CallFuture<E> {
         match decide(req.uri().path(), req.extensions().get::<PeerInfo>()) {
             Ok(role) => {
                 req.extensions_mut().insert(Granted(role));
-                Box::pin(self.inner.call(req))
+                next(req)
             }
-            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+            Err(status) => refuse(status),
         }
     }
 }
@@ -220,47 +198,22 @@ where
 /// Writes an audit record for every audited call (when it ends) and for every
 /// refusal, whichever layer refused it.
 #[derive(Clone)]
-pub struct AuditLayer {
+pub struct Audit {
     log: AuditLog,
 }
 
-impl AuditLayer {
-    pub fn new(log: AuditLog) -> AuditLayer {
-        AuditLayer { log }
+impl Audit {
+    pub fn new(log: AuditLog) -> Audit {
+        Audit { log }
     }
 }
 
-impl<S> tower_layer::Layer<S> for AuditLayer {
-    type Service = Audit<S>;
-    fn layer(&self, inner: S) -> Audit<S> {
-        Audit {
-            inner,
-            log: self.log.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Audit<S> {
-    inner: S,
-    log: AuditLog,
-}
-
-impl<S, B> tower_service::Service<http::Request<B>> for Audit<S>
-where
-    S: tower_service::Service<http::Request<B>, Response = http::Response<TonicBody>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<TonicBody>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+impl CallFilter for Audit {
+    fn filter<B, E: Send + 'static>(
+        &self,
+        mut req: http::Request<B>,
+        next: impl FnOnce(http::Request<B>) -> CallFuture<E>,
+    ) -> CallFuture<E> {
         let method = req.uri().path().to_owned();
         let audited = rule_for(&method).audited;
         let target = AuditTarget::default();
@@ -276,7 +229,7 @@ where
             target,
             audited,
         };
-        let call = self.inner.call(req);
+        let call = next(req);
         Box::pin(async move {
             let response = call.await?;
             // Errors come as trailers-only responses: the status is in the headers.

@@ -3,7 +3,6 @@
 //! connection and follows/watches per identity with RESOURCE_EXHAUSTED.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +15,7 @@ use tonic::body::Body as TonicBody;
 
 use crate::config::LimitsConfig;
 use crate::edge::identity::PeerIdentity;
+use crate::edge::layer::{BoxFuture, CallFilter, CallFuture, refuse};
 use crate::edge::tls::{DenyList, PeerInfo};
 
 /// Long-lived calls that hold agent resources (a `journalctl --follow`, a
@@ -113,44 +113,17 @@ impl LimitLayer {
     }
 }
 
-impl<S> tower_layer::Layer<S> for LimitLayer {
-    type Service = Limit<S>;
-    fn layer(&self, inner: S) -> Limit<S> {
-        Limit {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Limit<S> {
-    inner: S,
-    layer: LimitLayer,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-impl<S, B> tower_service::Service<http::Request<B>> for Limit<S>
-where
-    S: tower_service::Service<http::Request<B>, Response = http::Response<TonicBody>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = http::Response<TonicBody>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+impl CallFilter for LimitLayer {
+    fn filter<B, E: Send + 'static>(
+        &self,
+        req: http::Request<B>,
+        next: impl FnOnce(http::Request<B>) -> CallFuture<E>,
+    ) -> CallFuture<E> {
         // No peer: the authz layer answers UNAUTHENTICATED.
         let Some(peer) = req.extensions().get::<PeerInfo>().cloned() else {
-            return Box::pin(self.inner.call(req));
+            return next(req);
         };
-        let layer = &self.layer;
+        let layer = self;
         if layer.deny.borrow().denies(&peer.identity) {
             return refuse(revoked_status(&peer.identity));
         }
@@ -174,7 +147,7 @@ where
             }
             revoked_status(&identity)
         });
-        let call = self.inner.call(req);
+        let call = next(req);
         Box::pin(async move {
             let response = call.await?;
             let (parts, body) = response.into_parts();
@@ -186,10 +159,6 @@ where
             Ok(http::Response::from_parts(parts, TonicBody::new(body)))
         })
     }
-}
-
-fn refuse<E: Send + 'static>(status: Status) -> BoxFuture<Result<http::Response<TonicBody>, E>> {
-    Box::pin(std::future::ready(Ok(status.into_http())))
 }
 
 pin_project_lite::pin_project! {

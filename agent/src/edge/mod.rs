@@ -6,5 +6,6 @@ pub(crate) mod api;
 pub(crate) mod audit;
 pub mod authz;
 pub(crate) mod identity;
+pub(crate) mod layer;
 pub mod limits;
 pub(crate) mod tls;

@@ -170,15 +170,13 @@ async fn prepare(pkg: &AptConfig, op_id: OpId<'_>) -> Result<RestorePoint, Packa
         // A retry: what was kept then is what was installed then.
         return Manager::Dpkg.kept_point(&pkg.name, keep).await;
     }
-    let (version, file) = match Manager::Dpkg.installed(&pkg.name).await? {
-        Installed::No => (None, None),
-        Installed::Unsettled(state) => {
-            return Err(PackageError::Unsettled {
-                name: pkg.name.clone(),
-                state,
-            });
-        }
-        Installed::Yes(version) => {
+    let (version, file) = match Manager::Dpkg
+        .installed(&pkg.name)
+        .await?
+        .settled(&pkg.name)?
+    {
+        None => (None, None),
+        Some(version) => {
             let file = previous_file(pkg, &keep, &version).await?;
             (Some(version), Some(file))
         }

@@ -157,25 +157,19 @@ async fn check_available(pkg: &DnfConfig, version: &str) -> Result<(), PackageEr
 /// repositories no longer offer it (a rollback could not bring it back).
 async fn prepare(pkg: &DnfConfig) -> Result<RestorePoint, PackageError> {
     check_name(Manager::Rpm(&[]), &pkg.name)?;
-    let version = match Manager::Rpm(&[]).installed(&pkg.name).await? {
-        Installed::No => None,
-        Installed::Unsettled(state) => {
-            return Err(PackageError::Unsettled {
-                name: pkg.name.clone(),
-                state,
-            });
-        }
-        Installed::Yes(version) => {
-            if let Err(searched) = find(&pkg.name, &version).await? {
-                return Err(PackageError::PreviousUnavailable {
-                    name: pkg.name.clone(),
-                    version,
-                    searched,
-                });
-            }
-            Some(version)
-        }
-    };
+    let version = Manager::Rpm(&[])
+        .installed(&pkg.name)
+        .await?
+        .settled(&pkg.name)?;
+    if let Some(version) = &version
+        && let Err(searched) = find(&pkg.name, version).await?
+    {
+        return Err(PackageError::PreviousUnavailable {
+            name: pkg.name.clone(),
+            version: version.clone(),
+            searched,
+        });
+    }
     Ok(RestorePoint::Dnf {
         name: pkg.name.clone(),
         version,

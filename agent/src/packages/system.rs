@@ -140,6 +140,19 @@ impl Installed {
         }
     }
 
+    /// The installed version, `None` when there is none; a package caught
+    /// half way (a failed earlier run) is not a state to start from.
+    pub(super) fn settled(self, name: &str) -> Result<Option<String>, PackageError> {
+        match self {
+            Installed::No => Ok(None),
+            Installed::Yes(v) => Ok(Some(v)),
+            Installed::Unsettled(state) => Err(PackageError::Unsettled {
+                name: name.to_owned(),
+                state,
+            }),
+        }
+    }
+
     pub(super) fn describe(&self) -> String {
         match self {
             Installed::No => "not installed".to_owned(),
@@ -376,15 +389,9 @@ impl Manager<'_> {
             // A retry: what was kept then is what was installed then.
             return self.kept_point(&pkg.name, keep_dir).await;
         }
-        let (version, file) = match self.installed(&pkg.name).await? {
-            Installed::No => (None, None),
-            Installed::Unsettled(state) => {
-                return Err(PackageError::Unsettled {
-                    name: pkg.name.clone(),
-                    state,
-                });
-            }
-            Installed::Yes(version) => {
+        let (version, file) = match self.installed(&pkg.name).await?.settled(&pkg.name)? {
+            None => (None, None),
+            Some(version) => {
                 let dirs: Vec<&Path> = std::iter::once(repo)
                     .chain(self.caches().iter().map(Path::new))
                     .collect();
