@@ -39,6 +39,18 @@ fn outcome_name(o: i32) -> String {
     enum_name(o, "STEP_OUTCOME_", pb::StepOutcome::as_str_name)
 }
 
+async fn get_operation(
+    client: &mut pb::operation_service_client::OperationServiceClient<tonic::transport::Channel>,
+    node: &Node,
+    id: String,
+) -> anyhow::Result<pb::Operation> {
+    Ok(client
+        .get_operation(pb::GetOperationRequest { id })
+        .await
+        .map_err(|s| node.fail(s))?
+        .into_inner())
+}
+
 pub fn exit_code(op: &pb::Operation) -> ExitCode {
     match pb::OperationState::try_from(op.state) {
         Ok(pb::OperationState::Succeeded) => ExitCode::SUCCESS,
@@ -457,11 +469,7 @@ pub async fn ops(g: &Global, cmd: OpsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         OpsCommand::List { .. } => Ok(ExitCode::SUCCESS), // answered above, on every node
         OpsCommand::Show { id } => {
-            let op = client
-                .get_operation(pb::GetOperationRequest { id })
-                .await
-                .map_err(|s| node.fail(s))?
-                .into_inner();
+            let op = get_operation(&mut client, &node, id).await?;
             if g.output == Output::Json {
                 output::json(&operation_json(&op));
             } else {
@@ -470,11 +478,7 @@ pub async fn ops(g: &Global, cmd: OpsCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         OpsCommand::Watch { id, from } => {
-            let op = client
-                .get_operation(pb::GetOperationRequest { id })
-                .await
-                .map_err(|s| node.fail(s))?
-                .into_inner();
+            let op = get_operation(&mut client, &node, id).await?;
             follow(g, &node, op, from).await
         }
         OpsCommand::Cancel { id } => {
