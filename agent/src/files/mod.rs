@@ -117,17 +117,12 @@ fn widen<T: Into<u64>>(value: T) -> u64 {
     value.into()
 }
 
-/// uid and primary gid of the system user `name`; `None` if there is none.
-pub fn user_ids(name: &str) -> io::Result<Option<(u32, u32)>> {
-    Ok(crate::host::users::by_name(name)?.map(|a| (a.uid, a.gid)))
-}
-
 /// The uids of the named members of group `gid` (`/etc/group`'s list;
 /// users whose primary group it is are not listed there).
 fn group_member_uids(gid: u32) -> Vec<u32> {
     crate::host::users::group_members(gid)
         .iter()
-        .filter_map(|n| user_ids(n).ok().flatten().map(|(uid, _)| uid))
+        .filter_map(|n| crate::host::users::by_name(n).ok().flatten().map(|a| a.uid))
         .collect()
 }
 
@@ -270,7 +265,12 @@ mod tests {
         fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let found = untrusted_ancestors(&open.join("app"), None);
         assert!(!found.iter().any(|(d, _)| d == &open), "{found:?}");
-        assert_eq!(user_ids("root").unwrap(), Some((0, 0)));
-        assert_eq!(user_ids("no-such-user-covet").unwrap(), None);
+        let root = crate::host::users::by_name("root").unwrap().unwrap();
+        assert_eq!((root.uid, root.gid), (0, 0));
+        assert!(
+            crate::host::users::by_name("no-such-user-covet")
+                .unwrap()
+                .is_none()
+        );
     }
 }

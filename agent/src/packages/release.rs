@@ -168,8 +168,9 @@ async fn release_install(
 /// Who owns an unpacked release: the app's user, else `releases_dir`'s owner.
 fn release_owner(app_user: Option<&str>, releases_dir: &Path) -> Result<(u32, u32), PackageError> {
     match app_user {
-        Some(user) => crate::files::user_ids(user)
+        Some(user) => crate::host::users::by_name(user)
             .map_err(io_error(format!("looking up user {user:?}")))?
+            .map(|account| (account.uid, account.gid))
             .ok_or_else(|| PackageError::CannotRestore {
                 path: releases_dir.to_owned(),
                 why: format!("the app's user {user:?} does not exist on this host"),

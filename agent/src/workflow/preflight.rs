@@ -35,7 +35,6 @@ pub async fn preflight(
     spec: &UpgradeSpec,
 ) -> Result<Preflight, PreflightError> {
     let invalid = |m: String| PreflightError::Invalid(m);
-    packages::validate_version(&spec.to_version).map_err(|e| invalid(e.to_string()))?;
     envfile::validate(&spec.env_edits).map_err(|e| invalid(e.to_string()))?;
     let Some(pkg) = &app.package else {
         return Err(PreflightError::Precondition(format!(

@@ -350,7 +350,7 @@ impl Undo<'_> {
             Source::Upgrade(dir) => Some(dir.fingerprints()?),
             Source::Backup => None,
         };
-        let paths: Vec<PathBuf> = crate::backup::paths_of(&self.app)
+        let paths: Vec<PathBuf> = crate::backup::paths_of(self.app)
             .into_iter()
             .filter(|p| !self.handled_elsewhere(p))
             .filter(|p| match &before {
