@@ -130,12 +130,16 @@ fn outcome(s: &pb::StepRecord) -> pb::StepOutcome {
     pb::StepOutcome::try_from(s.outcome).unwrap()
 }
 
-fn pg_dumps_running() -> Vec<String> {
+/// The pg_dumps still running against this test's own cluster. Tests run
+/// at once and share the database name, so the cluster's socket directory
+/// (in every pg_dump's argv) tells ours from theirs.
+fn pg_dumps_running(pg: &PostgresCluster) -> Vec<String> {
+    let socket = pg.socket_dir().display().to_string();
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains("pg_dump") && c.contains(DB))
+        .filter(|c| c.contains("pg_dump") && c.contains(DB) && c.contains(&socket))
         .collect()
 }
 
@@ -223,12 +227,12 @@ async fn a_failing_archive_stops_the_dump_and_leaves_nothing() {
     );
     // pg_dump was killed, not left to finish (a moment for the signal).
     for _ in 0..40 {
-        if pg_dumps_running().is_empty() {
+        if pg_dumps_running(&w.pg).is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(pg_dumps_running().is_empty(), "{:?}", pg_dumps_running());
+    assert!(pg_dumps_running(&w.pg).is_empty(), "{:?}", pg_dumps_running(&w.pg));
     nothing_left(&w.agent);
 }
 
@@ -308,7 +312,7 @@ async fn files_and_database_are_backed_up_at_once_with_one_progress_total() {
     w.agent
         .ctl("operator", &["backup", "verify", &id])
         .assert_ok();
-    assert!(pg_dumps_running().is_empty());
+    assert!(pg_dumps_running(&w.pg).is_empty(), "{:?}", pg_dumps_running(&w.pg));
 }
 
 /// What a tree holds, path by path: kind, mode, owner, mtime, and the
