@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod container;
 pub mod http;
+pub mod load;
 pub mod pki;
 pub mod postgres;
 pub mod repos;

@@ -232,7 +232,11 @@ async fn a_failing_archive_stops_the_dump_and_leaves_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(pg_dumps_running(&w.pg).is_empty(), "{:?}", pg_dumps_running(&w.pg));
+    assert!(
+        pg_dumps_running(&w.pg).is_empty(),
+        "{:?}",
+        pg_dumps_running(&w.pg)
+    );
     nothing_left(&w.agent);
 }
 
@@ -312,7 +316,11 @@ async fn files_and_database_are_backed_up_at_once_with_one_progress_total() {
     w.agent
         .ctl("operator", &["backup", "verify", &id])
         .assert_ok();
-    assert!(pg_dumps_running(&w.pg).is_empty(), "{:?}", pg_dumps_running(&w.pg));
+    assert!(
+        pg_dumps_running(&w.pg).is_empty(),
+        "{:?}",
+        pg_dumps_running(&w.pg)
+    );
 }
 
 /// What a tree holds, path by path: kind, mode, owner, mtime, and the
