@@ -267,7 +267,7 @@ pub fn restore(path: &Path, keep: &Path) -> Result<(), EnvError> {
 
 /// The variables of an env file's text exactly as systemd 252's
 /// `EnvironmentFile=` sets them (checked against the real systemd by
-/// `tests/tests/security_env.rs`): leading whitespace skipped; `#`/`;` start a
+/// `tests/tests/e2e/security_env.rs`): leading whitespace skipped; `#`/`;` start a
 /// comment, and a comment ending in `\` swallows the next line; `export ` is
 /// not special (that line is invalid and ignored); the key is trimmed; single
 /// quotes are literal; in double quotes `\` escapes `"`, `\`, `` ` ``, `$` and
@@ -950,7 +950,7 @@ EMPTY=''
         assert_eq!(key_of(""), None);
     }
 
-    /// The file checked against the real systemd 252 (see tests/tests/security_env.rs).
+    /// The file checked against the real systemd 252 (see tests/tests/e2e/security_env.rs).
     #[test]
     fn values_read_exactly_like_systemd() {
         let text = "A=plain\n  B = spaced value   \nexport C=exp\n\

@@ -1,0 +1,23 @@
+//! The end-to-end tests: one binary, one module per area, so the harness and
+//! its dependencies are compiled and linked once, not once per file.
+
+mod api_edge;
+mod backup_speed;
+mod backups;
+mod db;
+mod fleet;
+mod harness;
+mod packaging;
+mod pkgswap;
+mod process;
+mod python_client;
+mod release_kind;
+mod repo_kinds;
+mod sampleapp;
+mod security_api;
+mod security_env;
+mod security_fs;
+mod security_net;
+mod spine;
+mod units;
+mod upgrades;
