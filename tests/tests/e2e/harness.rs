@@ -409,7 +409,7 @@ fn killed_test_process_leaves_nothing() {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "helper_starts_everything_and_waits_to_be_killed",
+            "harness::helper_starts_everything_and_waits_to_be_killed",
             "--ignored",
             "--nocapture",
         ])
