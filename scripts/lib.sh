@@ -27,8 +27,9 @@ ensure_cargo() {
 
 # The packages the agent's real parts need: C toolchain for ring, Python for
 # the sample app, systemd + dbus + journald (the test sandboxes), util-linux
-# (unshare, setpriv) and PostgreSQL.
-PROJECT_PACKAGES=(build-essential ca-certificates zstd python3 python3-venv systemd dbus dbus-user-session util-linux postgresql)
+# (unshare, setpriv), PostgreSQL, and libsqlite3-dev (the agent links
+# Debian's libsqlite3 for SQLite databases).
+PROJECT_PACKAGES=(build-essential ca-certificates zstd python3 python3-venv systemd dbus dbus-user-session util-linux postgresql libsqlite3-dev)
 
 # What the packaging build (dpkg-deb, dpkg-shlibdeps, strip, rpmbuild) and its
 # tests (lintian, a booted Debian 12) need; `packaging/build --install-tools`

@@ -308,11 +308,19 @@ pub struct DnfConfig {
     pub name: String,
 }
 
+/// `[app.database]`, by `kind` (an unknown kind is refused when the config
+/// is read, with an error naming it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DatabaseConfig {
+    Postgres(PostgresConfig),
+    Sqlite(SqliteConfig),
+}
+
+/// `kind = "postgres"`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DatabaseConfig {
-    /// Only "postgres" for now.
-    pub kind: String,
+pub struct PostgresConfig {
     pub dbname: String,
     /// Socket directory (absolute path) or host name.
     #[serde(default)]
@@ -325,6 +333,14 @@ pub struct DatabaseConfig {
     /// System user that runs pg_dump / pg_restore.
     #[serde(default)]
     pub os_user: Option<String>,
+}
+
+/// `kind = "sqlite"`: the database file (absolute path). A restore writes
+/// beside it, so its directory needs room for a second copy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqliteConfig {
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -727,12 +743,15 @@ impl PackageConfig {
 
 impl DatabaseConfig {
     fn check(&self, key: &str, out: &mut Problems) {
-        if self.kind != "postgres" {
-            out.add(
-                format!("{key}.kind"),
-                format!("{:?} is not supported (only \"postgres\")", self.kind),
-            );
+        match self {
+            DatabaseConfig::Postgres(pg) => pg.check(key, out),
+            DatabaseConfig::Sqlite(lite) => lite.check(key, out),
         }
+    }
+}
+
+impl PostgresConfig {
+    fn check(&self, key: &str, out: &mut Problems) {
         if let Err(e) = validate_name(&self.dbname) {
             out.add(format!("{key}.dbname"), e);
         }
@@ -742,6 +761,24 @@ impl DatabaseConfig {
             {
                 out.add(format!("{key}.{field}"), e);
             }
+        }
+    }
+}
+
+impl SqliteConfig {
+    fn check(&self, key: &str, out: &mut Problems) {
+        let key = format!("{key}.path");
+        out.absolute(&key, &self.path);
+        // The restore names its side and kept files after the file's name.
+        match self.path.file_name().and_then(|n| n.to_str()) {
+            Some(name) if !name.starts_with('.') => {}
+            _ => out.add(
+                key,
+                format!(
+                    "{} must end in a file name (UTF-8, not starting with `.`)",
+                    self.path.display()
+                ),
+            ),
         }
     }
 }

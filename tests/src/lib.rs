@@ -9,11 +9,13 @@ pub mod agent;
 pub mod container;
 pub mod http;
 pub mod load;
+pub mod opwait;
 pub mod pki;
 pub mod postgres;
 pub mod repos;
 pub mod sampleapp;
 pub mod sandbox;
+pub mod sqlite_app;
 pub mod syspkg;
 
 use std::path::PathBuf;

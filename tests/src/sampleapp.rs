@@ -261,6 +261,22 @@ impl SampleApp {
     /// (absolute commands), [app.health] (JSON `status` must be `ok`) and one
     /// [[app.smoke]] on /api.
     pub fn agent_toml(&self, pg: &PostgresCluster) -> String {
+        self.agent_toml_with(&format!(
+            r#"kind = "postgres"
+dbname = {db}
+host = {host}
+port = {pg_port}
+user = {db_user}
+os_user = "postgres""#,
+            db = toml_str(&self.db),
+            host = toml_path(&pg.socket_dir()),
+            pg_port = pg.port(),
+            db_user = toml_str(&self.db_user),
+        ))
+    }
+
+    /// [`SampleApp::agent_toml`] with `database` as the body of [app.database].
+    pub fn agent_toml_with(&self, database: &str) -> String {
         let venv = toml_path(&self.venv);
         let env_file = toml_path(&self.env_file);
         let covet = toml_path(&self.venv.join("bin/covet"));
@@ -281,12 +297,7 @@ venv = {venv}
 find_links = [{wheelhouse}]
 
 [app.database]
-kind = "postgres"
-dbname = {db}
-host = {host}
-port = {pg_port}
-user = {db_user}
-os_user = "postgres"
+{database}
 
 [app.migrate]
 command = [{covet}, "migrate"]
@@ -307,10 +318,6 @@ url = "{api}"
 timeout = "2s"
 "#,
             wheelhouse = toml_path(&self.wheelhouse),
-            db = toml_str(&self.db),
-            host = toml_path(&pg.socket_dir()),
-            pg_port = pg.port(),
-            db_user = toml_str(&self.db_user),
             health = self.url("/health"),
             api = self.url("/api"),
         )
@@ -429,7 +436,7 @@ pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     Ok((status, body.to_owned()))
 }
 
-fn python() -> Command {
+pub(crate) fn python() -> Command {
     let mut cmd = Command::new(PYTHON);
     clean_python_env(&mut cmd);
     cmd
@@ -447,12 +454,12 @@ fn toml_str(text: &str) -> String {
     format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-fn toml_path(path: &Path) -> String {
+pub(crate) fn toml_path(path: &Path) -> String {
     toml_str(&path.to_string_lossy())
 }
 
 /// Fails with the command's output unless it exited 0.
-fn check(out: Output, what: &str) -> anyhow::Result<Output> {
+pub(crate) fn check(out: Output, what: &str) -> anyhow::Result<Output> {
     ensure!(
         out.status.success(),
         "{what} failed ({}):\n{}{}",
@@ -465,7 +472,7 @@ fn check(out: Output, what: &str) -> anyhow::Result<Output> {
 
 /// Runs `cmd` to completion with captured output, killing it after `timeout`
 /// (or when the test process dies).
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
+pub(crate) fn run_bounded(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
     let what = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy())

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use crate::backup::{BackupError, BackupStore, CreateOptions, Manifest, RestoreOptions, pg_target};
+use crate::backup::{BackupError, BackupStore, CreateOptions, Manifest, RestoreOptions, db_target};
 use crate::config::AppConfig;
 use crate::ops::log::StepOutcome;
 use crate::ops::{OpContext, Outcome};
@@ -50,7 +50,7 @@ pub async fn verify(
     m: Manifest,
 ) -> Outcome {
     ctx.update(|op| op.backup_id = m.id.clone());
-    let pg = match pg_target(&app) {
+    let pg = match db_target(&app) {
         Ok(pg) => pg,
         Err(e) => return Outcome::Failed(e.to_string()),
     };

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::archive::{self, ArchiveError, Compression, Progress};
 use crate::config::{AppConfig, RetentionConfig};
-use crate::db::{self, PgTarget};
+use crate::db::{self, Database, PgTarget};
 use crate::files::safe::{Dir, Staging};
 use crate::files::{free_bytes, fsync_dir};
 use crate::ops::OpContext;
@@ -147,18 +147,24 @@ pub fn validate_id(id: &str) -> Result<(), BackupError> {
 }
 
 /// The database of an app as the db module needs it.
-pub fn pg_target(app: &AppConfig) -> Result<Option<PgTarget>, BackupError> {
+pub fn db_target(app: &AppConfig) -> Result<Option<Database>, BackupError> {
     let Some(d) = &app.database else {
         return Ok(None);
     };
-    Ok(Some(PgTarget {
-        dbname: d.dbname.clone(),
-        host: d.host.clone(),
-        port: d.port,
-        user: d.user.clone(),
-        os_user: d.os_user.clone(),
-        bindir: PgTarget::discover_bindir()?,
-    }))
+    Ok(Some(Database::from_config(d)?))
+}
+
+/// A dump restores only into a database of the kind that made it.
+pub fn check_dump_kind(dbm: &ManifestDb, db: &Database) -> Result<(), BackupError> {
+    if dbm.format == db.format() {
+        return Ok(());
+    }
+    Err(BackupError::Refused(format!(
+        "the backup's database dump is {:?} but the app's database {} takes {:?}: restore it into a database of the kind that made it",
+        dbm.format,
+        db.name(),
+        db.format()
+    )))
 }
 
 /// The backups of this host.
@@ -233,6 +239,15 @@ impl BackupStore {
             }
         }
         if opts.database {
+            // A SQLite dump copies the file beside the dump first.
+            if let Some(crate::config::DatabaseConfig::Sqlite(lite)) = &app.database {
+                let target = db::SqliteTarget {
+                    path: lite.path.clone(),
+                };
+                needed += target
+                    .check()
+                    .map_err(|e| BackupError::Refused(e.to_string()))?;
+            }
             // The last dump of this app is the best guess of the next one.
             needed += self
                 .list(&[app.name.as_str()])
@@ -315,7 +330,7 @@ impl BackupStore {
         let progress = Arc::new(BackupProgress::new(ctx, estimate));
         // One flag stops both parts: the operation's cancel or the first failure.
         let stop = Arc::new(AtomicBool::new(false));
-        let pg = if opts.database { pg_target(app)? } else { None };
+        let pg = if opts.database { db_target(app)? } else { None };
         let files = async {
             if opts.files {
                 self.archive_paths(ctx, app, opts.compression, dir, &progress, &stop)
@@ -415,13 +430,13 @@ impl BackupStore {
     async fn dump_step(
         &self,
         ctx: &OpContext,
-        pg: &PgTarget,
+        pg: &Database,
         dir: &Path,
         progress: &Arc<BackupProgress>,
         stop: &Arc<AtomicBool>,
     ) -> Result<(ManifestFile, ManifestDb), BackupError> {
         let step = "dump database";
-        ctx.step_started(step, format!("pg_dump -Fc of {} through zstd", pg.dbname));
+        ctx.step_started(step, pg.dump_description());
         match self.dump(ctx, step, pg, dir, progress, stop).await {
             Ok((file, db)) => {
                 ctx.step_finished(
@@ -443,22 +458,19 @@ impl BackupStore {
         &self,
         ctx: &OpContext,
         step: &str,
-        pg: &PgTarget,
+        pg: &Database,
         dir: &Path,
         progress: &Arc<BackupProgress>,
         stop: &AtomicBool,
     ) -> Result<(ManifestFile, ManifestDb), BackupError> {
-        let server_version = ctx.waiting(db::server_version(pg, QUERY_TIMEOUT)).await?;
-        // Counted before the dump: the app is expected to be quiet (it is
-        // stopped or idle during an upgrade's backup).
-        let row_counts = ctx.waiting(db::row_counts(pg, QUERY_TIMEOUT)).await?;
+        let server_version = ctx.waiting(pg.server_version(QUERY_TIMEOUT)).await?;
         if stop.load(Ordering::Relaxed) {
             return Err(BackupError::Canceled);
         }
         let dest = dir.join(DUMP_FILE);
         let on_bytes = progress.part(step);
-        let stats = ctx
-            .waiting(db::dump(pg, &dest, DB_TIMEOUT, &on_bytes, stop))
+        let db::Dumped { stats, row_counts } = ctx
+            .waiting(pg.dump(&dest, DB_TIMEOUT, &on_bytes, stop))
             .await?;
         for line in stats.stderr.lines().filter(|l| !l.trim().is_empty()) {
             ctx.output(step, crate::ops::log::OutputStream::Stderr, line);
@@ -473,9 +485,9 @@ impl BackupStore {
                 content_bytes: 0,
             },
             ManifestDb {
-                dbname: pg.dbname.clone(),
+                dbname: pg.name(),
                 server_version,
-                format: "pg_dump-custom+zstd".to_owned(),
+                format: pg.format().to_owned(),
                 row_counts,
             },
         ))
@@ -487,7 +499,7 @@ impl BackupStore {
         ctx: &OpContext,
         dir: &Path,
         manifest: &Manifest,
-        pg: Option<&PgTarget>,
+        pg: Option<&Database>,
     ) -> Result<(), BackupError> {
         self.check_sums(ctx, dir, manifest).await?;
         let compression = Compression::parse(&manifest.compression).unwrap_or(Compression::Zstd);
@@ -515,12 +527,29 @@ impl BackupStore {
                 why: e.to_string(),
             })?;
         }
-        if manifest.database.is_some() {
+        if let Some(dbm) = manifest
+            .database
+            .as_ref()
+            .filter(|d| d.format == <db::SqliteTarget as db::Kind>::FORMAT)
+        {
+            let step = "check dump";
+            ctx.step_started(step, "decompress, PRAGMA integrity_check, row counts");
+            let result = db::sqlite::verify_dump(&dir.join(DUMP_FILE), dir, &dbm.row_counts).await;
+            finish_step(
+                ctx,
+                step,
+                result.as_ref().map(|tables| format!("{tables} tables")),
+            )?;
+            result.map_err(|e| BackupError::Corrupt {
+                id: manifest.id.clone(),
+                why: e.to_string(),
+            })?;
+        } else if manifest.database.is_some() {
             let step = "list dump";
             ctx.step_started(step, "pg_restore --list");
             let bindir = match pg {
-                Some(pg) => pg.clone(),
-                None => PgTarget {
+                Some(Database::Postgres(pg)) => pg.clone(),
+                _ => PgTarget {
                     dbname: String::new(),
                     host: None,
                     port: None,
@@ -712,25 +741,21 @@ impl BackupStore {
             }
         }
         if opts.database
-            && let (Some(dbm), Some(pg)) = (&manifest.database, pg_target(app)?)
+            && let (Some(dbm), Some(pg)) = (&manifest.database, db_target(app)?)
         {
+            check_dump_kind(dbm, &pg)?;
             let step = "restore database";
             ctx.step_started(
                 step,
                 format!(
-                    "pg_restore into a new database, check row counts, swap with {}",
-                    pg.dbname
+                    "restore beside the live database, check row counts, swap with {}",
+                    pg.name()
                 ),
             );
             let db_rid = rid.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
-            match db::restore_swap(
-                &pg,
-                &dir.join(DUMP_FILE),
-                &db_rid,
-                &dbm.row_counts,
-                DB_TIMEOUT,
-            )
-            .await
+            match pg
+                .restore_swap(&dir.join(DUMP_FILE), &db_rid, &dbm.row_counts, DB_TIMEOUT)
+                .await
             {
                 Ok(outcome) => {
                     ctx.step_finished(

@@ -14,7 +14,7 @@ use super::opdir::OpDir;
 use super::preflight::hook_user;
 use super::step::undo_order;
 use super::{Deps, Step, StepError, gate, journaled};
-use crate::backup::{Manifest, RestoreOptions, pg_target};
+use crate::backup::{Manifest, RestoreOptions, db_target};
 use crate::config::AppConfig;
 use crate::host::envfile;
 use crate::host::systemd::{ControlledUnit, UnitAction};
@@ -239,7 +239,7 @@ impl Undo<'_> {
                 )),
             }
         }
-        let Some(pg) = pg_target(app)? else {
+        let Some(pg) = db_target(app)? else {
             return Ok("no database declared".into());
         };
         let (dir, manifest) = self.backup()?;
@@ -255,9 +255,9 @@ impl Undo<'_> {
             .next()
             .unwrap_or("rb")
             .replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+        crate::backup::check_dump_kind(db, &pg)?;
         let outcome = ctx
-            .waiting(crate::db::restore_swap_checked(
-                &pg,
+            .waiting(pg.restore_swap_checked(
                 &dir.join(crate::backup::DUMP_FILE),
                 &rid,
                 &db.row_counts,

@@ -55,6 +55,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
+use super::{
+    CHUNK, DbError, DumpStats, Dumped, Kind, RestoreOutcome, check_counts, finish_zstd, read_full,
+    sync_parent, zstd_writer,
+};
 use crate::host::process::{ProcessBuilder, ProcessError, RunAs, canceled, read_capped};
 
 /// The database that administrative statements connect to.
@@ -64,9 +68,6 @@ const MAX_NAME_LEN: usize = 63;
 /// Programs a usable bindir must hold.
 const CLIENT_PROGRAMS: [&str; 3] = ["pg_dump", "pg_restore", "psql"];
 const PG_CONFIG_TIMEOUT: Duration = Duration::from_secs(10);
-const ZSTD_LEVEL: i32 = 3;
-/// Size of the chunks handed between the async side and the (de)compressor.
-const CHUNK: usize = 256 * 1024;
 /// Chunks in flight between the two sides: bounds memory, keeps both busy.
 const PIPELINE_DEPTH: usize = 8;
 /// Attempts at the final rename when sessions keep coming back to the live db.
@@ -117,120 +118,6 @@ impl PgTarget {
     /// The role for administration: see the module documentation.
     fn admin_role(&self) -> Option<&str> {
         self.os_user.as_deref().or(self.user.as_deref())
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DbError {
-    #[error(
-        "no PostgreSQL client programs (pg_dump, pg_restore, psql): neither `pg_config --bindir` \
-         nor /usr/lib/postgresql/*/bin has them (install the Debian package postgresql-client)"
-    )]
-    NoClientPrograms,
-    #[error("PostgreSQL bindir {} is not an absolute path", .0.display())]
-    RelativeBindir(PathBuf),
-    #[error("invalid {what} {name:?}: {reason}")]
-    InvalidName {
-        what: &'static str,
-        name: String,
-        reason: String,
-    },
-    #[error("system user {0:?} (os_user of the database config) does not exist")]
-    UnknownOsUser(String),
-    #[error("could not start {} as {user}: {source}", program.display())]
-    Spawn {
-        program: PathBuf,
-        user: String,
-        source: io::Error,
-    },
-    #[error("{program} failed ({status}): {stderr}")]
-    Tool {
-        program: String,
-        status: ExitStatus,
-        stderr: String,
-    },
-    #[error("{program} did not finish within {}: it was killed", humantime::format_duration(*after))]
-    Timeout { program: String, after: Duration },
-    #[error("{context}: {source}")]
-    Io { context: String, source: io::Error },
-    #[error("dump {} is damaged or truncated: {source}", path.display())]
-    CorruptDump { path: PathBuf, source: io::Error },
-    #[error("unexpected output from {program}: {detail}")]
-    UnexpectedOutput { program: String, detail: String },
-    #[error("database {0:?} does not exist")]
-    NoSuchDatabase(String),
-    #[error(
-        "database {0:?} already exists: drop it (if it is a kept copy that is no longer needed) \
-         or use another restore id"
-    )]
-    AlreadyExists(String),
-    #[error(
-        "restored table {table} has {got} rows but the backup recorded {expected}: \
-         the dump does not match its manifest"
-    )]
-    CountMismatch {
-        table: String,
-        expected: u64,
-        got: u64,
-    },
-    #[error(
-        "table {table} (with {expected} rows in the backup) is missing from the restored database"
-    )]
-    MissingTable { table: String, expected: u64 },
-    #[error("canceled")]
-    Canceled,
-    #[error(
-        "{source}; moreover the partial database {leftover:?} could not be dropped ({cleanup}): \
-         drop it by hand"
-    )]
-    Leftover {
-        source: Box<DbError>,
-        leftover: String,
-        cleanup: Box<DbError>,
-    },
-}
-
-impl DbError {
-    fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> DbError {
-        let context = context.into();
-        move |source| DbError::Io { context, source }
-    }
-}
-
-/// What a dump wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DumpStats {
-    /// Bytes pg_dump produced (its custom format, uncompressed).
-    pub uncompressed_bytes: u64,
-    /// Size of the zstd file.
-    pub compressed_bytes: u64,
-    /// pg_dump's stderr (warnings, if any) although it succeeded.
-    pub stderr: String,
-}
-
-/// What a restore left behind.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RestoreOutcome {
-    /// The name the previously live database now has (`{dbname}_before_{id}`).
-    pub kept_as: String,
-    /// Database properties that could not be carried to the restored
-    /// database (each with the server's reason); they stay on `kept_as`.
-    pub not_carried: Vec<String>,
-}
-
-impl RestoreOutcome {
-    /// One line for an operation's step: where the old database is, and
-    /// what could not be carried over.
-    pub fn describe(&self) -> String {
-        let mut text = format!("previous database kept as {}", self.kept_as);
-        if !self.not_carried.is_empty() {
-            text.push_str(&format!(
-                "; not carried over (still on {}): {}",
-                self.kept_as,
-                self.not_carried.join("; ")
-            ));
-        }
-        text
     }
 }
 
@@ -409,6 +296,60 @@ pub async fn drop_kept(t: &PgTarget, kept: &str, timeout: Duration) -> Result<()
     validate_name("kept database", kept)?;
     let sql = format!("DROP DATABASE IF EXISTS {};", quote_ident(kept));
     admin_psql(t, &sql, timeout).await.map(drop)
+}
+
+impl Kind for PgTarget {
+    const FORMAT: &'static str = "pg_dump-custom+zstd";
+
+    fn name(&self) -> String {
+        self.dbname.clone()
+    }
+
+    fn dump_description(&self) -> String {
+        format!("pg_dump -Fc of {} through zstd", self.dbname)
+    }
+
+    async fn server_version(&self, timeout: Duration) -> Result<String, DbError> {
+        server_version(self, timeout).await
+    }
+
+    async fn dump(
+        &self,
+        dest: &Path,
+        timeout: Duration,
+        on_bytes: &(dyn Fn(u64) + Send + Sync),
+        cancel: &AtomicBool,
+    ) -> Result<Dumped, DbError> {
+        // Counted before the dump: the app is expected to be quiet (it is
+        // stopped or idle during an upgrade's backup).
+        let row_counts = row_counts(self, timeout).await?;
+        let stats = dump(self, dest, timeout, on_bytes, cancel).await?;
+        Ok(Dumped { stats, row_counts })
+    }
+
+    async fn restore_swap_checked(
+        &self,
+        dump: &Path,
+        restore_id: &str,
+        expected: &BTreeMap<String, u64>,
+        timeout: Duration,
+    ) -> Result<RestoreOutcome, DbError> {
+        restore_swap_checked(self, dump, restore_id, expected, timeout).await
+    }
+
+    async fn restore_swap(
+        &self,
+        dump: &Path,
+        restore_id: &str,
+        expected: &BTreeMap<String, u64>,
+        timeout: Duration,
+    ) -> Result<RestoreOutcome, DbError> {
+        restore_swap(self, dump, restore_id, expected, timeout).await
+    }
+
+    async fn drop_kept(&self, kept: &str, timeout: Duration) -> Result<(), DbError> {
+        drop_kept(self, kept, timeout).await
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -786,34 +727,6 @@ async fn carry_properties(
     Ok(not_carried)
 }
 
-/// Every table of `expected` must be in `got` with the same count. Tables
-/// only in `got` are fine: a dump holds what it holds, the manifest may
-/// predate a table that is empty or not tracked.
-fn check_counts(
-    expected: &BTreeMap<String, u64>,
-    got: &BTreeMap<String, u64>,
-) -> Result<(), DbError> {
-    for (table, &want) in expected {
-        match got.get(table) {
-            None => {
-                return Err(DbError::MissingTable {
-                    table: table.clone(),
-                    expected: want,
-                });
-            }
-            Some(&n) if n != want => {
-                return Err(DbError::CountMismatch {
-                    table: table.clone(),
-                    expected: want,
-                    got: n,
-                });
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(())
-}
-
 /// Both renames in one transaction: either the restored db is live and the
 /// old one kept, or nothing changed. Sessions on the live db are ended first;
 /// one that reconnects in between makes the rename fail (object_in_use), so
@@ -993,30 +906,14 @@ async fn pump(
     }
 }
 
-/// zstd level 3 on all cores, with a content checksum; fsyncs. Ends when the
-/// sender is dropped. Returns the compressed size.
+/// zstd (see [`zstd_writer`]) of the chunks, fsynced. Ends when the sender
+/// is dropped. Returns the compressed size.
 fn compress(file: File, mut chunks: mpsc::Receiver<Vec<u8>>) -> io::Result<u64> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut encoder = zstd::Encoder::new(file, ZSTD_LEVEL)?;
-    encoder.include_checksum(true)?;
-    encoder.multithread(u32::try_from(workers).unwrap_or(1))?;
+    let mut encoder = zstd_writer(file)?;
     while let Some(chunk) = chunks.blocking_recv() {
         encoder.write_all(&chunk)?;
     }
-    let file = encoder.finish()?;
-    file.sync_all()?;
-    Ok(file.metadata()?.len())
-}
-
-/// Makes the new directory entry durable too.
-fn sync_parent(path: &Path) -> Result<(), DbError> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)
-        .and_then(|dir| dir.sync_all())
-        .map_err(DbError::io(format!("fsync directory {}", parent.display())))
+    finish_zstd(encoder)
 }
 
 // ---------------------------------------------------------------------------
@@ -1104,20 +1001,6 @@ fn decompress(file: File, path: &Path, to: mpsc::Sender<Vec<u8>>) -> Result<(), 
             return Ok(());
         }
     }
-}
-
-/// Fills `buf` unless the reader ends first; the count read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 // ---------------------------------------------------------------------------
