@@ -19,5 +19,6 @@ mod security_env;
 mod security_fs;
 mod security_net;
 mod spine;
+mod sqlite;
 mod units;
 mod upgrades;

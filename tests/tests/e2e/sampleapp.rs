@@ -140,7 +140,10 @@ key = "/nonexistent/agent.key"
     assert!(problems.is_empty(), "{problems:#?}");
     let declared = config.app("covet").expect("app covet");
     assert_eq!(declared.unit, UNIT);
-    assert_eq!(declared.database.as_ref().unwrap().port, Some(pg.port()));
+    let Some(covet_agent::config::DatabaseConfig::Postgres(db)) = &declared.database else {
+        panic!("not a PostgreSQL database: {:?}", declared.database);
+    };
+    assert_eq!(db.port, Some(pg.port()));
 }
 
 #[test]
