@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 const SUITE: &str = "bookworm";
-const PACKAGES: &str = "systemd,systemd-sysv,dbus";
+/// The base system plus the libraries the packages depend on (dpkg -i does
+/// not fetch dependencies): libsqlite3-0 for the agent's SQLite kind.
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,libsqlite3-0";
 
 /// Why this machine cannot boot a test container, if it cannot.
 pub fn unavailable() -> Option<String> {
@@ -68,8 +70,9 @@ pub fn pristine_root(target: &Path) -> anyhow::Result<PathBuf> {
         bail!("flock: {}", std::io::Error::last_os_error());
     }
     let root = base.join("root");
+    // The marker names the packages, so a changed list makes the root again.
     let complete = base.join("complete");
-    if complete.exists() {
+    if fs::read_to_string(&complete).is_ok_and(|made| made == PACKAGES) {
         return Ok(root);
     }
     if root.exists() {
@@ -89,7 +92,7 @@ pub fn pristine_root(target: &Path) -> anyhow::Result<PathBuf> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    File::create(&complete)?;
+    fs::write(&complete, PACKAGES)?;
     eprintln!(
         "debootstrapped {} in {:?}",
         root.display(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use covet_proto::v1 as pb;
 use covet_tests::agent::{CtlOutput, TestAgent};
 use covet_tests::http::wait_healthy;
+use covet_tests::opwait::{wait_done, wait_for_step};
 use covet_tests::postgres::{PostgresCluster, postgres_or_skip};
 use covet_tests::sampleapp::{self, SampleApp};
 use covet_tests::sandbox::{SystemdSandbox, sandbox_or_skip};
@@ -758,51 +759,6 @@ async fn wait_record(agent: &TestAgent, id: &str) -> pb::Operation {
         .await
         .unwrap()
         .into_inner()
-}
-
-/// Waits until the operation journals the start of `step`.
-async fn wait_for_step(agent: &TestAgent, id: &str, step: &str) {
-    let mut ops =
-        pb::operation_service_client::OperationServiceClient::new(agent.channel("reader").await);
-    let mut stream = ops
-        .watch_operation(pb::WatchOperationRequest {
-            id: id.into(),
-            from_sequence: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    tokio::time::timeout(Duration::from_secs(120), async {
-        while let Some(e) = stream.message().await.unwrap() {
-            if let Some(pb::operation_event::Event::StepStarted(s)) = e.event
-                && s.step == step
-            {
-                return;
-            }
-        }
-        panic!("operation {id} ended before step {step}");
-    })
-    .await
-    .unwrap_or_else(|_| panic!("step {step} did not start"));
-}
-
-async fn wait_done(agent: &TestAgent, id: &str) -> pb::Operation {
-    for _ in 0..1200 {
-        if let Ok(channel) = agent.connect(&agent.pki.client("reader")).await {
-            let mut ops = pb::operation_service_client::OperationServiceClient::new(channel);
-            if let Ok(op) = ops
-                .get_operation(pb::GetOperationRequest { id: id.into() })
-                .await
-            {
-                let op = op.into_inner();
-                if op.finished.is_some() {
-                    return op;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("operation {id} did not finish in 2 minutes");
 }
 
 /// kill -9 of the agent when `step` starts; on restart the agent finishes
