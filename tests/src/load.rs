@@ -139,12 +139,6 @@ impl Load {
         }
     }
 
-    /// How many requests failed so far (see [`Answer::is_failure`]).
-    pub fn failures_so_far(&self) -> usize {
-        let answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
-        answers.iter().filter(|a| a.is_failure()).count()
-    }
-
     /// Stops sending, waits for the requests in flight, and reports.
     pub async fn stop(self) -> LoadReport {
         let _ = self.stop.send(true);

@@ -342,9 +342,27 @@ fn sync_parent(path: &Path) -> Result<(), DbError> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    File::open(parent)
-        .and_then(|dir| dir.sync_all())
+    crate::files::fsync_dir(parent)
         .map_err(DbError::io(format!("fsync directory {}", parent.display())))
+}
+
+/// Creates `path` for the agent alone (mode 0600), never over an existing
+/// file: a dump, a copy or a restore written by a kind. `context` starts the
+/// error message ("create dump file"), the path ends it.
+fn create_private(path: &Path, context: &str) -> Result<File, DbError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(DbError::io(format!("{context} {}", path.display())))
+}
+
+/// A name as an SQL identifier (both kinds follow the standard): in double
+/// quotes, inner quotes doubled.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Fills `buf` unless the reader ends first; the count read.

@@ -43,9 +43,8 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -56,8 +55,8 @@ use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
 use super::{
-    CHUNK, DbError, DumpStats, Dumped, Kind, RestoreOutcome, check_counts, finish_zstd, read_full,
-    sync_parent, zstd_writer,
+    CHUNK, DbError, DumpStats, Dumped, Kind, RestoreOutcome, check_counts, create_private,
+    finish_zstd, quote_ident, read_full, sync_parent, zstd_writer,
 };
 use crate::host::process::{ProcessBuilder, ProcessError, RunAs, canceled, read_capped};
 
@@ -169,12 +168,7 @@ pub async fn dump(
     cancel: &AtomicBool,
 ) -> Result<DumpStats, DbError> {
     validate_name("database name", &t.dbname)?;
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dest)
-        .map_err(DbError::io(format!("create dump file {}", dest.display())))?;
+    let file = create_private(dest, "create dump file")?;
     let dumped = tokio::select! {
         dumped = Box::pin(within("pg_dump", timeout, dump_into(t, file, dest, on_bytes))) => dumped,
         () = canceled(cancel) => Err(DbError::Canceled),
@@ -401,10 +395,6 @@ fn validate_name(what: &'static str, name: &str) -> Result<(), DbError> {
         name: name.to_owned(),
         reason,
     })
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// A string literal (standard_conforming_strings, the default since 9.1).

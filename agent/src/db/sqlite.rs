@@ -23,9 +23,9 @@
 //! restored one after.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,8 +35,8 @@ use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags};
 
 use super::{
-    CHUNK, DbError, DumpStats, Dumped, Kind, RestoreOutcome, check_counts, finish_zstd, read_full,
-    sync_parent, zstd_writer,
+    CHUNK, DbError, DumpStats, Dumped, Kind, RestoreOutcome, check_counts, create_private,
+    finish_zstd, quote_ident, read_full, sync_parent, zstd_writer,
 };
 
 /// The first 16 bytes of every SQLite 3 database file.
@@ -219,7 +219,7 @@ pub async fn verify_dump(
     let copy = scratch_dir.join(format!(".verify-{}.sqlite", std::process::id()));
     tokio::task::spawn_blocking(move || {
         let result = (|| {
-            let file = create_private(&copy)?;
+            let file = create_private(&copy, "create")?;
             decompress_into(&dump, file)?;
             let counts = checked_counts(&copy)?;
             check_counts(&expected, &counts)?;
@@ -288,7 +288,7 @@ fn snapshot(live: &Path, copy: &Path, timeout: Duration) -> Result<u64, DbError>
     source
         .busy_timeout(timeout)
         .map_err(sqlite_error("configure", live))?;
-    drop(create_private(copy)?);
+    drop(create_private(copy, "create")?);
     let mut dest = Connection::open(copy).map_err(sqlite_error("create", copy))?;
     let deadline = Instant::now() + timeout;
     {
@@ -328,12 +328,7 @@ fn compress_file(
 ) -> Result<u64, DbError> {
     let io_error = |what: &str| DbError::io(format!("{what} {}", dest.display()));
     let mut input = File::open(from).map_err(DbError::io(format!("open {}", from.display())))?;
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dest)
-        .map_err(io_error("create dump file"))?;
+    let file = create_private(dest, "create dump file")?;
     let mut encoder = zstd_writer(file).map_err(io_error("compress into"))?;
     let mut chunk = vec![0; CHUNK];
     loop {
@@ -397,7 +392,7 @@ fn restore_blocking(
         });
     }
     let prepared = (|| {
-        let file = create_private(&names.fresh)?;
+        let file = create_private(&names.fresh, "create")?;
         // The app's user must be able to open its database as before.
         std::os::unix::fs::fchown(&file, Some(live_meta.uid()), Some(live_meta.gid()))
             .map_err(DbError::io(format!("chown {}", names.fresh.display())))?;
@@ -558,15 +553,6 @@ fn validate_id(id: &str) -> Result<(), DbError> {
     }
 }
 
-fn create_private(path: &Path) -> Result<File, DbError> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(DbError::io(format!("create {}", path.display())))
-}
-
 /// Writes the decompressed dump into `file`, fsynced.
 fn decompress_into(dump: &Path, mut file: File) -> Result<(), DbError> {
     let corrupt = |source| DbError::CorruptDump {
@@ -637,11 +623,6 @@ fn table_counts(conn: &Connection) -> rusqlite::Result<BTreeMap<String, u64>> {
     }
     conn.execute_batch("COMMIT")?;
     Ok(counts)
-}
-
-/// A name as an SQLite identifier: in double quotes, inner quotes doubled.
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 fn free_bytes(dir: &Path) -> Result<u64, DbError> {
