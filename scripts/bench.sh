@@ -6,7 +6,8 @@
 #   (and the agent's own overhead per upgrade).
 # Arguments are passed to the backup benchmark (e.g. --tree-mb 256 --files 10000
 # --pgbench-scale 10 --random-mb 64 for a quick run).
-# COVET_BENCH_ONLY=upgrade runs only the upgrade benchmark;
+# COVET_BENCH_ONLY=upgrade runs only the upgrade benchmark, =backup only the
+# backup one (with the arguments, e.g. --only db --pgbench-scale 50);
 # COVET_BENCH_ROUNDS=N sets its rounds (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,22 +32,33 @@ ensure_ansible() {
 
 only="${COVET_BENCH_ONLY:-}"
 rounds="${COVET_BENCH_ROUNDS:-3}"
-if [ "$only" = upgrade ]; then
+case "$only" in
+upgrade)
     cargo build --release --locked -p covet-agent -p covetctl -p covet-tests \
         --bin covet-agent --bin covetctl --bin covet-bench-upgrade
-else
-    cargo build --release --locked --bins
-fi
-ensure_ansible
+    ;;
+backup) cargo build --release --locked -p covet-tests --bin covet-bench-backup ;;
+"") cargo build --release --locked --bins ;;
+*)
+    echo "COVET_BENCH_ONLY is upgrade, backup or unset, not $only" >&2
+    exit 2
+    ;;
+esac
 
 if [ -z "$only" ]; then
     echo "== RPC over mutual TLS"
     target/release/covet-bench
     echo
+fi
+if [ -z "$only" ] || [ "$only" = backup ]; then
     echo "== backups"
     target/release/covet-bench-backup "$@"
     echo
 fi
+if [ "$only" = backup ]; then
+    exit 0
+fi
+ensure_ansible
 echo "== upgrade and rollback: covetctl vs an Ansible playbook vs bare commands"
 target/release/covet-bench-upgrade --rounds "$rounds" --ansible target/bench-ansible
 if [ -z "$only" ]; then
