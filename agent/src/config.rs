@@ -4,7 +4,7 @@
 //! Everything the network may name (apps, their units, paths, databases,
 //! commands, probe targets) is declared here; requests only refer to it by name.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -232,6 +232,12 @@ pub struct AppConfig {
     pub smoke: Vec<ProbeConfig>,
     #[serde(default)]
     pub retention: Option<RetentionConfig>,
+    /// How an upgrade replaces the running version (restart when absent).
+    #[serde(default)]
+    pub deploy: Option<DeployConfig>,
+    /// The proxy in front of the app's slots, for blue-green and canary.
+    #[serde(default)]
+    pub traffic: Option<TrafficConfig>,
 }
 
 /// The app's package, by `kind`: each kind takes only its own fields, and
@@ -258,6 +264,10 @@ pub struct PipConfig {
     /// Local wheelhouses (`--no-index --find-links`).
     #[serde(default)]
     pub find_links: Vec<PathBuf>,
+    /// Where blue-green and canary deploys install each version in its own
+    /// virtualenv (`releases_dir/VERSION/venv`), so two run side by side.
+    #[serde(default)]
+    pub releases_dir: Option<PathBuf>,
 }
 
 /// `kind = "release"`: unpacked release trees and a `current` symlink.
@@ -384,6 +394,33 @@ pub struct ProbeConfig {
 }
 
 impl ProbeConfig {
+    /// The same probe of another port on the same host: a slot's, for
+    /// blue-green and canary (an address or URL that does not parse is
+    /// kept as it is, and fails as it would have).
+    pub fn on_port(&self, port: u16) -> ProbeConfig {
+        let mut moved = self.clone();
+        if let Some(url) = &self.url
+            && let Ok(t) = crate::probes::HttpTarget::parse(url)
+        {
+            let host = if t.host.contains(':') {
+                format!("[{}]", t.host)
+            } else {
+                t.host
+            };
+            moved.url = Some(format!("http://{host}:{port}{}", t.path));
+        }
+        if let Some(address) = &self.address
+            && let Ok((host, _)) = crate::probes::split_host_port(address)
+        {
+            moved.address = Some(if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            });
+        }
+        moved
+    }
+
     /// The probe this declares, named `APP KIND` unless `name` says otherwise.
     /// INVALID when it has neither `url` nor `address` (check-config says so too).
     pub fn spec(&self, app: &str, kind: &str) -> Result<ProbeSpec, ProbeError> {
@@ -535,12 +572,19 @@ impl Config {
     }
 
     /// Units that may be acted on: every app's unit and `[systemd] allow`.
-    pub fn controllable_units(&self) -> BTreeSet<&str> {
+    pub fn controllable_units(&self) -> BTreeSet<String> {
         self.apps
             .iter()
-            .map(|a| a.unit.as_str())
-            .chain(self.systemd.allow.iter().map(String::as_str))
+            .flat_map(AppConfig::units)
+            .chain(self.systemd.allow.iter().cloned())
             .collect()
+    }
+
+    /// The app that runs `unit` (its own unit or one of its slots).
+    pub fn app_running(&self, unit: &str) -> Option<&AppConfig> {
+        self.apps
+            .iter()
+            .find(|a| a.units().iter().any(|u| u == unit))
     }
 
     /// `host:port` pairs that the apps' probes declare; ad-hoc probes may reach
@@ -555,6 +599,23 @@ impl Config {
 }
 
 impl AppConfig {
+    /// The systemd units that run the app: its `unit`, and with a deploy
+    /// strategy that uses slots, each slot's instance of `unit_template`.
+    pub fn units(&self) -> Vec<String> {
+        let mut units = vec![self.unit.clone()];
+        if let Some(d) = self.slotted() {
+            units.extend(d.slots.keys().map(|slot| d.instance(slot)));
+        }
+        units
+    }
+
+    /// The deploy config when the strategy runs the app in slots.
+    pub fn slotted(&self) -> Option<&DeployConfig> {
+        self.deploy
+            .as_ref()
+            .filter(|d| d.strategy != Strategy::Restart)
+    }
+
     fn check(&self, key: &str, out: &mut Problems) {
         if let Err(e) = validate_name(&self.name) {
             out.add(format!("{key}.name"), e);
@@ -606,6 +667,46 @@ impl AppConfig {
         }
         for (i, s) in self.smoke.iter().enumerate() {
             s.check(&format!("{key}.smoke[{i}]"), out);
+        }
+        if let Some(d) = &self.deploy {
+            d.check(&format!("{key}.deploy"), out);
+        }
+        if let Some(t) = &self.traffic {
+            t.check(&format!("{key}.traffic"), out);
+        }
+        if self.slotted().is_some() {
+            self.check_slotted(key, out);
+        }
+    }
+
+    /// What blue-green and canary need besides `[app.deploy]` itself.
+    fn check_slotted(&self, key: &str, out: &mut Problems) {
+        let strategy = self.deploy.as_ref().map_or("", |d| d.strategy.as_str());
+        if self.traffic.is_none() {
+            out.add(
+                format!("{key}.traffic"),
+                format!(
+                    "strategy {strategy:?} needs [app.traffic] to switch requests between slots"
+                ),
+            );
+        }
+        match &self.package {
+            Some(PackageConfig::Pip(p)) if p.releases_dir.is_some() => {}
+            Some(PackageConfig::Pip(_)) => out.add(
+                format!("{key}.package.releases_dir"),
+                format!("strategy {strategy:?} installs each version in its own virtualenv: declare releases_dir"),
+            ),
+            _ => out.add(
+                format!("{key}.package.kind"),
+                format!("strategy {strategy:?} runs two versions side by side: it needs kind = \"pip\" with releases_dir"),
+            ),
+        }
+        match &self.health {
+            Some(h) if h.url.is_some() => {}
+            _ => out.add(
+                format!("{key}.health.url"),
+                format!("strategy {strategy:?} checks the new slot on its own port before the switch: declare an HTTP health probe"),
+            ),
         }
     }
 }
@@ -870,6 +971,193 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 impl DeclaredUnits for Config {
     fn declares(&self, unit: &str) -> bool {
         self.controllable_units().contains(unit)
+    }
+}
+
+/// `[app.deploy]`: how an upgrade replaces the running version.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployConfig {
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// A template unit (`covet@.service`); each slot runs as its instance
+    /// (`covet@blue.service`).
+    pub unit_template: String,
+    /// Each slot's name and port (exactly two: the live one and the idle one).
+    pub slots: BTreeMap<String, u16>,
+    /// How long the old slot keeps serving after the switch.
+    #[serde(default = "default_drain", with = "duration_str")]
+    pub drain: Duration,
+    /// Where the agent writes each slot's `SLOT.env` and `SLOT` link to its
+    /// release, and `live`, the slot that takes the requests.
+    pub slots_dir: PathBuf,
+    /// Canary: the share of requests the new slot gets while it is watched.
+    #[serde(default = "default_canary_percent")]
+    pub canary_percent: u8,
+    /// What a rollback after the switch does with the migrated database.
+    #[serde(default)]
+    pub database_on_rollback: DatabaseOnRollback,
+}
+
+/// `[app.deploy] database_on_rollback`. Before the switch the database is
+/// always kept: the live version serves on it (the compatible-schema rule).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatabaseOnRollback {
+    /// The app's down-migration, else the backup's dump restored (what was
+    /// written since the backup is lost; connections are cut for the swap).
+    #[default]
+    Restore,
+    /// The migrated schema stays: for expand/contract migrations, which the
+    /// old version runs on; nothing written is lost.
+    Keep,
+}
+
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_canary_percent() -> u8 {
+    10
+}
+
+/// `[app.deploy] strategy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// The one unit restarted in place.
+    #[default]
+    Restart,
+    /// The new version started in the idle slot, all traffic switched to it.
+    BlueGreen,
+    /// Like blue-green, but the new slot first takes `canary_percent` of the
+    /// requests while it is watched.
+    Canary,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Restart => "restart",
+            Strategy::BlueGreen => "blue-green",
+            Strategy::Canary => "canary",
+        }
+    }
+}
+
+impl DeployConfig {
+    /// The unit that runs `slot`: `covet@.service` -> `covet@blue.service`.
+    pub fn instance(&self, slot: &str) -> String {
+        match self.unit_template.split_once("@.") {
+            Some((prefix, suffix)) => format!("{prefix}@{slot}.{suffix}"),
+            None => self.unit_template.clone(),
+        }
+    }
+
+    fn check(&self, key: &str, out: &mut Problems) {
+        let template_ok = self
+            .unit_template
+            .split_once("@.")
+            .is_some_and(|(prefix, suffix)| !prefix.is_empty() && suffix == "service");
+        if !template_ok {
+            out.add(
+                format!("{key}.unit_template"),
+                format!(
+                    "{:?} must be a template service like \"covet@.service\"",
+                    self.unit_template
+                ),
+            );
+        }
+        if self.slots.len() != 2 {
+            out.add(
+                format!("{key}.slots"),
+                format!(
+                    "needs exactly two slots (the live one and the idle one), got {}",
+                    self.slots.len()
+                ),
+            );
+        }
+        let mut ports = BTreeSet::new();
+        for (slot, port) in &self.slots {
+            let k = format!("{key}.slots.{slot}");
+            if let Err(e) = validate_name(slot) {
+                out.add(k.clone(), e);
+            } else if slot == "live" {
+                out.add(
+                    k.clone(),
+                    "\"live\" names the live-slot link; choose another name",
+                );
+            } else if template_ok && let Err(e) = validate_unit_name(&self.instance(slot)) {
+                out.add(k.clone(), e);
+            }
+            if *port == 0 || !ports.insert(*port) {
+                out.add(
+                    k,
+                    format!("port {port} must be non-zero and differ from the other slot's"),
+                );
+            }
+        }
+        out.absolute(&format!("{key}.slots_dir"), &self.slots_dir);
+        if self.drain > Duration::from_secs(3600) {
+            out.add(format!("{key}.drain"), "must be at most 1h");
+        }
+        if !(1..=99).contains(&self.canary_percent) {
+            out.add(format!("{key}.canary_percent"), "must be between 1 and 99");
+        }
+    }
+}
+
+/// `[app.traffic]`: the proxy that sends requests to the live slot.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum TrafficConfig {
+    Nginx(NginxTrafficConfig),
+}
+
+/// `kind = "nginx"`: an `upstream` block in a file nginx includes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NginxTrafficConfig {
+    /// The file the agent writes (atomically) with the upstream block.
+    pub upstream_file: PathBuf,
+    /// The upstream's name (`proxy_pass http://NAME`); the app's name when absent.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Checks nginx's whole configuration (`nginx -t`) before a reload.
+    pub test: Vec<String>,
+    /// Reloaded over D-Bus after the file changed.
+    pub reload_unit: String,
+    /// A URL through nginx whose answer names the serving version
+    /// (`/health`): after a switch it must name the new one.
+    pub verify_url: String,
+    /// The JSON field of `verify_url`'s answer that names the version.
+    #[serde(default = "default_verify_field")]
+    pub verify_field: String,
+}
+
+fn default_verify_field() -> String {
+    "version".into()
+}
+
+impl TrafficConfig {
+    fn check(&self, key: &str, out: &mut Problems) {
+        match self {
+            TrafficConfig::Nginx(n) => {
+                out.absolute(&format!("{key}.upstream_file"), &n.upstream_file);
+                if let Some(name) = &n.upstream
+                    && let Err(e) = validate_name(name)
+                {
+                    out.add(format!("{key}.upstream"), e);
+                }
+                check_argv(&format!("{key}.test"), &n.test, out);
+                if let Err(e) = validate_unit_name(&n.reload_unit) {
+                    out.add(format!("{key}.reload_unit"), e);
+                }
+                if let Err(e) = crate::probes::HttpTarget::parse(&n.verify_url) {
+                    out.add(format!("{key}.verify_url"), e.to_string());
+                }
+            }
+        }
     }
 }
 

@@ -21,6 +21,7 @@ pub mod archive;
 pub mod backup;
 pub mod config;
 pub mod db;
+pub(crate) mod deploy;
 pub mod edge;
 pub mod files;
 #[cfg(test)]

@@ -319,7 +319,7 @@ impl BackupStore {
                 .unwrap_or_default(),
             created_unix_ms: i64::try_from(created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            package_version: crate::packages::installed_version(app)
+            package_version: crate::deploy::serving_version(app)
                 .await
                 .unwrap_or_default(),
             compression: opts.compression.as_str().to_owned(),

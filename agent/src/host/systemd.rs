@@ -47,7 +47,9 @@ impl<T: DeclaredUnits> DeclaredUnits for std::sync::Arc<T> {
     }
 }
 
-/// Unit names as systemd accepts them, minus templates: `NAME.TYPE`.
+/// Unit names as systemd accepts them: `NAME.TYPE`, or one instance of a
+/// template, `NAME@INSTANCE.TYPE` (a blue-green slot); never a bare
+/// template (`NAME@.TYPE`), which cannot run.
 pub fn validate_unit_name(unit: &str) -> Result<(), String> {
     const TYPES: &[&str] = &[
         "service", "socket", "target", "timer", "path", "mount", "slice", "scope",
@@ -65,10 +67,13 @@ pub fn validate_unit_name(unit: &str) -> Result<(), String> {
     if stem.is_empty() || stem.starts_with(['-', '.']) {
         return bad("empty or starts with - or .");
     }
-    if stem.contains('@') {
-        return bad("template instances are not accepted");
+    if let Some((prefix, instance)) = stem.split_once('@')
+        && (prefix.is_empty() || instance.is_empty() || instance.contains('@'))
+    {
+        return bad("a template needs one instance name (NAME@INSTANCE.service)");
     }
     if !stem
+        .replacen('@', "", 1)
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
     {
@@ -264,7 +269,16 @@ impl Systemd {
     /// a reader learns nothing about the rest of the host.
     pub async fn status(&self, unit: &ControlledUnit) -> Result<UnitState, SystemdError> {
         let unit = unit.as_str();
-        self.with_connection(|conn| async move { read_state(&conn, unit).await })
+        self.with_connection(|conn| async move { read_state(&conn, unit, false).await })
+            .await
+    }
+
+    /// [`Systemd::status`] after asking systemd to load the unit (a
+    /// template's instance is loaded only when something asks for it): the
+    /// load state then says whether it can start.
+    pub async fn status_loaded(&self, unit: &ControlledUnit) -> Result<UnitState, SystemdError> {
+        let unit = unit.as_str();
+        self.with_connection(|conn| async move { read_state(&conn, unit, true).await })
             .await
     }
 
@@ -389,7 +403,11 @@ async fn run_job(
     })
 }
 
-async fn read_state(conn: &zbus::Connection, unit: &str) -> Result<UnitState, CallError> {
+async fn read_state(
+    conn: &zbus::Connection,
+    unit: &str,
+    load: bool,
+) -> Result<UnitState, CallError> {
     let manager = ManagerProxy::new(conn)
         .await
         .map_err(CallError::from_zbus)?;
@@ -398,7 +416,12 @@ async fn read_state(conn: &zbus::Connection, unit: &str) -> Result<UnitState, Ca
         ..Default::default()
     };
     // GetUnit does not load anything: a unit systemd does not know is "not-found".
-    let path = match manager.get_unit(unit.to_owned()).await {
+    let found = if load {
+        manager.load_unit(unit.to_owned()).await
+    } else {
+        manager.get_unit(unit.to_owned()).await
+    };
+    let path = match found {
         Ok(path) => path,
         Err(zbus::Error::MethodError(name, message, _))
             if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
@@ -478,7 +501,11 @@ mod tests {
     #[test]
     fn unit_names() {
         assert!(validate_unit_name("covet.service").is_ok());
-        assert!(validate_unit_name("postgresql@15-main.service").is_err());
+        assert!(validate_unit_name("postgresql@15-main.service").is_ok());
+        assert!(validate_unit_name("covet@.service").is_err());
+        assert!(validate_unit_name("@blue.service").is_err());
+        assert!(validate_unit_name("covet@a@b.service").is_err());
+        assert!(validate_unit_name("covet@../x.service").is_err());
         assert!(validate_unit_name("../x.service").is_err());
         assert!(validate_unit_name("a/b.service").is_err());
         assert!(validate_unit_name("covet").is_err());

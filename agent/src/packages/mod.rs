@@ -434,6 +434,31 @@ pub async fn install_as(
     with_kind!(pkg, |kind| Box::pin(kind.install(version, &options)).await)
 }
 
+/// Installs `version` as a release of its own beside the live one, for
+/// deploys that run two versions side by side: pip with `releases_dir`
+/// makes `releases_dir/VERSION/venv` (kept if already complete). Returns
+/// the release's virtualenv; nothing the live version uses is touched.
+pub async fn install_release(
+    pkg: &PackageConfig,
+    version: &str,
+    timeout: Duration,
+) -> Result<PathBuf, PackageError> {
+    let version = Version::parse(version)?;
+    match pkg {
+        PackageConfig::Pip(pip) => Box::pin(pip::pip_install_release(pip, version, timeout)).await,
+        other => Err(PackageError::Unsupported(format!(
+            "package {} is kind {:?}: only pip with releases_dir installs versions side by side",
+            other.name(),
+            other.kind()
+        ))),
+    }
+}
+
+/// The version of a complete release's virtualenv ([`install_release`]).
+pub fn release_version_of(venv: &Path) -> Option<String> {
+    pip::release_version_of(venv)
+}
+
 /// Puts the package recorded in `rp` back exactly. pip: the live virtualenv
 /// is moved aside (`.VENV_NAME.failed-OP_ID`), the copy renamed into place,
 /// the aside tree removed. release: `current` is pointed back atomically.

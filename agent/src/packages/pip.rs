@@ -425,36 +425,54 @@ async fn scratch_argv(
     };
     let scratch = scratch_slot.insert(scratch_dir_for(&venv, owner)?);
     let scratch_venv = scratch.join("venv");
+    fresh_venv(pkg, &scratch_venv, version, owner_name.as_deref(), timeout)
+        .await
+        .map_err(|e| format!("scratch virtualenv: {e}"))?;
+    if let Some(rest) = argv
+        .first()
+        .and_then(|p| Path::new(p).strip_prefix(&venv).ok().map(Path::to_owned))
+    {
+        argv[0] = scratch_venv.join(rest).display().to_string();
+    }
+    Ok(argv)
+}
+
+/// A new virtualenv at `dest` (made by the app venv's Python) with `version`
+/// installed from the wheelhouses, as `owner`: the app's pip installs into
+/// it (`pip --python`, pip 22.3 and later), which spares ensurepip's
+/// seconds; an older pip seeds it with its own.
+async fn fresh_venv(
+    pkg: &PipConfig,
+    dest: &Path,
+    version: Version<'_>,
+    owner: Option<&str>,
+    timeout: Duration,
+) -> Result<(), String> {
     let never = std::sync::atomic::AtomicBool::new(false);
     let as_owner = |argv: Vec<String>, timeout: Duration| {
-        let owner = owner_name.clone();
         let never = &never;
-        async move {
-            crate::host::process::run(&argv, owner.as_deref(), &[], timeout, never, &|_, _| {})
-                .await
-        }
+        async move { crate::host::process::run(&argv, owner, &[], timeout, never, &|_, _| {}).await }
     };
-    let python = venv.join("bin/python").display().to_string();
-    // Without pip: the app's own pip installs into it (`pip --python`,
-    // pip 22.3 and later), which spares ensurepip's seconds.
+    let python = pkg.venv.join("bin/python").display().to_string();
+    let dest_python = dest.join("bin/python").display().to_string();
     as_owner(
         vec![
             python.clone(),
             "-m".into(),
             "venv".into(),
             "--without-pip".into(),
-            scratch_venv.display().to_string(),
+            dest.display().to_string(),
         ],
         Duration::from_secs(120),
     )
     .await
-    .map_err(|e| format!("cannot make a scratch virtualenv: {e}"))?;
+    .map_err(|e| format!("cannot make a virtualenv at {}: {e}", dest.display()))?;
     let mut pip_from_app = vec![
         python,
         "-m".into(),
         "pip".into(),
         "--python".into(),
-        scratch_venv.join("bin/python").display().to_string(),
+        dest_python.clone(),
         "install".into(),
         "--no-input".into(),
         "--disable-pip-version-check".into(),
@@ -467,38 +485,127 @@ async fn scratch_argv(
     }
     pip_from_app.push(format!("{}=={version}", pkg.name));
     if let Err(e) = as_owner(pip_from_app, timeout).await {
-        // An older pip: seed the scratch venv with its own and install as usual.
-        tracing::debug!("pip --python into the scratch venv failed ({e}); using ensurepip");
+        tracing::debug!(
+            "pip --python into {} failed ({e}); using ensurepip",
+            dest.display()
+        );
         as_owner(
-            vec![
-                scratch_venv.join("bin/python").display().to_string(),
-                "-m".into(),
-                "ensurepip".into(),
-            ],
+            vec![dest_python, "-m".into(), "ensurepip".into()],
             Duration::from_secs(120),
         )
         .await
-        .map_err(|e| format!("cannot seed the scratch virtualenv with pip: {e}"))?;
-        let scratch_pkg = PipConfig {
-            venv: scratch_venv.clone(),
+        .map_err(|e| format!("cannot seed {} with pip: {e}", dest.display()))?;
+        let dest_pkg = PipConfig {
+            venv: dest.to_owned(),
             ..pkg.clone()
         };
-        pip_install(&scratch_pkg, version, timeout, &|_, _| {})
+        pip_install(&dest_pkg, version, timeout, &|_, _| {})
             .await
             .map_err(|e| {
                 format!(
-                    "cannot install {} {version} into a scratch virtualenv: {e}",
-                    pkg.name
+                    "cannot install {} {version} into {}: {e}",
+                    pkg.name,
+                    dest.display()
                 )
             })?;
     }
-    if let Some(rest) = argv
-        .first()
-        .and_then(|p| Path::new(p).strip_prefix(&venv).ok().map(Path::to_owned))
-    {
-        argv[0] = scratch_venv.join(rest).display().to_string();
+    Ok(())
+}
+
+/// The marker that says a release's virtualenv is complete.
+const RELEASE_COMPLETE: &str = ".covet-release-complete";
+
+/// `releases_dir/VERSION/venv` with `version` installed, made if it is not
+/// there yet (a partial one, left by a crash or a failed pip, is made
+/// again); the release directory belongs to the app venv's owner. Two
+/// versions' releases run side by side (blue-green, canary).
+pub(super) async fn pip_install_release(
+    pkg: &PipConfig,
+    version: Version<'_>,
+    timeout: Duration,
+) -> Result<PathBuf, PackageError> {
+    let releases = pkg
+        .releases_dir
+        .clone()
+        .ok_or(PackageError::NotConfigured {
+            name: pkg.name.clone(),
+            kind: "pip",
+            field: "releases_dir",
+        })?;
+    pip_check_available(pkg, version)?;
+    let release = releases.join(version.as_str());
+    let venv = release.join("venv");
+    if release.join(RELEASE_COMPLETE).is_file() {
+        return Ok(venv);
     }
-    Ok(argv)
+    let meta = fs::metadata(&pkg.venv).map_err(io_error(format!(
+        "reading virtualenv {}",
+        pkg.venv.display()
+    )))?;
+    let owner = match meta.uid() {
+        0 => None,
+        uid => Some(
+            users::name_of(uid).ok_or_else(|| PackageError::NamelessOwner {
+                path: pkg.venv.clone(),
+                uid,
+            })?,
+        ),
+    };
+    {
+        let (releases, release) = (releases.clone(), release.clone());
+        let ids = (meta.uid(), meta.gid());
+        blocking(move || {
+            fs::create_dir_all(&releases)
+                .map_err(io_error(format!("creating {}", releases.display())))?;
+            if fs::symlink_metadata(&release).is_ok() {
+                remove_tree(&release)?;
+            }
+            fs::create_dir(&release)
+                .map_err(io_error(format!("creating {}", release.display())))?;
+            std::os::unix::fs::chown(&release, Some(ids.0), Some(ids.1)).map_err(io_error(format!(
+                "handing {} to the venv's owner",
+                release.display()
+            )))
+        })
+        .await?;
+    }
+    fresh_venv(pkg, &venv, version, owner.as_deref(), timeout)
+        .await
+        .map_err(|output| PackageError::Tool {
+            program: "pip".into(),
+            status: "failed".into(),
+            output,
+        })?;
+    let marker = release.join(RELEASE_COMPLETE);
+    blocking(move || {
+        fs::write(&marker, version_line(&marker))
+            .map_err(io_error(format!("writing {}", marker.display())))?;
+        fsync_dir(parent_of(&marker))
+    })
+    .await?;
+    Ok(venv)
+}
+
+fn version_line(marker: &Path) -> String {
+    let version = parent_of(marker)
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy();
+    format!("{version}\n")
+}
+
+/// The version of the release a virtualenv under `releases_dir` belongs to.
+pub(super) fn release_version_of(venv: &Path) -> Option<String> {
+    let release = venv.parent()?;
+    release
+        .join(RELEASE_COMPLETE)
+        .is_file()
+        .then(|| {
+            release
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .flatten()
 }
 
 /// A fresh scratch directory for the dry run's virtualenv, next to the app's
@@ -546,6 +653,7 @@ mod tests {
             name: name.to_owned(),
             venv: venv.to_owned(),
             find_links,
+            releases_dir: None,
         })
     }
 

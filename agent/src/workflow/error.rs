@@ -83,6 +83,22 @@ pub enum StepError {
     },
     #[error("file-system task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Deploy(#[from] crate::deploy::DeployError),
+    #[error(
+        "app {0} does not deploy in slots (no [app.deploy] blue-green or canary with [app.traffic])"
+    )]
+    NotSlotted(String),
+    #[error("unit {unit} is not loaded ({state}): is the unit template installed?")]
+    UnitNotLoaded { unit: String, state: String },
+    #[error("the start step's record of the slots is missing from the operation's directory")]
+    NoSlotRecord,
+    #[error("{url} does not answer version {version} after the switch: {error}")]
+    NotServing {
+        url: String,
+        version: String,
+        error: String,
+    },
 }
 
 impl StepError {

@@ -40,12 +40,17 @@ impl Upgrade<'_> {
             Step::Preflight => Ok(self.pre.findings.join("; ")),
             Step::Backup => self.backup().await,
             Step::Package => self.package().await,
+            Step::Release => self.release().await,
             Step::Config => self.config(),
             Step::Migrate => self.migrate().await,
             Step::Restart => self.restart().await,
+            Step::Start => self.start_slot().await,
             Step::Health => self.health().await,
             Step::Smoke => self.smoke().await,
+            Step::Switch => self.switch().await,
             Step::Watch => self.watch().await,
+            Step::Promote => self.promote().await,
+            Step::Drain => self.drain().await,
         }
     }
 
@@ -133,9 +138,10 @@ impl Upgrade<'_> {
         let on_line = output_to(ctx, Step::Migrate.name());
         let cancel = ctx.cancel_flag();
         let user = hook_user(app)?;
+        let command = super::slotted::release_argv(app, self.spec, &m.command);
         let report = ctx
             .waiting(crate::host::process::run(
-                &m.command, user, &env, m.timeout, &cancel, &on_line,
+                &command, user, &env, m.timeout, &cancel, &on_line,
             ))
             .await?;
         Ok(format!(
@@ -159,12 +165,17 @@ impl Upgrade<'_> {
         let Some(health) = &self.app.health else {
             return Ok("no health probe".into());
         };
+        let slot = self.new_slot()?;
+        let (unit, health) = match &slot {
+            Some((unit, port)) => (unit, health.on_port(*port)),
+            None => (self.unit, health.clone()),
+        };
         let attempts = gate::healthy(
             self.deps,
             self.ctx,
             self.app,
-            self.unit,
-            health,
+            unit,
+            &health,
             gate::OnCancel::Stop,
         )
         .await?;
@@ -172,7 +183,9 @@ impl Upgrade<'_> {
     }
 
     async fn smoke(&self) -> Result<String, StepError> {
+        let port = self.new_slot()?.map(|(_, port)| port);
         for check in &self.app.smoke {
+            let check = &super::slotted::probe_on(check, port);
             let o = probe(self.deps, self.ctx, self.app, "smoke", check).await?;
             if !o.ok {
                 return Err(StepError::SmokeFailed {
@@ -189,6 +202,7 @@ impl Upgrade<'_> {
         let (Some(window), Some(health)) = (self.spec.watch, &self.app.health) else {
             return Ok("no watch window".into());
         };
+        let health = &super::slotted::probe_on(health, self.new_slot()?.map(|(_, port)| port));
         let until = Instant::now() + window;
         let every = health.interval.max(Duration::from_millis(500));
         let mut probes_run = 0u32;

@@ -23,6 +23,7 @@ mod forward;
 mod gate;
 mod opdir;
 mod preflight;
+mod slotted;
 mod step;
 mod undo;
 pub(crate) mod unit_action;
@@ -405,6 +406,14 @@ pub fn rollback_params(of: &RollbackOf) -> BTreeMap<String, String> {
 pub async fn run_rollback(deps: Deps, ctx: OpContext, app: AppConfig, of: RollbackOf) -> Outcome {
     let backup_id = of.backup_id().to_owned();
     ctx.update(|op| op.backup_id = backup_id.clone());
+    if app.slotted().is_some() && matches!(of, RollbackOf::Backup(_)) {
+        return Outcome::Failed(format!(
+            "{} deploys in slots: a rollback switches back from its last upgrade \
+             (`covetctl rollback {}` without --to); take files and data from backup \
+             {backup_id} with `covetctl backup restore`; nothing was changed",
+            app.name, app.name
+        ));
+    }
     if let RollbackOf::Backup(id) = &of
         && let Err(e) = deps.backups.find(&[app.name.as_str()], id)
     {

@@ -14,6 +14,7 @@ use crate::packages::RestorePoint;
 const RESTORE_POINT: &str = "restore_point.json";
 const FINGERPRINTS: &str = "fingerprints.json";
 const ENV_BEFORE: &str = "env.before";
+const SLOT_DEPLOY: &str = "slots.json";
 
 /// One operation's directory.
 #[derive(Debug, Clone)]
@@ -55,6 +56,15 @@ impl OpDir {
     /// when none were recorded.
     pub fn fingerprints(&self) -> Result<BTreeMap<String, String>, StepError> {
         Ok(read_json(&self.dir.join(FINGERPRINTS))?.unwrap_or_default())
+    }
+
+    /// What a blue-green or canary start step recorded before it acted.
+    pub fn slot_deploy(&self) -> Result<Option<super::slotted::SlotDeploy>, StepError> {
+        read_json(&self.dir.join(SLOT_DEPLOY))
+    }
+
+    pub fn set_slot_deploy(&self, rec: &super::slotted::SlotDeploy) -> Result<(), StepError> {
+        write_json(&self.dir.join(SLOT_DEPLOY), rec)
     }
 
     pub fn set_fingerprints(&self, prints: &BTreeMap<String, String>) -> Result<(), StepError> {

@@ -53,7 +53,9 @@ pub async fn preflight(
         .await
         .map_err(|e| PreflightError::Precondition(e.to_string()))?;
     findings.push(format!("{} {} is available", pkg.name(), spec.to_version));
-    let from_version = packages::installed_version(app).await.unwrap_or_default();
+    let from_version = crate::deploy::serving_version(app)
+        .await
+        .unwrap_or_default();
     if from_version == *spec.to_version {
         return Err(PreflightError::Precondition(format!(
             "{} is already at {}",
@@ -65,8 +67,22 @@ pub async fn preflight(
             .map_err(|e| PreflightError::Precondition(e.to_string()))?;
         findings.extend(diff.into_iter().map(|d| format!("env: {d}")));
     }
-    let unit = ControlledUnit::admit(&deps.config, &app.unit)
-        .map_err(|e| PreflightError::Precondition(e.to_string()))?;
+    let precondition = |e: StepError| PreflightError::Precondition(e.to_string());
+    let (unit, port) = match app.slotted() {
+        Some(_) => {
+            findings.extend(
+                super::slotted::preflight(deps, app)
+                    .await
+                    .map_err(precondition)?,
+            );
+            super::slotted::serving(deps, app).map_err(precondition)?
+        }
+        None => (
+            ControlledUnit::admit(&deps.config, &app.unit)
+                .map_err(|e| PreflightError::Precondition(e.to_string()))?,
+            None,
+        ),
+    };
     let status = deps
         .systemd
         .status(&unit)
@@ -75,15 +91,16 @@ pub async fn preflight(
     if status.load_state != "loaded" {
         return Err(PreflightError::Precondition(format!(
             "unit {} is not loaded ({}): is it installed?",
-            app.unit, status.load_state
+            unit.as_str(),
+            status.load_state
         )));
     }
-    findings.push(format!("unit {} is {}", app.unit, status.active_state));
+    findings.push(format!("unit {} is {}", unit.as_str(), status.active_state));
     if !spec.force
         && let Some(health) = &app.health
     {
         let outcome = async {
-            let health = health.spec(&app.name, "health")?;
+            let health = super::slotted::probe_on(health, port).spec(&app.name, "health")?;
             probes::probe_declared(&deps.probe_policy, &health).await
         }
         .await

@@ -6,7 +6,7 @@
 //! `run` and `undo` in `forward.rs` and `undo.rs`) must then say what it
 //! does, and the compiler lists the places.
 
-use crate::config::AppConfig;
+use crate::config::{AppConfig, Strategy};
 
 use super::UpgradeSpec;
 
@@ -19,32 +19,51 @@ pub enum Step {
     Backup,
     /// The package swap, by the package's kind.
     Package,
+    /// Blue-green and canary: the new version installed as a release of its
+    /// own; the live slot's is untouched.
+    Release,
     /// The env-file edits.
     Config,
     /// The app's migrate command.
     Migrate,
     /// The unit restarted over D-Bus.
     Restart,
+    /// Blue-green and canary: the idle slot pointed at the new release and
+    /// its unit started.
+    Start,
     /// The health probe must pass while the unit stays active.
     Health,
     /// The declared smoke checks.
     Smoke,
+    /// Blue-green: every request to the new slot; canary: its share.
+    /// Through the proxy, tested and reloaded.
+    Switch,
     /// Health probed for the asked watch window.
     Watch,
+    /// Canary: every request to the new slot.
+    Promote,
+    /// Blue-green and canary: the old slot keeps serving what it has for
+    /// `drain`, then it is stopped.
+    Drain,
 }
 
 impl Step {
     /// Every step, in the order an upgrade runs them.
-    pub const ALL: [Step; 9] = [
+    pub const ALL: [Step; 14] = [
         Step::Preflight,
         Step::Backup,
         Step::Package,
+        Step::Release,
         Step::Config,
         Step::Migrate,
         Step::Restart,
+        Step::Start,
         Step::Health,
         Step::Smoke,
+        Step::Switch,
         Step::Watch,
+        Step::Promote,
+        Step::Drain,
     ];
 
     /// The step's name in the journal and the API (a persisted format:
@@ -54,12 +73,17 @@ impl Step {
             Step::Preflight => "preflight",
             Step::Backup => "backup",
             Step::Package => "package",
+            Step::Release => "release",
             Step::Config => "config",
             Step::Migrate => "migrate",
             Step::Restart => "restart",
+            Step::Start => "start",
             Step::Health => "health",
             Step::Smoke => "smoke",
+            Step::Switch => "switch",
             Step::Watch => "watch",
+            Step::Promote => "promote",
+            Step::Drain => "drain",
         }
     }
 
@@ -74,19 +98,30 @@ impl Step {
         match self {
             Step::Preflight | Step::Backup => false,
             Step::Package
+            | Step::Release
             | Step::Config
             | Step::Migrate
             | Step::Restart
+            | Step::Start
             | Step::Health
             | Step::Smoke
-            | Step::Watch => true,
+            | Step::Switch
+            | Step::Watch
+            | Step::Promote
+            | Step::Drain => true,
         }
     }
 
     /// Whether this upgrade of `app` runs the step.
     pub fn applies(self, app: &AppConfig, spec: &UpgradeSpec) -> bool {
+        let slotted = app.slotted().is_some();
         match self {
-            Step::Preflight | Step::Backup | Step::Package | Step::Restart => true,
+            Step::Preflight | Step::Backup => true,
+            Step::Package | Step::Restart => !slotted,
+            Step::Release | Step::Start | Step::Switch | Step::Drain => slotted,
+            Step::Promote => app
+                .slotted()
+                .is_some_and(|d| d.strategy == Strategy::Canary),
             Step::Config => app.env_file.is_some() && !spec.env_edits.is_empty(),
             Step::Migrate => app.migrate.is_some(),
             Step::Health => app.health.is_some(),
@@ -120,12 +155,32 @@ impl Step {
                 Some(env) => format!("{} edit(s) of {}", spec.env_edits.len(), env.display()),
                 None => "no env file".into(),
             },
-            Step::Migrate => app
-                .migrate
-                .as_ref()
-                .map_or_else(String::new, |m| m.command.join(" ")),
+            Step::Migrate => {
+                let command = app
+                    .migrate
+                    .as_ref()
+                    .map_or_else(String::new, |m| m.command.join(" "));
+                match app.slotted() {
+                    // The guide's compatible-schema rule is what makes a
+                    // switch back safe without restoring the database.
+                    Some(_) => format!(
+                        "{command}; the live version keeps serving on the migrated schema until \
+                         the switch, so the migrations must be compatible with it"
+                    ),
+                    None => command,
+                }
+            }
             Step::Restart => format!("restart {}", app.unit),
-            Step::Health => "the health probe must pass while the unit stays active".into(),
+            Step::Release | Step::Start | Step::Switch | Step::Promote | Step::Drain => {
+                super::slotted::describe(self, app, spec)
+            }
+            Step::Health => match app.slotted() {
+                Some(_) => {
+                    "the health probe on the new slot's port must pass while its unit stays active"
+                        .into()
+                }
+                None => "the health probe must pass while the unit stays active".into(),
+            },
             Step::Smoke => format!("{} smoke check(s)", app.smoke.len()),
             Step::Watch => match spec.watch {
                 Some(w) => format!("probe health for {}", humantime::format_duration(w)),
@@ -152,7 +207,18 @@ impl Step {
             Step::Package => Some("rollback: package"),
             Step::Config => Some("rollback: config"),
             Step::Migrate => Some("rollback: database"),
-            Step::Preflight | Step::Restart | Step::Health | Step::Smoke | Step::Watch => None,
+            Step::Start => Some("rollback: new slot"),
+            Step::Switch => Some("rollback: traffic"),
+            Step::Drain => Some("rollback: old slot"),
+            // The release stays beside the others (a retry reuses it); the
+            // switch's undo also undoes a promote.
+            Step::Preflight
+            | Step::Release
+            | Step::Restart
+            | Step::Health
+            | Step::Smoke
+            | Step::Watch
+            | Step::Promote => None,
         }
     }
 
@@ -163,7 +229,16 @@ impl Step {
             Step::Package => "put back the previous package",
             Step::Config => "put back the env file",
             Step::Migrate => "undo the migrations",
-            Step::Preflight | Step::Restart | Step::Health | Step::Smoke | Step::Watch => "",
+            Step::Start => "stop the new slot and point it back where it was",
+            Step::Switch => "send the requests back where they went before the upgrade",
+            Step::Drain => "start the old slot again and check its health",
+            Step::Preflight
+            | Step::Release
+            | Step::Restart
+            | Step::Health
+            | Step::Smoke
+            | Step::Watch
+            | Step::Promote => "",
         }
     }
 }

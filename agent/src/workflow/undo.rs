@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use super::forward::{app_env, fingerprint, output_to};
 use super::opdir::OpDir;
 use super::preflight::hook_user;
+use super::slotted::SlotUndo;
 use super::step::undo_order;
 use super::{Deps, Step, StepError, gate, journaled};
 use crate::backup::{Manifest, RestoreOptions, db_target};
@@ -86,6 +87,42 @@ pub async fn roll_back(
         steps: steps.clone(),
     };
     let mut left: Vec<String> = Vec::new();
+    if app.slotted().is_some()
+        && let Source::Upgrade(dir) = &undo.source
+    {
+        // The old side serves throughout: no stop, no start of the app.
+        let slots = SlotUndo {
+            deps,
+            ctx,
+            app,
+            op_dir: dir,
+        };
+        // Both sides read the one env file: it is put back first, so that
+        // the old side starts again with the settings it knows (the running
+        // new side read its own at start).
+        let mut order = undo.steps.clone();
+        order.sort_by_key(|s| *s != Step::Config);
+        for step in &order {
+            let (Some(name), description) = (step.undo_name(), step.undo_description()) else {
+                continue;
+            };
+            if let Err(e) = journaled(ctx, name, description, undo.undo(*step, Some(&slots))).await
+            {
+                left.push(undo.what_is_left(*step, &e));
+            }
+        }
+        if let Err(e) = journaled(
+            ctx,
+            "rollback: health",
+            "what serves now must pass its health probe",
+            slots.check_serving(),
+        )
+        .await
+        {
+            left.push(format!("{} is unhealthy after the rollback: {e}", app.name));
+        }
+        return if left.is_empty() { Ok(()) } else { Err(left) };
+    }
     let unit = ControlledUnit::admit(&deps.config, &app.unit);
 
     // Nothing may run half old, half new.
@@ -109,7 +146,7 @@ pub async fn roll_back(
         let (Some(name), description) = (step.undo_name(), step.undo_description()) else {
             continue;
         };
-        if let Err(e) = journaled(ctx, name, description, undo.undo(step)).await {
+        if let Err(e) = journaled(ctx, name, description, undo.undo(step, None)).await {
             left.push(undo.what_is_left(step, &e));
         }
     }
@@ -157,15 +194,27 @@ struct Undo<'a> {
 }
 
 impl Undo<'_> {
-    async fn undo(&self, step: Step) -> Result<String, StepError> {
-        match step {
-            Step::Migrate => self.database().await,
-            Step::Config => self.env_file(),
-            Step::Package => self.package().await,
-            Step::Backup => self.files().await,
-            Step::Preflight | Step::Restart | Step::Health | Step::Smoke | Step::Watch => {
-                Ok(String::new())
-            }
+    /// Undoes `step`; `slots` has the slot undos of a blue-green or canary upgrade.
+    async fn undo(&self, step: Step, slots: Option<&SlotUndo<'_>>) -> Result<String, StepError> {
+        match (step, slots) {
+            (Step::Migrate, _) => self.database().await,
+            (Step::Config, _) => self.env_file(),
+            (Step::Package, _) => self.package().await,
+            (Step::Backup, _) => self.files().await,
+            (Step::Drain, Some(s)) => s.old_slot().await,
+            (Step::Switch, Some(s)) => s.traffic().await,
+            (Step::Start, Some(s)) => s.new_slot().await,
+            (Step::Drain | Step::Switch | Step::Start, None) => Ok("no slots to undo".into()),
+            (
+                Step::Preflight
+                | Step::Release
+                | Step::Restart
+                | Step::Health
+                | Step::Smoke
+                | Step::Watch
+                | Step::Promote,
+                _,
+            ) => Ok(String::new()),
         }
     }
 
@@ -191,9 +240,16 @@ impl Undo<'_> {
                 self.backup_dir().display()
             ),
             Step::Backup => format!("app files may have changed: {e}"),
-            Step::Preflight | Step::Restart | Step::Health | Step::Smoke | Step::Watch => {
-                e.to_string()
-            }
+            Step::Start => format!("the new slot may still run: {e}"),
+            Step::Switch => format!("the requests may still go to the new slot: {e}"),
+            Step::Drain => format!("the old slot may be stopped: {e}"),
+            Step::Preflight
+            | Step::Release
+            | Step::Restart
+            | Step::Health
+            | Step::Smoke
+            | Step::Watch
+            | Step::Promote => e.to_string(),
         }
     }
 
@@ -220,6 +276,22 @@ impl Undo<'_> {
     /// whose checksums the rollback's RPC verified).
     async fn database(&self) -> Result<String, StepError> {
         let (ctx, app) = (self.ctx, self.app);
+        if let (Some(deploy), Source::Upgrade(_)) = (app.slotted(), &self.source) {
+            // Before the switch users never left the live version, which
+            // runs on the migrated schema: restoring under it would break it.
+            if !self.steps.contains(&Step::Switch) {
+                return Ok(format!(
+                    "kept as migrated: the live version never stopped serving on it; backup {} holds the data as it was",
+                    self.backup_id
+                ));
+            }
+            if deploy.database_on_rollback == crate::config::DatabaseOnRollback::Keep {
+                return Ok(format!(
+                    "kept as migrated (database_on_rollback = \"keep\"); backup {} holds the data as it was",
+                    self.backup_id
+                ));
+            }
+        }
         if let (Source::Upgrade(_), Some(m)) = (&self.source, &app.migrate)
             && let Some(argv) = &m.rollback
         {

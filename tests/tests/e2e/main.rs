@@ -4,6 +4,7 @@
 mod api_edge;
 mod backup_speed;
 mod backups;
+mod bluegreen;
 mod db;
 mod fleet;
 mod harness;

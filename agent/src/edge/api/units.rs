@@ -62,9 +62,7 @@ fn parse_unit_action(
         req.journal_lines
     };
     let lock = config
-        .apps
-        .iter()
-        .find(|a| a.unit == unit.as_str())
+        .app_running(unit.as_str())
         .map(|a| a.name.clone())
         .unwrap_or_else(|| format!("unit:{}", unit.as_str()));
     Ok(UnitActionRequest {
@@ -83,11 +81,7 @@ fn parse_get_unit_status(
 ) -> Result<Vec<ControlledUnit>, Status> {
     let mut names = req.units;
     if names.is_empty() {
-        names = config
-            .controllable_units()
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
+        names = config.controllable_units().into_iter().collect();
     }
     if names.len() > MAX_STATUS_UNITS {
         return Err(Status::invalid_argument(format!(
