@@ -1098,8 +1098,13 @@ impl DeployConfig {
             }
         }
         out.absolute(&format!("{key}.slots_dir"), &self.slots_dir);
-        if self.drain > Duration::from_secs(3600) {
-            out.add(format!("{key}.drain"), "must be at most 1h");
+        // nginx applies a reload to new connections at once, but its old
+        // workers finish the requests they took: they need some time.
+        if self.drain < Duration::from_secs(1) || self.drain > Duration::from_secs(3600) {
+            out.add(
+                format!("{key}.drain"),
+                "must be between 1s and 1h (the old side finishes the requests it took)",
+            );
         }
         if !(1..=99).contains(&self.canary_percent) {
             out.add(format!("{key}.canary_percent"), "must be between 1 and 99");
@@ -1232,6 +1237,107 @@ mod tests {
         ] {
             assert!(keys.contains(&want), "{want} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn a_slotted_deploy_needs_its_parts_and_says_which_key_is_wrong() {
+        let text = format!(
+            "{BASE}\n{}",
+            r#"
+            [[app]]
+            name = "covet"
+            unit = "covet.service"
+            [app.package]
+            kind = "pip"
+            name = "covetpy"
+            venv = "/srv/covet/venv"
+            [app.deploy]
+            strategy = "blue-green"
+            unit_template = "covet.service"
+            slots = { blue = 8001, live = 8001, "a/b" = 8003 }
+            slots_dir = "slots"
+            drain = "2h"
+            canary_percent = 0
+            "#
+        );
+        let problems = parse(&text).problems();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for want in [
+            "app[0].deploy.unit_template",
+            "app[0].deploy.slots",
+            "app[0].deploy.slots.live",
+            "app[0].deploy.slots.a/b",
+            "app[0].deploy.slots_dir",
+            "app[0].deploy.drain",
+            "app[0].deploy.canary_percent",
+            "app[0].traffic",
+            "app[0].package.releases_dir",
+            "app[0].health.url",
+        ] {
+            assert!(keys.contains(&want), "{want} missing from {keys:?}");
+        }
+        // The same port twice is named at the second slot.
+        assert!(
+            problems.iter().any(|p| p.message.contains("port 8001")),
+            "{problems:?}"
+        );
+
+        let good = format!(
+            "{BASE}\n{}",
+            r#"
+            [[app]]
+            name = "covet"
+            unit = "covet.service"
+            [app.package]
+            kind = "pip"
+            name = "covetpy"
+            venv = "/srv/covet/venv"
+            releases_dir = "/srv/covet/releases"
+            [app.health]
+            url = "http://127.0.0.1:8000/health"
+            [app.deploy]
+            strategy = "blue-green"
+            unit_template = "covet@.service"
+            slots = { blue = 8001, green = 8002 }
+            slots_dir = "/srv/covet/slots"
+            [app.traffic]
+            kind = "nginx"
+            upstream_file = "/etc/nginx/conf.d/covet-upstream.conf"
+            test = ["/usr/sbin/nginx", "-t"]
+            reload_unit = "nginx.service"
+            verify_url = "http://127.0.0.1/health"
+            "#
+        );
+        let config = parse(&good);
+        let deploy_problems: Vec<Problem> = config
+            .problems()
+            .into_iter()
+            .filter(|p| p.key.starts_with("app[0]"))
+            .collect();
+        assert!(deploy_problems.is_empty(), "{deploy_problems:?}");
+        assert!(config.declares("covet@green.service"));
+        assert!(!config.declares("covet@red.service"));
+        assert_eq!(
+            config
+                .app_running("covet@blue.service")
+                .map(|a| a.name.as_str()),
+            Some("covet")
+        );
+        // Unknown strategies and traffic kinds fail the parse, naming the value.
+        let bad = good.replace("\"blue-green\"", "\"rolling\"");
+        assert!(
+            toml::from_str::<Config>(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("rolling")
+        );
+        let bad = good.replace("kind = \"nginx\"", "kind = \"haproxy\"");
+        assert!(
+            toml::from_str::<Config>(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("haproxy")
+        );
     }
 
     fn package_error(package: &str) -> String {

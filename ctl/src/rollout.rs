@@ -248,6 +248,7 @@ impl Rollout {
                 .watch_seconds
                 .and_then(|s| prost_types::Duration::try_from(Duration::from_secs(s)).ok()),
             force: false,
+            ..Default::default()
         })
     }
 

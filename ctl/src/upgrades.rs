@@ -32,6 +32,13 @@ pub struct UpgradeArgs {
     /// Upgrade even if the app is unhealthy now.
     #[arg(long)]
     force: bool,
+    /// Canary apps: the new version's share at each step, rising to 100
+    /// (e.g. 10,50,100).
+    #[arg(long, value_delimiter = ',', value_name = "PERCENTS")]
+    canary: Vec<u32>,
+    /// Canary apps: how long each step is judged by health (default 30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    step_wait: Option<Duration>,
     /// Print the operation id and return instead of following it.
     #[arg(long)]
     detach: bool,
@@ -92,6 +99,10 @@ pub async fn upgrade(g: &Global, a: UpgradeArgs) -> anyhow::Result<ExitCode> {
             .watch
             .and_then(|w| prost_types::Duration::try_from(w).ok()),
         force: a.force,
+        canary_percents: a.canary.clone(),
+        step_wait: a
+            .step_wait
+            .and_then(|w| prost_types::Duration::try_from(w).ok()),
     };
     // A dry run installs the target into a scratch environment and runs the
     // migration's dry run: give it time.

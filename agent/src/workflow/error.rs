@@ -89,6 +89,14 @@ pub enum StepError {
         "app {0} does not deploy in slots (no [app.deploy] blue-green or canary with [app.traffic])"
     )]
     NotSlotted(String),
+    #[error(
+        "port {port} of slot {slot} is in use by a program other than {unit}: free it or give the slot another port in [app.deploy] slots"
+    )]
+    PortInUse {
+        slot: String,
+        port: u16,
+        unit: String,
+    },
     #[error("unit {unit} is not loaded ({state}): is the unit template installed?")]
     UnitNotLoaded { unit: String, state: String },
     #[error("the start step's record of the slots is missing from the operation's directory")]

@@ -68,6 +68,13 @@ pub struct UpgradeSpec {
     pub no_rollback: bool,
     pub watch: Option<Duration>,
     pub force: bool,
+    /// Canary: the new slot's share at each step below 100 (empty: the
+    /// app's `canary_percent`, with no wait of its own).
+    #[serde(default)]
+    pub canary: Vec<u8>,
+    /// Canary: how long each of those steps is judged.
+    #[serde(default)]
+    pub step_wait: Option<Duration>,
 }
 
 impl UpgradeSpec {
@@ -92,6 +99,16 @@ impl UpgradeSpec {
             p.insert(
                 "watch".into(),
                 humantime::format_duration(watch).to_string(),
+            );
+        }
+        if !self.canary.is_empty() {
+            let shares: Vec<String> = self.canary.iter().map(u8::to_string).collect();
+            p.insert("canary".into(), format!("{},100", shares.join(",")));
+        }
+        if let Some(wait) = self.step_wait {
+            p.insert(
+                "step_wait".into(),
+                humantime::format_duration(wait).to_string(),
             );
         }
         for (flag, on) in [("no_rollback", self.no_rollback), ("force", self.force)] {

@@ -129,6 +129,20 @@ pub async fn preflight(deps: &Deps, app: &AppConfig) -> Result<Vec<String>, Step
             state: state.load_state,
         });
     }
+    // Something else on the idle slot's port would answer its health
+    // check in its place.
+    let port = slots.port(&idle)?;
+    if !state.is_active()
+        && tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    {
+        return Err(StepError::PortInUse {
+            slot: idle,
+            port,
+            unit: unit.as_str().to_owned(),
+        });
+    }
     Traffic::new(traffic, &app.name).check().await?;
     Ok(vec![
         format!(
@@ -256,41 +270,81 @@ impl Upgrade<'_> {
         let rec = self.op_dir.slot_deploy()?.ok_or(StepError::NoSlotRecord)?;
         let slots = Slots::new(deploy);
         let new = (rec.new_slot.as_str(), slots.port(&rec.new_slot)?);
-        let route = match (deploy.strategy, &rec.old_slot) {
-            (Strategy::Canary, Some(old)) => {
-                Route::split((old, slots.port(old)?), new, deploy.canary_percent)
-            }
-            (Strategy::Canary, None) => {
-                match self.app.health.as_ref().and_then(ProbeConfig::host_port) {
-                    Some(hp) => {
-                        let port = hp
-                            .rsplit_once(':')
-                            .and_then(|(_, p)| p.parse().ok())
-                            .unwrap_or(0);
-                        Route::split((&self.app.unit, port), new, deploy.canary_percent)
-                    }
-                    None => Route::only(new.0, new.1),
-                }
-            }
-            _ => Route::only(new.0, new.1),
-        };
-        let label = route.label.clone();
-        Traffic::new(traffic, &self.app.name)
-            .apply(
-                &self.deps.systemd,
-                &route,
-                self.deps.config.systemd.job_timeout,
-            )
-            .await?;
-        if deploy.strategy == Strategy::Canary {
-            return Ok(format!("requests: {label}"));
+        if deploy.strategy != Strategy::Canary {
+            Traffic::new(traffic, &self.app.name)
+                .apply(
+                    &self.deps.systemd,
+                    &Route::only(new.0, new.1),
+                    self.deps.config.systemd.job_timeout,
+                )
+                .await?;
+            slots.set_live(Some(&rec.new_slot))?;
+            self.verify(traffic).await?;
+            return Ok(format!(
+                "requests: slot {}; {} answers {}",
+                new.0, traffic.verify_url, self.spec.to_version
+            ));
         }
-        slots.set_live(Some(&rec.new_slot))?;
-        self.verify(traffic).await?;
+        // The old side: its slot, or the app's own unit on its health port.
+        let old = match &rec.old_slot {
+            Some(slot) => (slot.clone(), slots.port(slot)?),
+            None => (
+                self.app.unit.clone(),
+                self.app
+                    .health
+                    .as_ref()
+                    .and_then(ProbeConfig::host_port)
+                    .and_then(|hp| hp.rsplit_once(':').and_then(|(_, p)| p.parse().ok()))
+                    .unwrap_or(0),
+            ),
+        };
+        let (shares, wait) = match self.spec.canary.as_slice() {
+            [] => (vec![deploy.canary_percent], None),
+            given => (given.to_vec(), self.spec.step_wait),
+        };
+        let mut done = Vec::new();
+        for share in shares {
+            let route = Route::split((&old.0, old.1), new, share);
+            Traffic::new(traffic, &self.app.name)
+                .apply(
+                    &self.deps.systemd,
+                    &route,
+                    self.deps.config.systemd.job_timeout,
+                )
+                .await?;
+            self.ctx.note(format!("canary: {}", route.label));
+            if let Some(wait) = wait {
+                self.judge(new.1, wait).await?;
+            }
+            done.push(format!("{share}%"));
+        }
         Ok(format!(
-            "requests: {label}; {} answers {}",
-            traffic.verify_url, self.spec.to_version
+            "requests to slot {}: {}",
+            new.0,
+            done.join(", then ")
         ))
+    }
+
+    /// The new slot's health through one canary step: every probe must pass.
+    async fn judge(&self, port: u16, wait: Duration) -> Result<(), StepError> {
+        let Some(health) = &self.app.health else {
+            tokio::time::sleep(wait).await;
+            return Ok(());
+        };
+        let health = health.on_port(port);
+        let until = tokio::time::Instant::now() + wait;
+        let every = health.interval.max(Duration::from_millis(500));
+        while tokio::time::Instant::now() < until {
+            if self.ctx.canceled() {
+                return Err(StepError::Canceled);
+            }
+            tokio::time::sleep(every.min(until - tokio::time::Instant::now())).await;
+            let o = super::forward::probe(self.deps, self.ctx, self.app, "health", &health).await?;
+            if !o.ok {
+                return Err(StepError::Regressed(o.error));
+            }
+        }
+        Ok(())
     }
 
     pub(super) async fn promote(&self) -> Result<String, StepError> {

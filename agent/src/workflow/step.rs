@@ -282,7 +282,7 @@ mod tests {
     fn all_is_in_running_order() {
         assert!(Step::ALL.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(Step::ALL.first(), Some(&Step::Preflight));
-        assert_eq!(Step::ALL.last(), Some(&Step::Watch));
+        assert_eq!(Step::ALL.last(), Some(&Step::Drain));
     }
 
     #[test]
@@ -363,6 +363,8 @@ mod tests {
             no_rollback: false,
             watch: None,
             force: false,
+            canary: Vec::new(),
+            step_wait: None,
         };
         assert_eq!(
             Step::plan(&app, &spec),
@@ -390,6 +392,72 @@ mod tests {
         assert_eq!(
             Step::Watch.describe(&app, &spec, ""),
             "probe health for 30s"
+        );
+    }
+
+    #[test]
+    fn a_slotted_plan_never_restarts_and_its_undo_switches_back_before_stopping_the_new_slot() {
+        let app: AppConfig = toml::from_str(
+            r#"
+            name = "covet"
+            unit = "covet.service"
+            [package]
+            kind = "pip"
+            name = "covet"
+            venv = "/srv/covet/venv"
+            releases_dir = "/srv/covet/releases"
+            [health]
+            url = "http://127.0.0.1:8000/health"
+            [deploy]
+            strategy = "canary"
+            unit_template = "covet@.service"
+            slots = { blue = 8001, green = 8002 }
+            slots_dir = "/nonexistent/covet-slots"
+            [traffic]
+            kind = "nginx"
+            upstream_file = "/etc/nginx/conf.d/covet-upstream.conf"
+            test = ["/usr/sbin/nginx", "-t"]
+            reload_unit = "nginx.service"
+            verify_url = "http://127.0.0.1/health"
+            "#,
+        )
+        .unwrap();
+        let spec = UpgradeSpec {
+            app: "covet".into(),
+            to_version: crate::names::Version::parse("0.2.0").unwrap(),
+            env_edits: Vec::new(),
+            no_rollback: false,
+            watch: Some(std::time::Duration::from_secs(60)),
+            force: false,
+            canary: Vec::new(),
+            step_wait: None,
+        };
+        assert_eq!(
+            Step::plan(&app, &spec),
+            [
+                Step::Preflight,
+                Step::Backup,
+                Step::Release,
+                Step::Start,
+                Step::Health,
+                Step::Switch,
+                Step::Watch,
+                Step::Promote,
+                Step::Drain
+            ]
+        );
+        assert_eq!(
+            Step::Start.describe(&app, &spec, ""),
+            "point slot blue at 0.2.0 and start covet@blue.service on port 8001"
+        );
+        assert!(
+            Step::Switch
+                .describe(&app, &spec, "")
+                .starts_with("send 10% of the requests to slot blue")
+        );
+        assert_eq!(
+            undo_order(Step::plan(&app, &spec)),
+            [Step::Drain, Step::Switch, Step::Start, Step::Backup]
         );
     }
 }

@@ -133,6 +133,17 @@ impl World {
 
     /// Starts an upgrade with the env rename and a watch window; its id.
     async fn start_upgrade(&self, version: &str, watch_seconds: i64) -> String {
+        self.start_canary(version, watch_seconds, &[], 0).await
+    }
+
+    /// [`World::start_upgrade`] with canary steps, each judged `step_wait` seconds.
+    async fn start_canary(
+        &self,
+        version: &str,
+        watch_seconds: i64,
+        percents: &[u32],
+        step_wait: i64,
+    ) -> String {
         let mut client = pb::upgrade_service_client::UpgradeServiceClient::new(
             self.agent.channel("operator").await,
         );
@@ -148,6 +159,11 @@ impl World {
                 }],
                 watch: Some(prost_types::Duration {
                     seconds: watch_seconds,
+                    nanos: 0,
+                }),
+                canary_percents: percents.to_vec(),
+                step_wait: (step_wait > 0).then_some(prost_types::Duration {
+                    seconds: step_wait,
                     nanos: 0,
                 }),
                 ..Default::default()
@@ -483,4 +499,77 @@ async fn a_proxy_config_that_fails_its_test_stops_the_upgrade_before_anything_ch
     assert!(w.active(UNIT));
     assert!(!w.slots_dir.join("blue").exists());
     let _ = (w.blue, w.green);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_steps_rise_to_every_request_and_an_abort_sends_them_all_back() {
+    let Some(w) = world("canary", "").await else {
+        return;
+    };
+    let original_upstream = w.upstream();
+    // Shares that do not rise to 100 are refused before anything runs.
+    let mut client =
+        pb::upgrade_service_client::UpgradeServiceClient::new(w.agent.channel("operator").await);
+    let refused = client
+        .upgrade(pb::UpgradeRequest {
+            app: "covet".into(),
+            to_version: "0.2.0".into(),
+            canary_percents: vec![50, 20],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("rising"),
+        "{}",
+        refused.message()
+    );
+
+    // 20% then 60%, each judged 3 s; the operator aborts during the second:
+    // the new slot gets nothing again, and no request fails.
+    let load = w.load();
+    let id = w.start_canary("0.2.0", 0, &[20, 60, 100], 3).await;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while !w.upstream().contains("weight=60") {
+        assert!(
+            std::time::Instant::now() < until,
+            "the 60% step never came: {}",
+            w.upstream()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut ops = pb::operation_service_client::OperationServiceClient::new(
+        w.agent.channel("operator").await,
+    );
+    ops.cancel_operation(pb::CancelOperationRequest { id: id.clone() })
+        .await
+        .unwrap();
+    let op = wait_done(&w.agent, &id).await;
+    let report = load.stop().await;
+    assert_eq!(op.state, pb::OperationState::RolledBack as i32, "{op:#?}");
+    assert_no_failures(&report, &w.nginx, "the canary and its abort");
+    assert!(
+        report.ok_containing("0.2.0") > 0,
+        "the canary served some requests"
+    );
+    assert_eq!(w.upstream(), original_upstream);
+    assert!(!w.active("covet@blue.service"));
+    assert!(w.active(UNIT));
+
+    // The same steps to the end: every request on the new version.
+    let load = w.load();
+    let id = w.start_canary("0.2.0", 0, &[20, 60, 100], 2).await;
+    let op = wait_done(&w.agent, &id).await;
+    let report = load.stop().await;
+    assert_eq!(op.state, pb::OperationState::Succeeded as i32, "{op:#?}");
+    assert_no_failures(&report, &w.nginx, "the stepped canary");
+    let switch = op.steps.iter().find(|s| s.name == "switch").unwrap();
+    assert!(switch.detail.contains("20%, then 60%"), "{}", switch.detail);
+    assert!(
+        w.upstream().contains(&format!("127.0.0.1:{};", w.blue)),
+        "{}",
+        w.upstream()
+    );
+    assert_eq!(w.live().as_deref(), Some("blue"));
 }

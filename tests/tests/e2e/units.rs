@@ -252,13 +252,19 @@ async fn undeclared_and_malformed_units_are_refused_before_dbus() {
         "../../etc/passwd",
         "web",
         "a b.service",
-        "getty@tty1.service",
+        "getty@.service",
         "-x.service",
         "",
     ] {
         let status = admin.stop_unit(action(bad)).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}: {status:?}");
     }
+    // A template's instance is a unit name like any other: undeclared, refused.
+    let status = admin
+        .stop_unit(action("getty@tty1.service"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     // Nothing was started behind our back.
     let out = w.sandbox.systemctl(&["is-active", "other.service"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "inactive");

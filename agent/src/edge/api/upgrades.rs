@@ -51,6 +51,7 @@ fn parse_upgrade(req: pb::UpgradeRequest, config: &Config) -> Result<Upgrade, St
         .filter(|d| !d.is_zero()),
         None => None,
     };
+    let (canary, step_wait) = parse_canary(app.config(), &req.canary_percents, req.step_wait)?;
     let spec = UpgradeSpec {
         app: app.as_str().to_owned(),
         to_version: version,
@@ -58,8 +59,54 @@ fn parse_upgrade(req: pb::UpgradeRequest, config: &Config) -> Result<Upgrade, St
         no_rollback: req.no_rollback,
         watch,
         force: req.force,
+        canary,
+        step_wait,
     };
     Ok(Upgrade { app, spec })
+}
+
+/// Canary steps: rising shares ending at 100 (kept without it), and the
+/// wait of each; only for an app whose strategy is canary.
+fn parse_canary(
+    app: &AppConfig,
+    percents: &[u32],
+    step_wait: Option<prost_types::Duration>,
+) -> Result<(Vec<u8>, Option<Duration>), Status> {
+    if percents.is_empty() && step_wait.is_none() {
+        return Ok((Vec::new(), None));
+    }
+    let canary = app
+        .slotted()
+        .is_some_and(|d| d.strategy == crate::config::Strategy::Canary);
+    if !canary {
+        return Err(Status::invalid_argument(format!(
+            "canary_percents and step_wait need [app.deploy] strategy = \"canary\"; app {} deploys {}",
+            app.name,
+            app.deploy
+                .as_ref()
+                .map_or("restart", |d| d.strategy.as_str())
+        )));
+    }
+    let rising = percents.windows(2).all(|w| w[0] < w[1]);
+    let ends_at_100 = percents.last().is_none_or(|last| *last == 100);
+    if !rising || !ends_at_100 || percents.first().is_some_and(|p| *p == 0) || percents.len() > 10 {
+        return Err(Status::invalid_argument(format!(
+            "canary_percents {percents:?}: give at most 10 rising shares from 1 to 100, ending at 100 (e.g. 10,50,100)"
+        )));
+    }
+    let shares: Vec<u8> = percents
+        .iter()
+        .filter(|p| **p < 100)
+        .filter_map(|p| u8::try_from(*p).ok())
+        .collect();
+    let wait = duration_arg(
+        "step_wait",
+        step_wait,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+    )?;
+    Ok((shares, Some(wait)))
 }
 
 fn env_edits_from_pb(edits: Vec<pb::EnvEdit>) -> Result<Vec<EnvEdit>, Status> {
@@ -231,6 +278,14 @@ impl pb::upgrade_service_server::UpgradeService for UpgradeApi {
         // The last upgrade is the operator's to undo (fleet rollouts name
         // its backup); going back to any other backup is a restore.
         if !last_upgrade {
+            if app.slotted().is_some() {
+                return Err(Status::failed_precondition(format!(
+                    "{} deploys in slots: a rollback switches back from its last upgrade \
+                     (`covetctl rollback {}` without --to); restore files and data from backup \
+                     {asked} with `covetctl backup restore`",
+                    app.name, app.name
+                )));
+            }
             authz::require(&request, authz::Power::RollbackToAnyBackup)?;
         }
         let backup_id = target.backup_id().to_owned();
