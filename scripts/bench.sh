@@ -3,7 +3,9 @@
 #   RPC latency/throughput/idle memory vs a bare tonic + rustls server;
 #   backups vs GNU tar (gzip, zstd) and pg_dump -Fc;
 #   the upgrade and its rollback vs an Ansible playbook and bare commands
-#   (and the agent's own overhead per upgrade).
+#   (and the agent's own overhead per upgrade);
+#   failed requests during a blue-green upgrade and rollback behind nginx vs
+#   the restart strategy, and the switch-back time.
 # Arguments are passed to the backup benchmark (e.g. --tree-mb 256 --files 10000
 # --pgbench-scale 10 --random-mb 64 for a quick run).
 # COVET_BENCH_ONLY=upgrade runs only the upgrade benchmark, =backup only the
@@ -65,4 +67,7 @@ if [ -z "$only" ]; then
     echo
     echo "== covetctl info over 200 agents"
     target/release/covet-bench-fleet 200
+    echo
+    echo "== zero downtime: blue-green vs the restart strategy behind nginx, 200 req/s"
+    target/release/covet-bench-bluegreen 200
 fi

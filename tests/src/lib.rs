@@ -16,6 +16,7 @@ pub mod postgres;
 pub mod repos;
 pub mod sampleapp;
 pub mod sandbox;
+pub mod slotted;
 pub mod sqlite_app;
 pub mod syspkg;
 

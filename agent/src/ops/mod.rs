@@ -464,6 +464,20 @@ impl OpContext {
         self.cancel.load(Ordering::SeqCst)
     }
 
+    /// Sleeps `d`, or less when the operation is canceled meanwhile: a
+    /// cancel is a rollback decision, and users wait for it.
+    pub async fn pause(&self, d: std::time::Duration) {
+        const EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+        let until = tokio::time::Instant::now() + d;
+        while !self.canceled() {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tokio::time::sleep(left.min(EVERY)).await;
+        }
+    }
+
     pub fn cancel_flag(&self) -> Arc<AtomicBool> {
         self.cancel.clone()
     }

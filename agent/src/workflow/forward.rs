@@ -210,7 +210,12 @@ impl Upgrade<'_> {
             if self.ctx.canceled() {
                 return Err(StepError::Canceled);
             }
-            tokio::time::sleep(every.min(until.saturating_duration_since(Instant::now()))).await;
+            self.ctx
+                .pause(every.min(until.saturating_duration_since(Instant::now())))
+                .await;
+            if self.ctx.canceled() {
+                return Err(StepError::Canceled);
+            }
             let o = probe(self.deps, self.ctx, self.app, "health", health).await?;
             probes_run += 1;
             if !o.ok {

@@ -328,7 +328,7 @@ impl Upgrade<'_> {
     /// The new slot's health through one canary step: every probe must pass.
     async fn judge(&self, port: u16, wait: Duration) -> Result<(), StepError> {
         let Some(health) = &self.app.health else {
-            tokio::time::sleep(wait).await;
+            self.ctx.pause(wait).await;
             return Ok(());
         };
         let health = health.on_port(port);
@@ -338,7 +338,12 @@ impl Upgrade<'_> {
             if self.ctx.canceled() {
                 return Err(StepError::Canceled);
             }
-            tokio::time::sleep(every.min(until - tokio::time::Instant::now())).await;
+            self.ctx
+                .pause(every.min(until.saturating_duration_since(tokio::time::Instant::now())))
+                .await;
+            if self.ctx.canceled() {
+                return Err(StepError::Canceled);
+            }
             let o = super::forward::probe(self.deps, self.ctx, self.app, "health", &health).await?;
             if !o.ok {
                 return Err(StepError::Regressed(o.error));
@@ -379,15 +384,9 @@ impl Upgrade<'_> {
         let (deploy, _) = parts(self.app)?;
         let rec = self.op_dir.slot_deploy()?.ok_or(StepError::NoSlotRecord)?;
         let old = old_unit(self.deps, self.app, deploy, &rec)?;
-        let until = tokio::time::Instant::now() + deploy.drain;
-        while tokio::time::Instant::now() < until {
-            if self.ctx.canceled() {
-                return Err(StepError::Canceled);
-            }
-            tokio::time::sleep_until(
-                until.min(tokio::time::Instant::now() + Duration::from_millis(200)),
-            )
-            .await;
+        self.ctx.pause(deploy.drain).await;
+        if self.ctx.canceled() {
+            return Err(StepError::Canceled);
         }
         self.ctx
             .waiting(self.deps.systemd.act(
