@@ -388,7 +388,7 @@ pub async fn health(
         )
         .await?;
     let report = Report {
-        header: &["APP", "HEALTH", "FAILED CHECKS"],
+        header: &["APP", "VERSION", "SLOT", "HEALTH", "FAILED CHECKS"],
         rows: &|r: &pb::CheckAppHealthResponse| {
             let failed: Vec<&str> = r
                 .health
@@ -399,6 +399,8 @@ pub async fn health(
                 .collect();
             vec![vec![
                 r.app.clone(),
+                r.version.clone(),
+                r.slot.clone(),
                 if r.healthy { "healthy" } else { "UNHEALTHY" }.to_owned(),
                 failed.join(","),
             ]]
@@ -428,6 +430,8 @@ async fn fetch_health(
 fn health_json(r: &pb::CheckAppHealthResponse) -> serde_json::Value {
     json!({
         "app": r.app,
+        "version": r.version,
+        "slot": r.slot,
         "healthy": r.healthy,
         "health": r.health.as_ref().map(probe_json),
         "smoke": r.smoke.iter().map(probe_json).collect::<Vec<_>>(),
@@ -439,13 +443,20 @@ fn print_health(g: &Global, node: &Node, r: &pb::CheckAppHealthResponse) -> Exit
         output::json(&json!({
             "endpoint": node.endpoint,
             "app": r.app,
+            "version": r.version,
+            "slot": r.slot,
             "healthy": r.healthy,
             "health": r.health.as_ref().map(probe_json),
             "smoke": r.smoke.iter().map(probe_json).collect::<Vec<_>>(),
         }));
     } else {
+        let serving = match (r.version.as_str(), r.slot.as_str()) {
+            ("", _) => String::new(),
+            (version, "") => format!(" ({version})"),
+            (version, slot) => format!(" ({version} in slot {slot})"),
+        };
         println!(
-            "{} on {}: {}",
+            "{} on {}{serving}: {}",
             r.app,
             node.endpoint,
             if r.healthy { "healthy" } else { "UNHEALTHY" }

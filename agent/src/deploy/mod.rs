@@ -17,12 +17,18 @@ use crate::host::systemd::SystemdError;
 
 /// The version the app serves: its live slot's, else its package's.
 pub async fn serving_version(app: &crate::config::AppConfig) -> Option<String> {
-    if let Some(deploy) = app.slotted()
-        && let Ok(Some(live)) = Slots::new(deploy).live()
-    {
+    if let (Some(deploy), Some((live, _))) = (app.slotted(), serving_slot(app)) {
         return Slots::new(deploy).version_of(&live);
     }
     crate::packages::installed_version(app).await
+}
+
+/// The live slot and its port, for an app that serves from slots.
+pub fn serving_slot(app: &crate::config::AppConfig) -> Option<(String, u16)> {
+    let slots = Slots::new(app.slotted()?);
+    let live = slots.live().ok()??;
+    let port = slots.port(&live).ok()?;
+    Some((live, port))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -97,6 +97,21 @@ async fn blue_green_switches_fails_safe_and_switches_back_without_a_failed_reque
     );
     assert!(w.active("covet@blue.service"));
     assert!(!w.active(UNIT), "the old side is stopped after the drain");
+    // `covetctl health` probes what serves: slot blue's port, not the old one.
+    let health = w.ctl(&["-o", "json", "health", "covet"]);
+    assert_eq!(health.code, 0, "{}\n{}", health.stdout, health.stderr);
+    let health = health.json();
+    assert_eq!(
+        (health["version"].as_str(), health["slot"].as_str()),
+        (Some("0.2.0"), Some("blue"))
+    );
+    assert!(
+        health["health"]["target"]
+            .as_str()
+            .unwrap()
+            .contains(&w.blue.to_string()),
+        "{health}"
+    );
     let plan = w.ctl(&["upgrade", "covet", "--to", "0.2.1", "--dry-run"]);
     assert!(
         plan.stdout.contains("slot green") && plan.stdout.contains("compatible"),

@@ -25,9 +25,12 @@ struct CheckAppHealth {
     smoke: Vec<ProbeSpec>,
 }
 
+/// `serving_port`: the live slot's, where the probes go instead of the
+/// declared port (blue-green and canary apps).
 fn parse_check_app_health(
     req: pb::CheckAppHealthRequest,
     config: &Config,
+    serving_port: impl Fn(&crate::config::AppConfig) -> Option<u16>,
 ) -> Result<CheckAppHealth, Status> {
     let app = AppName::declared(config, &req.app).map_err(name_error)?;
     let Some(health) = &app.config().health else {
@@ -37,13 +40,18 @@ fn parse_check_app_health(
         )));
     };
     let name = app.as_str();
-    let health = health.spec(name, "health").map_err(probe_error)?;
+    let port = serving_port(app.config());
+    let moved = |p: &crate::config::ProbeConfig| match port {
+        Some(port) => p.on_port(port),
+        None => p.clone(),
+    };
+    let health = moved(health).spec(name, "health").map_err(probe_error)?;
     let smoke = match req.include_smoke {
         true => app
             .config()
             .smoke
             .iter()
-            .map(|check| check.spec(name, "smoke").map_err(probe_error))
+            .map(|check| moved(check).spec(name, "smoke").map_err(probe_error))
             .collect::<Result<_, _>>()?,
         false => Vec::new(),
     };
@@ -135,11 +143,20 @@ impl pb::probe_service_server::ProbeService for ProbeApi {
         &self,
         request: Request<pb::CheckAppHealthRequest>,
     ) -> Result<Response<pb::CheckAppHealthResponse>, Status> {
-        let req = parse_check_app_health(request.into_inner(), &self.0.config)?;
+        let req = parse_check_app_health(request.into_inner(), &self.0.config, |app| {
+            crate::deploy::serving_slot(app).map(|(_, port)| port)
+        })?;
         let found = probes::check_app(&self.0.probe_policy, &req.health, &req.smoke)
             .await
             .map_err(probe_error)?;
-        Ok(Response::new(app_health_to_pb(req.app.as_str(), found)))
+        let mut response = app_health_to_pb(req.app.as_str(), found);
+        response.version = crate::deploy::serving_version(req.app.config())
+            .await
+            .unwrap_or_default();
+        response.slot = crate::deploy::serving_slot(req.app.config())
+            .map(|(slot, _)| slot)
+            .unwrap_or_default();
+        Ok(Response::new(response))
     }
 
     async fn probe_http(
@@ -172,6 +189,7 @@ fn app_health_to_pb(app: &str, found: AppHealth) -> pb::CheckAppHealthResponse {
         healthy: found.healthy,
         health: Some(outcome_to_pb(found.health)),
         smoke: found.smoke.into_iter().map(outcome_to_pb).collect(),
+        ..Default::default()
     }
 }
 
@@ -197,21 +215,28 @@ mod tests {
     #[test]
     fn app_health_needs_a_declared_app_with_a_health_probe() {
         let config = config();
-        let parse = |app: &str| {
+        let parse_on = |app: &str, port: Option<u16>| {
             parse_check_app_health(
                 pb::CheckAppHealthRequest {
                     app: app.into(),
                     include_smoke: true,
                 },
                 &config,
+                |_| port,
             )
         };
+        let parse = |app: &str| parse_on(app, None);
         let ok = parse("covet").unwrap();
         assert_eq!(ok.app.as_str(), "covet");
         let ProbeSpec::Http(health) = &ok.health else {
             panic!("an http health probe: {:?}", ok.health);
         };
         assert_eq!(health.url, "http://127.0.0.1:8000/health");
+        // A live slot's port replaces the declared one, path kept.
+        let ProbeSpec::Http(health) = parse_on("covet", Some(8002)).unwrap().health else {
+            panic!("an http health probe");
+        };
+        assert_eq!(health.url, "http://127.0.0.1:8002/health");
         refused(parse(""), Code::InvalidArgument, "app is required");
         refused(parse("nope"), Code::NotFound, "app \"nope\"");
         refused(parse("bare"), Code::FailedPrecondition, "[app.health]");
