@@ -315,6 +315,7 @@ pub struct DnfConfig {
 pub enum DatabaseConfig {
     Postgres(PostgresConfig),
     Sqlite(SqliteConfig),
+    Mysql(MysqlConfig),
 }
 
 /// `kind = "postgres"`.
@@ -341,6 +342,32 @@ pub struct PostgresConfig {
 #[serde(deny_unknown_fields)]
 pub struct SqliteConfig {
     pub path: PathBuf,
+}
+
+/// `kind = "mysql"` (MySQL or MariaDB): the server by `socket` or
+/// `host`/`port`; the password only in `defaults_file`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlConfig {
+    pub dbname: String,
+    /// The server's unix socket (absolute path).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// A TCP host name or address (instead of `socket`).
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// The account the client programs log in as.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// An option file (`[client] user= password= socket=`), mode 0600, read
+    /// by the client programs with `--defaults-extra-file`.
+    #[serde(default)]
+    pub defaults_file: Option<PathBuf>,
+    /// System user that runs mariadb-dump / mariadb.
+    #[serde(default)]
+    pub os_user: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -746,6 +773,7 @@ impl DatabaseConfig {
         match self {
             DatabaseConfig::Postgres(pg) => pg.check(key, out),
             DatabaseConfig::Sqlite(lite) => lite.check(key, out),
+            DatabaseConfig::Mysql(my) => my.check(key, out),
         }
     }
 }
@@ -761,6 +789,54 @@ impl PostgresConfig {
             {
                 out.add(format!("{key}.{field}"), e);
             }
+        }
+    }
+}
+
+impl MysqlConfig {
+    fn check(&self, key: &str, out: &mut Problems) {
+        if let Err(e) = validate_name(&self.dbname) {
+            out.add(format!("{key}.dbname"), e);
+        } else if self.dbname.contains(['-', '.']) {
+            out.add(
+                format!("{key}.dbname"),
+                format!(
+                    "{:?}: only letters, digits and _ (restores name schemas after it)",
+                    self.dbname
+                ),
+            );
+        }
+        for (field, value) in [("user", &self.user), ("os_user", &self.os_user)] {
+            if let Some(v) = value
+                && let Err(e) = validate_name(v)
+            {
+                out.add(format!("{key}.{field}"), e);
+            }
+        }
+        for (field, path) in [
+            ("socket", &self.socket),
+            ("defaults_file", &self.defaults_file),
+        ] {
+            if let Some(p) = path {
+                out.absolute(&format!("{key}.{field}"), p);
+            }
+        }
+        if self.socket.is_some() && (self.host.is_some() || self.port.is_some()) {
+            out.add(
+                format!("{key}.socket"),
+                "give either socket or host/port, not both",
+            );
+        }
+        if let Some(host) = &self.host
+            && (host.is_empty()
+                || !host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c)))
+        {
+            out.add(
+                format!("{key}.host"),
+                format!("{host:?} is not a host name or address"),
+            );
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod container;
 pub mod http;
 pub mod load;
+pub mod mariadb;
 pub mod opwait;
 pub mod pki;
 pub mod postgres;

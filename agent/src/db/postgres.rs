@@ -826,7 +826,7 @@ fn parse_counts(out: &str) -> Result<BTreeMap<String, u64>, DbError> {
         .collect()
 }
 
-fn unexpected(program: &str, detail: impl Into<String>) -> DbError {
+pub(super) fn unexpected(program: &str, detail: impl Into<String>) -> DbError {
     DbError::UnexpectedOutput {
         program: program.to_owned(),
         detail: detail.into(),
@@ -872,7 +872,7 @@ async fn dump_into(
 }
 
 /// Copies `from` to the channel in CHUNK-sized pieces; the byte count.
-async fn pump(
+pub(super) async fn pump(
     mut from: impl AsyncRead + Unpin,
     to: mpsc::Sender<Vec<u8>>,
     on_bytes: &(dyn Fn(u64) + Send + Sync),
@@ -898,9 +898,20 @@ async fn pump(
 
 /// zstd (see [`zstd_writer`]) of the chunks, fsynced. Ends when the sender
 /// is dropped. Returns the compressed size.
-fn compress(file: File, mut chunks: mpsc::Receiver<Vec<u8>>) -> io::Result<u64> {
+fn compress(file: File, chunks: mpsc::Receiver<Vec<u8>>) -> io::Result<u64> {
+    compress_inspecting(file, chunks, |_| {})
+}
+
+/// [`compress`], showing each chunk to `inspect` first (MySQL counts rows
+/// in the dump as it goes by).
+pub(super) fn compress_inspecting(
+    file: File,
+    mut chunks: mpsc::Receiver<Vec<u8>>,
+    mut inspect: impl FnMut(&[u8]),
+) -> io::Result<u64> {
     let mut encoder = zstd_writer(file)?;
     while let Some(chunk) = chunks.blocking_recv() {
+        inspect(&chunk);
         encoder.write_all(&chunk)?;
     }
     finish_zstd(encoder)
@@ -912,7 +923,7 @@ fn compress(file: File, mut chunks: mpsc::Receiver<Vec<u8>>) -> io::Result<u64> 
 /// Runs a program with the decompressed dump on its stdin; its stdout.
 /// `to_end`: keep decompressing after the program stopped reading, so that
 /// damage anywhere in the file is detected.
-async fn run_fed(
+pub(super) async fn run_fed(
     prog: Program,
     dump: &Path,
     to_end: bool,
@@ -962,7 +973,7 @@ async fn feed(dump: &Path, stdin: ChildStdin, to_end: bool) -> Result<(), DbErro
                     break;
                 }
             }
-            Err(e) => return Err(DbError::io("write to pg_restore")(e)),
+            Err(e) => return Err(DbError::io("write the dump to its reader")(e)),
         }
     }
     drop(stdin);
@@ -974,7 +985,11 @@ async fn feed(dump: &Path, stdin: ChildStdin, to_end: bool) -> Result<(), DbErro
 
 /// Sends the decompressed dump in chunks; stops quietly when the receiver
 /// goes away.
-fn decompress(file: File, path: &Path, to: mpsc::Sender<Vec<u8>>) -> Result<(), DbError> {
+pub(super) fn decompress(
+    file: File,
+    path: &Path,
+    to: mpsc::Sender<Vec<u8>>,
+) -> Result<(), DbError> {
     let corrupt = |source| DbError::CorruptDump {
         path: path.to_owned(),
         source,
@@ -997,7 +1012,7 @@ fn decompress(file: File, path: &Path, to: mpsc::Sender<Vec<u8>>) -> Result<(), 
 // Processes
 
 /// A client program ready to run, with what its messages need.
-struct Program {
+pub(super) struct Program {
     command: ProcessBuilder,
     name: &'static str,
     /// The os_user it runs as, if any.
@@ -1014,11 +1029,20 @@ impl Program {
     /// no PAM session, no extra process between us and the program, so a
     /// kill on timeout reaches the program itself.
     fn new(t: &PgTarget, name: &'static str) -> Result<Program, DbError> {
-        if !t.bindir.is_absolute() {
-            return Err(DbError::RelativeBindir(t.bindir.clone()));
+        Program::at(&t.bindir, t.os_user.as_deref(), name)
+    }
+
+    /// `name` from `bindir`, run as `os_user`: see [`Program::new`].
+    pub(super) fn at(
+        bindir: &Path,
+        os_user: Option<&str>,
+        name: &'static str,
+    ) -> Result<Program, DbError> {
+        if !bindir.is_absolute() {
+            return Err(DbError::RelativeBindir(bindir.to_owned()));
         }
-        let mut command = ProcessBuilder::new(t.bindir.join(name)).current_dir("/");
-        match &t.os_user {
+        let mut command = ProcessBuilder::new(bindir.join(name)).current_dir("/");
+        match os_user {
             // libpq finds ~/.pgpass and ~/.pg_service.conf in its home, not in root's.
             Some(user) => {
                 let run_as = RunAs::lookup(user).map_err(|e| from_process(name, None, e))?;
@@ -1033,17 +1057,17 @@ impl Program {
         Ok(Program {
             command,
             name,
-            as_user: t.os_user.clone(),
+            as_user: os_user.map(str::to_owned),
         })
     }
 
     /// The same program with `change` made to its command.
-    fn with(mut self, change: impl FnOnce(ProcessBuilder) -> ProcessBuilder) -> Program {
+    pub(super) fn with(mut self, change: impl FnOnce(ProcessBuilder) -> ProcessBuilder) -> Program {
         self.command = change(self.command);
         self
     }
 
-    fn spawn(self) -> Result<Child, DbError> {
+    pub(super) fn spawn(self) -> Result<Child, DbError> {
         self.command
             .spawn()
             .map_err(|e| from_process(self.name, self.as_user.as_deref(), e))
@@ -1097,7 +1121,7 @@ fn connection_args(t: &PgTarget, role: Option<&str>, db: &str) -> Vec<OsString> 
 }
 
 /// Runs a program to completion with `input` on its stdin; its stdout.
-async fn run(prog: Program, input: &[u8], timeout: Duration) -> Result<String, DbError> {
+pub(super) async fn run(prog: Program, input: &[u8], timeout: Duration) -> Result<String, DbError> {
     let Program {
         command,
         name,
@@ -1116,12 +1140,12 @@ async fn run(prog: Program, input: &[u8], timeout: Duration) -> Result<String, D
 }
 
 /// A piped stdio handle: only missing if we forgot to ask for it.
-fn take<T>(pipe: Option<T>) -> Result<T, DbError> {
+pub(super) fn take<T>(pipe: Option<T>) -> Result<T, DbError> {
     pipe.ok_or_else(|| DbError::io("child process")(io::Error::other("stdio pipe missing")))
 }
 
 /// `fut`, or a Timeout error after `limit` (dropping `fut` kills its child).
-async fn within<T>(
+pub(super) async fn within<T>(
     program: &str,
     limit: Duration,
     fut: impl Future<Output = Result<T, DbError>>,
@@ -1134,7 +1158,7 @@ async fn within<T>(
         })?
 }
 
-fn check_status(program: &str, status: ExitStatus, stderr: &str) -> Result<(), DbError> {
+pub(super) fn check_status(program: &str, status: ExitStatus, stderr: &str) -> Result<(), DbError> {
     if status.success() {
         return Ok(());
     }

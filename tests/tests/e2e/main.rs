@@ -7,6 +7,7 @@ mod backups;
 mod db;
 mod fleet;
 mod harness;
+mod mysql;
 mod packaging;
 mod pkgswap;
 mod process;
