@@ -10,6 +10,7 @@ pub mod container;
 pub mod http;
 pub mod load;
 pub mod mariadb;
+pub mod mysql_app;
 pub mod opwait;
 pub mod pki;
 pub mod postgres;

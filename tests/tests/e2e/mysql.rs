@@ -494,3 +494,320 @@ async fn bad_credentials_servers_privileges_and_dumps_are_refused_before_anythin
     assert_eq!(w.contents(APP_DB), before);
     assert_eq!(w.schemas(), [APP_DB]);
 }
+
+// ---------------------------------------------------------------------------
+// The agent, with the sample app on MariaDB
+
+use covet_proto::v1 as pb;
+use covet_tests::agent::TestAgent;
+use covet_tests::http::wait_healthy;
+use covet_tests::mysql_app;
+use covet_tests::opwait::{wait_done, wait_for_step};
+use covet_tests::sampleapp::{DB_NAME, SampleApp};
+use covet_tests::sandbox::{SystemdSandbox, sandbox_or_skip};
+
+const UNIT: &str = "covet.service";
+const RENAME: [&str; 2] = ["--env-rename", "DATABASE_URI=DATABASE_URL"];
+
+struct AppWorld {
+    agent: TestAgent,
+    sandbox: SystemdSandbox,
+    app: SampleApp,
+    my: MariaDb,
+    _dir: tempfile::TempDir,
+}
+
+async fn app_world(prefix: &str) -> Option<AppWorld> {
+    let dir = sandbox_dir(prefix);
+    let sandbox = sandbox_or_skip(&dir.path().join("systemd"))?;
+    let my = mariadb_or_skip(dir.path())?;
+    let (app, defaults) = mysql_app::install(&dir.path().join("app"), &my, 25).unwrap();
+    sandbox.install_unit(UNIT, &app.unit_file()).unwrap();
+    let out = sandbox.systemctl(&["start", UNIT]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_healthy(app.port, "0.1.9").await;
+    let toml = format!(
+        "{}{}\n",
+        sandbox.agent_toml(Some("500ms")),
+        mysql_app::agent_toml(&app, &defaults)
+    );
+    let agent = TestAgent::start_with_toml(&dir.path().join("agent"), toml).await;
+    Some(AppWorld {
+        agent,
+        sandbox,
+        app,
+        my,
+        _dir: dir,
+    })
+}
+
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    rows: String,
+    schema: String,
+    migrations: String,
+    env: Vec<u8>,
+}
+
+impl AppWorld {
+    fn snapshot(&self) -> Snapshot {
+        let q = |sql: &str| self.my.sql(DB_NAME, sql).unwrap();
+        Snapshot {
+            rows: q("SELECT * FROM users ORDER BY id"),
+            schema: q("SHOW CREATE TABLE users")
+                .split(' ')
+                .filter(|w| !w.starts_with("AUTO_INCREMENT="))
+                .collect::<Vec<_>>()
+                .join(" "),
+            migrations: q("SELECT name FROM covet_migrations ORDER BY 1"),
+            env: std::fs::read(&self.app.env_file).unwrap(),
+        }
+    }
+
+    fn upgrade(&self, version: &str, extra: &[&str]) -> covet_tests::agent::CtlOutput {
+        let mut args = vec![
+            "-o",
+            "json",
+            "--timeout",
+            "30s",
+            "upgrade",
+            "covet",
+            "--to",
+            version,
+        ];
+        args.extend_from_slice(extra);
+        self.agent.ctl("operator", &args)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_mariadb_an_upgrade_succeeds_then_a_broken_release_rolls_back_exactly() {
+    let Some(w) = app_world("mysql-app").await else {
+        return;
+    };
+    let out = w.upgrade("0.2.0", &RENAME);
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(out.json()["state"], "succeeded");
+    wait_healthy(w.app.port, "0.2.0").await;
+    let before = w.snapshot();
+    assert!(before.schema.contains("last_login"), "{}", before.schema);
+
+    let out = w.upgrade("0.2.1", &[]);
+    assert_eq!(
+        out.code, 3,
+        "a clean rollback exits 3:\n{}\n{}",
+        out.stdout, out.stderr
+    );
+    let op = out.json();
+    assert_eq!(op["state"], "rolled_back", "{op:#}");
+    let steps: Vec<&str> = op["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(steps.contains(&"rollback: database"), "{steps:?}");
+    wait_healthy(w.app.port, "0.2.0").await;
+    assert_eq!(
+        w.snapshot(),
+        before,
+        "rows, schema and env exactly as before"
+    );
+    let kept =
+        w.my.sql(
+            "",
+            "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA \
+             WHERE SCHEMA_NAME LIKE 'covet\\_production\\_before\\_%'",
+        )
+        .unwrap();
+    assert_eq!(
+        kept.lines().count(),
+        1,
+        "the migrated tables are kept: {kept}"
+    );
+    let flags =
+        w.my.sql(
+            "",
+            &format!(
+                "SELECT COUNT(*) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = '{}' \
+                 AND TABLE_NAME = 'users' AND COLUMN_NAME = 'flags'",
+                kept.trim()
+            ),
+        )
+        .unwrap();
+    assert_eq!(
+        flags.trim(),
+        "1",
+        "the kept users table is the migrated one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_mariadb_kill_9_during_the_migration_rolls_back_on_restart() {
+    let Some(mut w) = app_world("mysql-kill").await else {
+        return;
+    };
+    let before = w.snapshot();
+    let mut client =
+        pb::upgrade_service_client::UpgradeServiceClient::new(w.agent.channel("operator").await);
+    let op = client
+        .upgrade(pb::UpgradeRequest {
+            app: "covet".into(),
+            to_version: "0.2.0".into(),
+            env_edits: vec![pb::EnvEdit {
+                edit: Some(pb::env_edit::Edit::Rename(pb::EnvRename {
+                    from: "DATABASE_URI".into(),
+                    to: "DATABASE_URL".into(),
+                })),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for_step(&w.agent, &op.id, "migrate").await;
+    w.agent.signal(libc::SIGKILL);
+    w.agent.restart().await;
+    let done = wait_done(&w.agent, &op.id).await;
+    assert_eq!(
+        pb::OperationState::try_from(done.state).unwrap(),
+        pb::OperationState::RolledBack,
+        "{done:?}"
+    );
+    let _ = w.sandbox.systemctl(&["start", UNIT]);
+    wait_healthy(w.app.port, "0.1.9").await;
+    assert_eq!(w.snapshot(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_mariadb_backup_verify_restore_download_and_bad_credentials_through_the_agent() {
+    let Some(w) = app_world("mysql-agent").await else {
+        return;
+    };
+    let op = w
+        .agent
+        .ctl("operator", &["-o", "json", "backup", "create", "covet"])
+        .assert_ok()
+        .json();
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    let id = op["backup_id"].as_str().unwrap().to_owned();
+    let list = w
+        .agent
+        .ctl("reader", &["-o", "json", "backup", "list", "covet"])
+        .assert_ok()
+        .json();
+    let b = &list["backups"][0];
+    assert_eq!(b["database"]["format"], "mysqldump-sql+zstd", "{b:#}");
+    assert_eq!(b["database"]["row_counts"]["users"], 25, "{b:#}");
+    assert_eq!(b["database"]["row_counts"]["covet_migrations"], 1, "{b:#}");
+    w.agent
+        .ctl("operator", &["backup", "verify", &id])
+        .assert_ok();
+    let before = w.snapshot();
+    w.my.sql(DB_NAME, "DELETE FROM users WHERE id % 2 = 0")
+        .unwrap();
+    let _ = w.sandbox.systemctl(&["stop", UNIT]);
+    let out = w.agent.ctl("admin", &["backup", "restore", &id]);
+    out.assert_ok();
+    assert!(
+        out.stdout.contains("kept as covet_production_before_"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(w.snapshot(), before);
+
+    let to = w.agent.dir.join("dump.zst");
+    w.agent
+        .ctl(
+            "admin",
+            &[
+                "backup",
+                "download",
+                &id,
+                "--file",
+                "database.dump.zst",
+                "--to",
+                to.to_str().unwrap(),
+            ],
+        )
+        .assert_ok();
+    let sql = std::process::Command::new("zstd")
+        .args(["-q", "-d", "-c"])
+        .arg(&to)
+        .output()
+        .unwrap();
+    assert!(sql.status.success());
+    let sql = String::from_utf8_lossy(&sql.stdout);
+    assert!(sql.contains("CREATE TABLE `users`"), "a plain SQL dump");
+    assert!(
+        sql.trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("-- Dump completed")
+    );
+
+    // A wrong password in the defaults file: refused before anything runs.
+    let cnf = w.app.root.join("agent.cnf");
+    w.my.defaults_file(&cnf, mysql_app::AGENT_USER, "wrong")
+        .unwrap();
+    let mut backups =
+        pb::backup_service_client::BackupServiceClient::new(w.agent.channel("operator").await);
+    let e = backups
+        .create_backup(pb::CreateBackupRequest {
+            app: "covet".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("Access denied"), "{e:?}");
+    let _ = w.sandbox.systemctl(&["start", UNIT]);
+    wait_healthy(w.app.port, "0.1.9").await;
+    let out = w.upgrade("0.2.0", &RENAME);
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(
+        format!("{}{}", out.stdout, out.stderr).contains("Access denied"),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(w.snapshot(), before, "nothing changed");
+    let list = w
+        .agent
+        .ctl("reader", &["-o", "json", "backup", "list", "covet"])
+        .assert_ok()
+        .json();
+    assert_eq!(list["backups"].as_array().unwrap().len(), 1, "{list:#}");
+
+    // check-config names the key of a bad value.
+    let base = std::fs::read_to_string(&w.agent.config_path).unwrap();
+    let path = w.agent.dir.join("check.toml");
+    std::fs::write(
+        &path,
+        base.replace(
+            "dbname = \"covet_production\"",
+            "dbname = \"covet-production\"\nsocket = \"rel/sock\"",
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(covet_tests::bin("covet-agent"))
+        .args(["check-config", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("database.dbname"), "{text}");
+    assert!(
+        text.contains("database.socket") && text.contains("absolute"),
+        "{text}"
+    );
+}

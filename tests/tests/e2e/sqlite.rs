@@ -284,7 +284,7 @@ async fn a_path_that_is_not_sqlite_or_missing_is_refused_before_anything_changes
     };
     let unknown = check("kind = \"sqlite\"", "kind = \"oracle\"");
     assert!(
-        unknown.contains("oracle") && unknown.contains("expected `postgres` or `sqlite`"),
+        unknown.contains("oracle") && unknown.contains("`postgres`, `sqlite`, `mysql`"),
         "{unknown}"
     );
     let relative = check(
