@@ -1235,20 +1235,23 @@ async fn read_plan(
     if !tables.iter().any(|tb| tb == PLAN_TABLE) {
         return Ok(None);
     }
+    // One JSON object a line (JSON escapes newlines), in order: MySQL's
+    // JSON_ARRAYAGG has no ORDER BY.
     let sql = format!(
-        "SELECT JSON_ARRAYAGG(JSON_OBJECT('phase', phase, 'db', db, 'sql_mode', sql_mode, \
-         'stmt', stmt) ORDER BY seq) FROM {}.{};",
+        "SELECT JSON_OBJECT('phase', phase, 'db', db, 'sql_mode', sql_mode, 'stmt', stmt) \
+         FROM {}.{} ORDER BY seq;",
         quote_ident(&names.fresh),
         quote_ident(PLAN_TABLE)
     );
     let out = t.sql(None, &sql, timeout).await?;
-    let out = out.trim();
-    let rows: Vec<PlanStep> = if out == "NULL" {
-        Vec::new()
-    } else {
-        serde_json::from_str(out)
-            .map_err(|e| unexpected(t.programs.client, format!("plan: {e}")))?
-    };
+    let rows = out
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str::<PlanStep>(l)
+                .map_err(|e| unexpected(t.programs.client, format!("plan: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut plan = Plan::default();
     for r in rows {
         match r.phase.as_str() {

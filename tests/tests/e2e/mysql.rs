@@ -400,6 +400,38 @@ async fn an_interrupted_swap_is_finished_or_undone_by_a_run_with_the_same_id() {
     let kept_objects = w.objects(&restored.kept_as);
     assert!(kept_objects.contains("users_lower"), "{kept_objects}");
     assert!(kept_objects.contains("big_spenders"), "{kept_objects}");
+
+    // A crash right after the rename: the tables moved, the plan's last
+    // steps not run. A run with the same id runs them and is done, without
+    // restoring again.
+    w.q(
+        "",
+        "CREATE DATABASE covet_production_before_r4; \
+         RENAME TABLE covet_production.events TO covet_production_before_r4.events; \
+         CREATE TABLE covet_production.events (id BIGINT PRIMARY KEY, payload TEXT NOT NULL); \
+         INSERT INTO covet_production.events VALUES (7, 'moved in'); \
+         CREATE DATABASE covet_production_restore_r4; \
+         CREATE TABLE covet_production_restore_r4._covet_swap (seq INT PRIMARY KEY, \
+           phase VARCHAR(16) NOT NULL, db VARCHAR(64) NOT NULL, sql_mode TEXT NOT NULL, \
+           stmt LONGTEXT NOT NULL); \
+         INSERT INTO covet_production_restore_r4._covet_swap VALUES \
+           (0, 'live_table', '', '', 'events'), (1, 'fresh_table', '', '', 'events'), \
+           (2, 'after', 'covet_production', '', 'DROP VIEW IF EXISTS recent_events'), \
+           (3, 'after', 'covet_production', '', 'CREATE VIEW recent_events AS SELECT id FROM events');",
+    );
+    let finished = w
+        .target
+        .restore_swap_checked(&dest, "r4", &dumped.row_counts, LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(finished.kept_as, "covet_production_before_r4");
+    assert_eq!(w.q(APP_DB, "SELECT id FROM recent_events").trim(), "7");
+    assert!(
+        !w.schemas()
+            .contains(&"covet_production_restore_r4".to_owned()),
+        "{:?}",
+        w.schemas()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
