@@ -778,18 +778,27 @@ impl DatabaseConfig {
     }
 }
 
+/// Each set value must be a plain name ([`validate_name`]).
+fn check_optional_names<const N: usize>(
+    key: &str,
+    fields: [(&str, &Option<String>); N],
+    out: &mut Problems,
+) {
+    for (field, value) in fields {
+        if let Some(v) = value
+            && let Err(e) = validate_name(v)
+        {
+            out.add(format!("{key}.{field}"), e);
+        }
+    }
+}
+
 impl PostgresConfig {
     fn check(&self, key: &str, out: &mut Problems) {
         if let Err(e) = validate_name(&self.dbname) {
             out.add(format!("{key}.dbname"), e);
         }
-        for (field, value) in [("user", &self.user), ("os_user", &self.os_user)] {
-            if let Some(v) = value
-                && let Err(e) = validate_name(v)
-            {
-                out.add(format!("{key}.{field}"), e);
-            }
-        }
+        check_optional_names(key, [("user", &self.user), ("os_user", &self.os_user)], out);
     }
 }
 
@@ -806,13 +815,7 @@ impl MysqlConfig {
                 ),
             );
         }
-        for (field, value) in [("user", &self.user), ("os_user", &self.os_user)] {
-            if let Some(v) = value
-                && let Err(e) = validate_name(v)
-            {
-                out.add(format!("{key}.{field}"), e);
-            }
-        }
+        check_optional_names(key, [("user", &self.user), ("os_user", &self.os_user)], out);
         for (field, path) in [
             ("socket", &self.socket),
             ("defaults_file", &self.defaults_file),

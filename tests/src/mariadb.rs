@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use crate::sandbox::{die_with_parent, in_ci, spawn_tied_to_process};
+use crate::sandbox::{
+    as_system_user, run_as_system_user, spawn_tied_to_process, start_or_skip, stop_server,
+};
 
 /// The OS user that runs the server.
 const MY_USER: &str = "mysql";
@@ -301,65 +303,25 @@ impl MariaDb {
     }
 }
 
-/// A command run as the mysql user, killed with the test.
 fn as_mysql(args: &[&str]) -> Command {
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid",
-        MY_USER,
-        "--regid",
-        MY_USER,
-        "--init-groups",
-        "--pdeathsig",
-        "KILL",
-        "--",
-    ])
-    .args(args)
-    .current_dir("/")
-    .stdin(Stdio::null());
-    cmd
+    as_system_user(MY_USER, args)
 }
 
 fn run_as_mysql(args: &[&str]) -> std::io::Result<Output> {
-    let mut cmd = as_mysql(args);
-    die_with_parent(&mut cmd);
-    cmd.output()
+    run_as_system_user(MY_USER, args)
 }
 
 impl Drop for MariaDb {
     fn drop(&mut self) {
-        let Some(mut child) = self.server.take() else {
-            return;
-        };
-        let pid = child.id() as libc::pid_t;
-        // SAFETY: kill(2) on our own unreaped child.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if !matches!(child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if let Some(child) = self.server.take() {
+            let what = format!("mariadbd {}", self.root.display());
+            stop_server(child, libc::SIGTERM, STOP_TIMEOUT, &what);
         }
-        eprintln!(
-            "mariadbd {}: no shutdown within {STOP_TIMEOUT:?}, killing it",
-            self.root.display()
-        );
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 
 /// For tests: a server, or None after printing "SKIPPED: <why>" to stderr
 /// when this machine cannot run one. With CI set, panics instead of skipping.
 pub fn mariadb_or_skip(dir: &Path) -> Option<MariaDb> {
-    if let Some(why) = MariaDb::unavailable() {
-        assert!(
-            !in_ci(),
-            "MariaDB unavailable and CI is set, so this is a failure, not a skip: {why}"
-        );
-        eprintln!("SKIPPED: MariaDB unavailable: {why}");
-        return None;
-    }
-    Some(MariaDb::start(dir).unwrap_or_else(|e| panic!("start MariaDB: {e:#}")))
+    start_or_skip("MariaDB", MariaDb::unavailable(), || MariaDb::start(dir))
 }

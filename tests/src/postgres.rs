@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use crate::sandbox::{die_with_parent, in_ci, spawn_tied_to_process};
+use crate::sandbox::{
+    as_system_user, run_as_system_user, spawn_tied_to_process, start_or_skip, stop_server,
+};
 
 /// The OS user that runs the server.
 const PG_USER: &str = "postgres";
@@ -305,33 +307,12 @@ impl PostgresCluster {
     }
 }
 
-/// A command run as the postgres user. setpriv sets its parent-death signal
-/// again after the uid change, which clears it.
 fn as_postgres(args: &[&str]) -> Command {
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid",
-        PG_USER,
-        "--regid",
-        PG_USER,
-        "--init-groups",
-        // Set last, after the uid change (which would clear it).
-        "--pdeathsig",
-        "KILL",
-        "--",
-    ])
-    .args(args)
-    // The postgres user may not be able to enter the test's cwd.
-    .current_dir("/")
-    .stdin(Stdio::null());
-    cmd
+    as_system_user(PG_USER, args)
 }
 
-/// Runs a short command as the postgres user, killed if the test dies.
 fn run_as_postgres(args: &[&str]) -> std::io::Result<Output> {
-    let mut cmd = as_postgres(args);
-    die_with_parent(&mut cmd);
-    cmd.output()
+    run_as_system_user(PG_USER, args)
 }
 
 fn quote_ident(name: &str) -> String {
@@ -344,27 +325,12 @@ fn quote_literal(text: &str) -> String {
 
 impl Drop for PostgresCluster {
     fn drop(&mut self) {
-        let Some(mut child) = self.postmaster.take() else {
-            return;
-        };
-        // SIGINT is PostgreSQL's fast shutdown (`pg_ctl stop -m fast`).
-        let pid = child.id() as libc::pid_t;
-        // SAFETY: kill(2) on our own unreaped child.
-        unsafe { libc::kill(pid, libc::SIGINT) };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if !matches!(child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        // SIGINT is PostgreSQL's fast shutdown (`pg_ctl stop -m fast`); its
+        // backends exit when they notice the postmaster is gone.
+        if let Some(child) = self.postmaster.take() {
+            let what = format!("postgres {}", self.root.display());
+            stop_server(child, libc::SIGINT, STOP_TIMEOUT, &what);
         }
-        eprintln!(
-            "postgres {}: no fast shutdown within {STOP_TIMEOUT:?}, killing it",
-            self.root.display()
-        );
-        // Its backends exit when they notice the postmaster is gone.
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 
@@ -372,13 +338,7 @@ impl Drop for PostgresCluster {
 /// when this machine cannot run one. With CI set, panics instead of skipping.
 /// Panics when the machine can run clusters but this one fails to start.
 pub fn postgres_or_skip(dir: &Path) -> Option<PostgresCluster> {
-    if let Some(why) = PostgresCluster::unavailable() {
-        assert!(
-            !in_ci(),
-            "PostgreSQL unavailable and CI is set, so this is a failure, not a skip: {why}"
-        );
-        eprintln!("SKIPPED: PostgreSQL unavailable: {why}");
-        return None;
-    }
-    Some(PostgresCluster::start(dir).unwrap_or_else(|e| panic!("start PostgreSQL: {e:#}")))
+    start_or_skip("PostgreSQL", PostgresCluster::unavailable(), || {
+        PostgresCluster::start(dir)
+    })
 }

@@ -410,6 +410,78 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// The three names of one restore into a side database or schema:
+/// `live`, `{live}_restore_{id}` (being filled), `{live}_before_{id}` (the
+/// previous data, kept).
+struct SwapNames {
+    live: String,
+    fresh: String,
+    kept: String,
+}
+
+impl SwapNames {
+    /// The names for `dbname` and `restore_id`, each checked by `check`
+    /// (the kind's identifier rule).
+    fn new(
+        dbname: &str,
+        restore_id: &str,
+        check: fn(&'static str, &str) -> Result<(), DbError>,
+    ) -> Result<SwapNames, DbError> {
+        check("database name", dbname)?;
+        check("restore id", restore_id)?;
+        let names = SwapNames {
+            live: dbname.to_owned(),
+            fresh: format!("{dbname}_restore_{restore_id}"),
+            kept: format!("{dbname}_before_{restore_id}"),
+        };
+        check("restore database name", &names.fresh)?;
+        check("kept database name", &names.kept)?;
+        Ok(names)
+    }
+
+    /// Checks that `kept` is a kept name of `dbname` (`{dbname}_before_{id}`).
+    fn check_kept(
+        dbname: &str,
+        kept: &str,
+        check: fn(&'static str, &str) -> Result<(), DbError>,
+    ) -> Result<(), DbError> {
+        check("database name", dbname)?;
+        let id = kept
+            .strip_prefix(dbname)
+            .and_then(|rest| rest.strip_prefix("_before_"))
+            .ok_or_else(|| DbError::InvalidName {
+                what: "kept database",
+                name: kept.to_owned(),
+                reason: format!("not of the form {dbname}_before_<restore id>"),
+            })?;
+        check("restore id", id)?;
+        check("kept database", kept)
+    }
+}
+
+/// Only `[A-Za-z0-9_]`, 1 to `max` bytes (`limit` says whose limit that
+/// is): such names need no thought in SQL, on command lines or in log
+/// lines.
+fn plain_name(what: &'static str, name: &str, max: usize, limit: &str) -> Result<(), DbError> {
+    let reason = if name.is_empty() {
+        "empty".to_owned()
+    } else if name.len() > max {
+        format!("{} bytes long, {limit} {max}", name.len())
+    } else if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_'))
+    {
+        format!("{c:?} is not allowed (only letters, digits and _)")
+    } else {
+        return Ok(());
+    };
+    Err(DbError::InvalidName {
+        what,
+        name: name.to_owned(),
+        reason,
+    })
+}
+
 /// Fills `buf` unless the reader ends first; the count read.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;

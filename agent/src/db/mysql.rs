@@ -72,13 +72,14 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::postgres::{
-    Program, check_status, compress_inspecting, decompress, pump, run, run_fed, take, unexpected,
-    within,
+    Program, check_status, compress_inspecting, decompress, into_new_file, pump, run, run_fed,
+    take, unexpected,
 };
 use super::{
-    DbError, DumpStats, Dumped, Kind, RestoreOutcome, check_counts, create_private, sync_parent,
+    DbError, DumpStats, Dumped, Kind, RestoreOutcome, SwapNames, check_counts, plain_name,
+    sync_parent,
 };
-use crate::host::process::{canceled, read_capped};
+use crate::host::process::read_capped;
 
 /// MySQL's identifier limit.
 const MAX_NAME_LEN: usize = 64;
@@ -366,17 +367,10 @@ impl Kind for MysqlTarget {
         cancel: &AtomicBool,
     ) -> Result<Dumped, DbError> {
         validate_name("database name", &self.dbname)?;
-        let file = create_private(dest, "create dump file")?;
-        let dumped = tokio::select! {
-            dumped = Box::pin(within(self.programs.dump, timeout, dump_into(self, file, dest, on_bytes))) => dumped,
-            () = canceled(cancel) => Err(DbError::Canceled),
-        };
-        if dumped.is_err()
-            && let Err(e) = std::fs::remove_file(dest)
-        {
-            tracing::warn!("could not remove incomplete dump {}: {e}", dest.display());
-        }
-        dumped
+        into_new_file(dest, self.programs.dump, timeout, cancel, |file| {
+            dump_into(self, file, dest, on_bytes)
+        })
+        .await
     }
 
     async fn restore_swap_checked(
@@ -396,7 +390,7 @@ impl Kind for MysqlTarget {
         expected: &BTreeMap<String, u64>,
         timeout: Duration,
     ) -> Result<RestoreOutcome, DbError> {
-        SwapNames::new(&self.dbname, restore_id)?;
+        SwapNames::new(&self.dbname, restore_id, validate_name)?;
         // A whole pass first: a damaged dump is reported before the server
         // is touched.
         verify_dump(dump, expected).await?;
@@ -404,17 +398,7 @@ impl Kind for MysqlTarget {
     }
 
     async fn drop_kept(&self, kept: &str, timeout: Duration) -> Result<(), DbError> {
-        validate_name("database name", &self.dbname)?;
-        let id = kept
-            .strip_prefix(&self.dbname)
-            .and_then(|rest| rest.strip_prefix("_before_"))
-            .ok_or_else(|| DbError::InvalidName {
-                what: "kept database",
-                name: kept.to_owned(),
-                reason: format!("not of the form {}_before_<restore id>", self.dbname),
-            })?;
-        validate_name("restore id", id)?;
-        validate_name("kept database", kept)?;
+        SwapNames::check_kept(&self.dbname, kept, validate_name)?;
         let sql = format!("DROP DATABASE IF EXISTS {};", quote_ident(kept));
         self.sql(None, &sql, timeout).await.map(drop)
     }
@@ -423,47 +407,9 @@ impl Kind for MysqlTarget {
 // ---------------------------------------------------------------------------
 // Names and quoting
 
-struct SwapNames {
-    live: String,
-    fresh: String,
-    kept: String,
-}
-
-impl SwapNames {
-    fn new(dbname: &str, restore_id: &str) -> Result<SwapNames, DbError> {
-        validate_name("database name", dbname)?;
-        validate_name("restore id", restore_id)?;
-        let names = SwapNames {
-            live: dbname.to_owned(),
-            fresh: format!("{dbname}_restore_{restore_id}"),
-            kept: format!("{dbname}_before_{restore_id}"),
-        };
-        validate_name("restore database name", &names.fresh)?;
-        validate_name("kept database name", &names.kept)?;
-        Ok(names)
-    }
-}
-
-/// Only `[A-Za-z0-9_]`, 1 to 64 bytes: such names need no quoting in SQL
-/// literals, command lines or log lines.
+/// Only `[A-Za-z0-9_]`, 1 to 64 bytes.
 fn validate_name(what: &'static str, name: &str) -> Result<(), DbError> {
-    let reason = if name.is_empty() {
-        "empty".to_owned()
-    } else if name.len() > MAX_NAME_LEN {
-        format!("{} bytes long, MySQL allows {MAX_NAME_LEN}", name.len())
-    } else if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_'))
-    {
-        format!("{c:?} is not allowed (only letters, digits and _)")
-    } else {
-        return Ok(());
-    };
-    Err(DbError::InvalidName {
-        what,
-        name: name.to_owned(),
-        reason,
-    })
+    plain_name(what, name, MAX_NAME_LEN, "MySQL allows only")
 }
 
 /// An identifier in backquotes, inner backquotes doubled.
@@ -737,7 +683,7 @@ async fn restore(
     expected: &BTreeMap<String, u64>,
     timeout: Duration,
 ) -> Result<RestoreOutcome, DbError> {
-    let names = SwapNames::new(&t.dbname, restore_id)?;
+    let names = SwapNames::new(&t.dbname, restore_id, validate_name)?;
     let outcome = || RestoreOutcome {
         kept_as: names.kept.clone(),
         not_carried: Vec::new(),
@@ -1062,125 +1008,99 @@ async fn make_plan(t: &MysqlTarget, names: &SwapNames, timeout: Duration) -> Res
             .collect(),
         steps: Vec::new(),
     };
-    let mut step = |phase: &str, db: &str, sql_mode: &str, stmt: String| {
-        plan.steps.push(PlanStep {
+    let (l, f, k) = (&names.live, &names.fresh, &names.kept);
+    // Undo: the live schema's own triggers and views again.
+    plan.recreate("undo", &live, l, l, Carry::TABLE_BOUND);
+    // Before the rename: no triggers or views on either side.
+    for (db, objects) in [(l, &live), (f, &fresh)] {
+        for (n, _, _) in &objects.triggers {
+            plan.step("drop", db, "", drop_stmt("TRIGGER", db, n));
+        }
+        for (n, _) in &objects.views {
+            plan.step("drop", db, "", drop_stmt("VIEW", db, n));
+        }
+    }
+    // After: the previous triggers, views and routines in the kept schema,
+    // the previous routines and events out of the live one...
+    plan.recreate("after", &live, l, k, Carry::TABLE_BOUND_AND_ROUTINES);
+    for (kind, n, _, _) in &live.routines {
+        plan.step("after", l, "", drop_stmt(kind, l, n));
+    }
+    for (n, _, _) in &live.events {
+        plan.step("after", l, "", drop_stmt("EVENT", l, n));
+    }
+    // ... and the restored ones in the live schema.
+    plan.recreate("after", &fresh, f, l, Carry::ALL);
+    Ok(plan)
+}
+
+/// Which objects [`Plan::recreate`] carries.
+#[derive(Clone, Copy)]
+struct Carry {
+    routines: bool,
+    events: bool,
+}
+
+impl Carry {
+    /// Triggers and views: what a table's move to another schema needs.
+    const TABLE_BOUND: Carry = Carry {
+        routines: false,
+        events: false,
+    };
+    const TABLE_BOUND_AND_ROUTINES: Carry = Carry {
+        routines: true,
+        events: false,
+    };
+    const ALL: Carry = Carry {
+        routines: true,
+        events: true,
+    };
+}
+
+/// `DROP {kind} IF EXISTS db.name`.
+fn drop_stmt(kind: &str, db: &str, name: &str) -> String {
+    format!(
+        "DROP {kind} IF EXISTS {}.{}",
+        quote_ident(db),
+        quote_ident(name)
+    )
+}
+
+impl Plan {
+    fn step(&mut self, phase: &str, db: &str, sql_mode: &str, stmt: String) {
+        self.steps.push(PlanStep {
             phase: phase.to_owned(),
             db: db.to_owned(),
             sql_mode: sql_mode.to_owned(),
             stmt,
         });
-    };
-    let drop_trigger = |db: &str, n: &str| {
-        format!(
-            "DROP TRIGGER IF EXISTS {}.{}",
-            quote_ident(db),
-            quote_ident(n)
-        )
-    };
-    let drop_view =
-        |db: &str, n: &str| format!("DROP VIEW IF EXISTS {}.{}", quote_ident(db), quote_ident(n));
-    // Undo: the live schema's own triggers and views again.
-    for (n, mode, stmt) in &live.triggers {
-        step("undo", &names.live, mode, drop_trigger(&names.live, n));
-        step("undo", &names.live, mode, stmt.clone());
     }
-    for (n, stmt) in &live.views {
-        step("undo", &names.live, "", drop_view(&names.live, n));
-        step("undo", &names.live, "", stmt.clone());
+
+    /// Steps of `phase` that (re)create `objects` of schema `from` in
+    /// schema `to`, each after a drop of the same name there (so that a
+    /// phase run twice does the same).
+    fn recreate(&mut self, phase: &str, objects: &Objects, from: &str, to: &str, carry: Carry) {
+        let mut put = |kind: &str, name: &str, mode: &str, stmt: &str| {
+            self.step(phase, to, mode, drop_stmt(kind, to, name));
+            self.step(phase, to, mode, requalify(stmt, from, to));
+        };
+        for (n, mode, stmt) in &objects.triggers {
+            put("TRIGGER", n, mode, stmt);
+        }
+        for (n, stmt) in &objects.views {
+            put("VIEW", n, "", stmt);
+        }
+        if carry.routines {
+            for (kind, n, mode, stmt) in &objects.routines {
+                put(kind, n, mode, stmt);
+            }
+        }
+        if carry.events {
+            for (n, mode, stmt) in &objects.events {
+                put("EVENT", n, mode, stmt);
+            }
+        }
     }
-    // Before the rename: no triggers or views on either side.
-    for (n, _, _) in &live.triggers {
-        step("drop", &names.live, "", drop_trigger(&names.live, n));
-    }
-    for (n, _, _) in &fresh.triggers {
-        step("drop", &names.fresh, "", drop_trigger(&names.fresh, n));
-    }
-    for (n, _) in &live.views {
-        step("drop", &names.live, "", drop_view(&names.live, n));
-    }
-    for (n, _) in &fresh.views {
-        step("drop", &names.fresh, "", drop_view(&names.fresh, n));
-    }
-    // After: the previous triggers, views and routines in the kept schema...
-    for (n, mode, stmt) in &live.triggers {
-        step("after", &names.kept, mode, drop_trigger(&names.kept, n));
-        step(
-            "after",
-            &names.kept,
-            mode,
-            requalify(stmt, &names.live, &names.kept),
-        );
-    }
-    for (n, stmt) in &live.views {
-        step("after", &names.kept, "", drop_view(&names.kept, n));
-        step(
-            "after",
-            &names.kept,
-            "",
-            requalify(stmt, &names.live, &names.kept),
-        );
-    }
-    for (kind, n, mode, stmt) in &live.routines {
-        let drop = format!(
-            "DROP {kind} IF EXISTS {}.{}",
-            quote_ident(&names.kept),
-            quote_ident(n)
-        );
-        step("after", &names.kept, mode, drop);
-        step("after", &names.kept, mode, stmt.clone());
-        let drop = format!(
-            "DROP {kind} IF EXISTS {}.{}",
-            quote_ident(&names.live),
-            quote_ident(n)
-        );
-        step("after", &names.live, mode, drop);
-    }
-    for (n, _, _) in &live.events {
-        let drop = format!(
-            "DROP EVENT IF EXISTS {}.{}",
-            quote_ident(&names.live),
-            quote_ident(n)
-        );
-        step("after", &names.live, "", drop);
-    }
-    // ... and the restored ones in the live schema.
-    for (n, mode, stmt) in &fresh.triggers {
-        step("after", &names.live, mode, drop_trigger(&names.live, n));
-        step(
-            "after",
-            &names.live,
-            mode,
-            requalify(stmt, &names.fresh, &names.live),
-        );
-    }
-    for (n, stmt) in &fresh.views {
-        step("after", &names.live, "", drop_view(&names.live, n));
-        step(
-            "after",
-            &names.live,
-            "",
-            requalify(stmt, &names.fresh, &names.live),
-        );
-    }
-    for (kind, n, mode, stmt) in &fresh.routines {
-        let drop = format!(
-            "DROP {kind} IF EXISTS {}.{}",
-            quote_ident(&names.live),
-            quote_ident(n)
-        );
-        step("after", &names.live, mode, drop);
-        step("after", &names.live, mode, stmt.clone());
-    }
-    for (n, mode, stmt) in &fresh.events {
-        let drop = format!(
-            "DROP EVENT IF EXISTS {}.{}",
-            quote_ident(&names.live),
-            quote_ident(n)
-        );
-        step("after", &names.live, mode, drop);
-        step("after", &names.live, mode, stmt.clone());
-    }
-    Ok(plan)
 }
 
 /// Stores the plan in the restore schema (one statement: all or nothing).
@@ -1339,7 +1259,7 @@ INSERT INTO `users` VALUES (3,'it''s)',NULL);\n\
         for bad in ["", "a-b", "a`b", &"x".repeat(65)] {
             assert!(validate_name("n", bad).is_err(), "{bad}");
         }
-        assert!(SwapNames::new(&"d".repeat(55), "12345").is_err());
+        assert!(SwapNames::new(&"d".repeat(55), "12345", validate_name).is_err());
         assert_eq!(quote_ident("a`b"), "`a``b`");
         assert_eq!(hex_text("a'"), "CONVERT(X'6127' USING utf8mb4)");
         assert_eq!(hex_text(""), "''");
