@@ -18,6 +18,7 @@ use anyhow::{Context, bail, ensure};
 
 use crate::sandbox::{
     as_system_user, run_as_system_user, spawn_tied_to_process, start_or_skip, stop_server,
+    system_user_ids,
 };
 
 /// The OS user that runs the server.
@@ -67,15 +68,7 @@ fn find_bindir() -> Option<PathBuf> {
 
 /// The postgres user's uid and gid.
 fn pg_user() -> Option<(u32, u32)> {
-    let name = std::ffi::CString::new(PG_USER).ok()?;
-    // SAFETY: getpwnam returns NULL or a pointer to static storage, read at once.
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    if pw.is_null() {
-        return None;
-    }
-    // SAFETY: non-null result of getpwnam.
-    let pw = unsafe { &*pw };
-    Some((pw.pw_uid, pw.pw_gid))
+    system_user_ids(PG_USER)
 }
 
 fn probe() -> Option<String> {

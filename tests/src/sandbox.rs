@@ -114,6 +114,41 @@ pub(crate) fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
 }
 
+/// The uid and gid of system user `name`, if it exists.
+pub(crate) fn system_user_ids(name: &str) -> Option<(u32, u32)> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getpwnam returns NULL or a pointer to static storage, read at once.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        return None;
+    }
+    // SAFETY: non-null result of getpwnam.
+    let pw = unsafe { &*pw };
+    Some((pw.pw_uid, pw.pw_gid))
+}
+
+/// Installs and starts the sample app's unit in the sandbox, waits until
+/// 0.1.9 is healthy, then starts an agent in `agent_dir` for it with the
+/// `[[app]]` block `app_toml` (500 ms settle).
+pub async fn start_app_and_agent(
+    sandbox: &SystemdSandbox,
+    app: &crate::sampleapp::SampleApp,
+    app_toml: &str,
+    agent_dir: &Path,
+) -> crate::agent::TestAgent {
+    let unit = crate::sampleapp::UNIT;
+    sandbox.install_unit(unit, &app.unit_file()).unwrap();
+    let out = sandbox.systemctl(&["start", unit]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    crate::http::wait_healthy(app.port, "0.1.9").await;
+    let toml = format!("{}{app_toml}\n", sandbox.agent_toml(Some("500ms")));
+    crate::agent::TestAgent::start_with_toml(agent_dir, toml).await
+}
+
 /// Stops a server that is this process's child: `signal` (its fast
 /// shutdown), then SIGKILL after `limit`. `what` names it in the message.
 pub(crate) fn stop_server(mut child: Child, signal: libc::c_int, limit: Duration, what: &str) {

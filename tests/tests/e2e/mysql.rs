@@ -538,7 +538,7 @@ use covet_tests::opwait::{
     ctl_upgrade, upgrade_killed_during_migrate, upgrade_then_roll_back_broken,
 };
 use covet_tests::sampleapp::{DB_NAME, SampleApp};
-use covet_tests::sandbox::{SystemdSandbox, sandbox_or_skip};
+use covet_tests::sandbox::{SystemdSandbox, sandbox_or_skip, start_app_and_agent};
 
 const UNIT: &str = "covet.service";
 const RENAME: [&str; 2] = ["--env-rename", "DATABASE_URI=DATABASE_URL"];
@@ -556,20 +556,8 @@ async fn app_world(prefix: &str) -> Option<AppWorld> {
     let sandbox = sandbox_or_skip(&dir.path().join("systemd"))?;
     let my = mariadb_or_skip(dir.path())?;
     let (app, defaults) = mysql_app::install(&dir.path().join("app"), &my, 25).unwrap();
-    sandbox.install_unit(UNIT, &app.unit_file()).unwrap();
-    let out = sandbox.systemctl(&["start", UNIT]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_healthy(app.port, "0.1.9").await;
-    let toml = format!(
-        "{}{}\n",
-        sandbox.agent_toml(Some("500ms")),
-        mysql_app::agent_toml(&app, &defaults)
-    );
-    let agent = TestAgent::start_with_toml(&dir.path().join("agent"), toml).await;
+    let toml = mysql_app::agent_toml(&app, &defaults);
+    let agent = start_app_and_agent(&sandbox, &app, &toml, &dir.path().join("agent")).await;
     Some(AppWorld {
         agent,
         sandbox,

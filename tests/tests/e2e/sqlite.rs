@@ -13,7 +13,7 @@ use covet_tests::agent::TestAgent;
 use covet_tests::http::wait_healthy;
 use covet_tests::opwait::{upgrade_killed_during_migrate, upgrade_then_roll_back_broken};
 use covet_tests::sampleapp::SampleApp;
-use covet_tests::sandbox::{SystemdSandbox, sandbox_or_skip};
+use covet_tests::sandbox::{SystemdSandbox, sandbox_or_skip, start_app_and_agent};
 use covet_tests::sqlite_app::{self, Writer, query, script};
 use covet_tests::{sandbox_dir, sqlite_app::install};
 
@@ -312,20 +312,8 @@ async fn app_world() -> Option<AppWorld> {
     let dir = sandbox_dir("sqlite-app");
     let sandbox = sandbox_or_skip(&dir.path().join("systemd"))?;
     let (app, db) = install(&dir.path().join("app"), 25).unwrap();
-    sandbox.install_unit(UNIT, &app.unit_file()).unwrap();
-    let out = sandbox.systemctl(&["start", UNIT]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_healthy(app.port, "0.1.9").await;
-    let toml = format!(
-        "{}{}\n",
-        sandbox.agent_toml(Some("500ms")),
-        sqlite_app::agent_toml(&app, &db)
-    );
-    let agent = TestAgent::start_with_toml(&dir.path().join("agent"), toml).await;
+    let toml = sqlite_app::agent_toml(&app, &db);
+    let agent = start_app_and_agent(&sandbox, &app, &toml, &dir.path().join("agent")).await;
     Some(AppWorld {
         agent,
         sandbox,
