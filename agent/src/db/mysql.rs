@@ -148,7 +148,10 @@ impl MysqlTarget {
     /// names, values not escaped (the queries print JSON).
     fn client(&self, db: Option<&str>) -> Result<Program, DbError> {
         Ok(self.program(self.programs.client)?.with(|c| {
+            // --skip-force: a restore stops at its first error, whatever an
+            // option file says.
             c.args([
+                "--skip-force",
                 "--batch",
                 "--raw",
                 "--skip-column-names",
@@ -314,8 +317,10 @@ impl MysqlTarget {
     }
 }
 
-/// The dump's options (see the module documentation).
-const DUMP_ARGS: [&str; 10] = [
+/// The dump's options (see the module documentation), then those that fix
+/// its format whatever an option file says (the rows are counted in it,
+/// the last line tells it is complete).
+const DUMP_ARGS: [&str; 18] = [
     "--single-transaction",
     "--routines",
     "--triggers",
@@ -326,6 +331,14 @@ const DUMP_ARGS: [&str; 10] = [
     "--skip-add-locks",
     "--skip-lock-tables",
     "--quote-names",
+    "--extended-insert",
+    "--skip-complete-insert",
+    "--skip-insert-ignore",
+    "--skip-replace",
+    "--skip-compact",
+    "--comments",
+    "--skip-no-data",
+    "--skip-no-create-info",
 ];
 
 /// A credentials file must not be readable by others.

@@ -508,6 +508,21 @@ async fn bad_credentials_servers_privileges_and_dumps_are_refused_before_anythin
     assert!(e.to_string().contains("Access denied"), "{e}");
     assert!(!dest.exists());
 
+    // Format options in an option file do not change what the dump is.
+    let odd = cnf("odd.cnf", AGENT_USER, AGENT_PASSWORD);
+    let mut text = std::fs::read_to_string(&odd).unwrap();
+    text.push_str(
+        "force\n[mysqldump]\ncomplete-insert\ninsert-ignore\nskip-comments\nskip-extended-insert\n",
+    );
+    std::fs::write(&odd, text).unwrap();
+    let dest = w.dump_path("odd.sql.zst");
+    let dumped = with(&|t| t.defaults_file = Some(odd.clone()))
+        .dump(&dest, LIMIT, &|_| {}, &AtomicBool::new(false))
+        .await
+        .unwrap();
+    assert_eq!(dumped.row_counts["users"], 500);
+    assert_eq!(dumped.row_counts["invoices"], 2000);
+
     // A damaged dump: refused by verify and restore, the live db untouched.
     let dest = w.dump_path("db.sql.zst");
     let dumped = w.dump(&dest).await;
