@@ -461,11 +461,15 @@ pub struct RowCounter {
     escaped: bool,
     /// Saw `-- Dump completed`.
     complete: bool,
+    /// Between `DELIMITER ;;` and `DELIMITER ;`: trigger, routine and event
+    /// bodies, whose `INSERT` lines are not rows of the dump.
+    in_bodies: bool,
 }
 
 const INSERT: &[u8] = b"INSERT INTO `";
 const CREATE: &[u8] = b"CREATE TABLE `";
 const COMPLETED: &[u8] = b"-- Dump completed";
+const DELIMITER_LINE: &[u8] = b"DELIMITER ";
 /// Longest line start looked at (a quoted name of 64 characters, 4 bytes
 /// each, doubled quotes included, fits).
 const MAX_HEAD: usize = 1024;
@@ -529,11 +533,13 @@ impl RowCounter {
             let n = line.len().min(prefix.len());
             line[..n] == prefix[..n]
         };
-        if !(could_be(INSERT) || could_be(CREATE) || could_be(COMPLETED)) || line.len() > MAX_HEAD {
+        let wanted = [INSERT, CREATE, COMPLETED, DELIMITER_LINE];
+        if !wanted.iter().any(|p| could_be(p)) || line.len() > MAX_HEAD {
             self.skipping = true;
             return;
         }
-        if line.starts_with(INSERT)
+        if !self.in_bodies
+            && line.starts_with(INSERT)
             && let Some((name, rest)) = quoted_name(&line[INSERT.len() - 1..])
         {
             const VALUES: &[u8] = b" VALUES";
@@ -554,7 +560,11 @@ impl RowCounter {
 
     fn end_of_line(&mut self) {
         let line = &self.line[..];
-        if line.starts_with(CREATE) {
+        if let Some(delimiter) = line.strip_prefix(DELIMITER_LINE) {
+            self.in_bodies = delimiter.trim_ascii() != b";";
+        } else if self.in_bodies {
+            // A body's line.
+        } else if line.starts_with(CREATE) {
             if let Some((name, _)) = quoted_name(&line[CREATE.len() - 1..]) {
                 self.counts.entry(name).or_insert(0);
             }
@@ -1246,6 +1256,13 @@ CREATE TABLE `users` (\n  `id` int\n);\n\
 INSERT INTO `users` VALUES\n(1,'a(b)\\'c\\\\',0x00FF),\n(2,'x,y;(z',NULL);\n\
 INSERT INTO `users` VALUES (3,'it''s)',NULL);\n\
 /*!50001 CREATE VIEW `v` AS SELECT\n 1 AS `id` */;\n\
+DELIMITER ;;\n\
+CREATE DEFINER=`a`@`%` PROCEDURE `p`()\n\
+BEGIN\n\
+INSERT INTO `users` VALUES (9,'not a row',NULL);\n\
+CREATE TABLE `not_a_table` (x int);\n\
+END ;;\n\
+DELIMITER ;\n\
 -- Dump completed on 2026-12-02 15:27:10\n";
 
     #[test]

@@ -44,6 +44,8 @@ CREATE TRIGGER users_lower BEFORE INSERT ON users FOR EACH ROW
   BEGIN SET NEW.email = LOWER(NEW.email); END;
 CREATE PROCEDURE user_count(OUT n INT) BEGIN SELECT COUNT(*) INTO n FROM users; END;
 CREATE FUNCTION twice(x INT) RETURNS INT DETERMINISTIC RETURN x * 2;
+CREATE PROCEDURE log_event() BEGIN
+INSERT INTO `events` VALUES (NULL, 'a body line, not a row of the dump'); END;
 CREATE EVENT purge_events ON SCHEDULE EVERY 1 DAY DISABLE DO DELETE FROM events;
 "#;
 
@@ -308,7 +310,7 @@ async fn a_dump_while_a_writer_inserts_counts_what_it_holds_and_the_restore_swap
     assert!(kept_objects.contains("users_upper"), "{kept_objects}");
     assert!(kept_objects.contains("late_view"), "{kept_objects}");
     assert!(
-        !kept_objects.contains("event"),
+        !kept_objects.lines().any(|l| l.starts_with("event\t")),
         "no events in the kept schema: {kept_objects}"
     );
     assert!(changed_objects.contains("users_upper"));
