@@ -454,8 +454,9 @@ pub struct RowCounter {
     line: Vec<u8>,
     /// Past the bytes that matter on this line: skip to its end.
     skipping: bool,
-    /// Inside an INSERT's values: the table.
+    /// Inside an INSERT's values: the table, and its rows so far.
     table: Option<String>,
+    rows: u64,
     depth: u32,
     in_string: bool,
     escaped: bool,
@@ -475,43 +476,86 @@ const DELIMITER_LINE: &[u8] = b"DELIMITER ";
 const MAX_HEAD: usize = 1024;
 
 impl RowCounter {
-    pub fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            if self.table.is_some() {
-                self.values_byte(b);
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let used = if self.table.is_some() {
+                self.values(bytes)
+            } else if self.skipping {
+                // The rest of a line that does not matter.
+                match memchr::memchr(b'\n', bytes) {
+                    Some(at) => {
+                        self.line_byte(b'\n');
+                        at + 1
+                    }
+                    None => bytes.len(),
+                }
             } else {
-                self.line_byte(b);
-            }
+                self.line_byte(bytes[0]);
+                1
+            };
+            bytes = &bytes[used..];
         }
     }
 
-    fn values_byte(&mut self, b: u8) {
-        if self.in_string {
-            if self.escaped {
-                self.escaped = false;
-            } else if b == b'\\' {
-                self.escaped = true;
-            } else if b == b'\'' {
-                self.in_string = false;
-            }
-            return;
-        }
-        match b {
-            b'\'' => self.in_string = true,
-            b'(' => {
-                if self.depth == 0
-                    && let Some(t) = &self.table
-                {
-                    *self.counts.entry(t.clone()).or_insert(0) += 1;
+    /// Reads an INSERT's values (at most to its end); the bytes used. The
+    /// bytes that matter are found with memchr: most of a dump is here.
+    fn values(&mut self, bytes: &[u8]) -> usize {
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                    i += 1;
+                    continue;
                 }
-                self.depth += 1;
+                let Some(k) = memchr::memchr2(b'\'', b'\\', &bytes[i..]) else {
+                    return bytes.len();
+                };
+                i += k;
+                if bytes[i] == b'\\' {
+                    self.escaped = true;
+                } else {
+                    self.in_string = false;
+                }
+                i += 1;
+            } else if self.depth == 0 {
+                // Between tuples: `(` starts a row, `;` ends the statement.
+                let b = bytes[i];
+                i += 1;
+                match b {
+                    b'(' => {
+                        self.rows += 1;
+                        self.depth = 1;
+                    }
+                    b';' => {
+                        self.end_insert();
+                        self.skipping = true; // the rest of the line
+                        return i;
+                    }
+                    b'\'' => self.in_string = true,
+                    _ => {}
+                }
+            } else {
+                // Inside a tuple no `;` stands outside a string.
+                let Some(k) = memchr::memchr3(b'\'', b'(', b')', &bytes[i..]) else {
+                    return bytes.len();
+                };
+                i += k;
+                match bytes[i] {
+                    b'\'' => self.in_string = true,
+                    b'(' => self.depth += 1,
+                    _ => self.depth -= 1,
+                }
+                i += 1;
             }
-            b')' => self.depth = self.depth.saturating_sub(1),
-            b';' if self.depth == 0 => {
-                self.table = None;
-                self.skipping = true; // the rest of the line
-            }
-            _ => {}
+        }
+        bytes.len()
+    }
+
+    /// Adds the rows of the INSERT that ended to its table's count.
+    fn end_insert(&mut self) {
+        if let Some(table) = self.table.take() {
+            *self.counts.entry(table).or_insert(0) += std::mem::take(&mut self.rows);
         }
     }
 
@@ -547,6 +591,7 @@ impl RowCounter {
                 if rest.starts_with(VALUES) {
                     self.counts.entry(name.clone()).or_insert(0);
                     self.table = Some(name);
+                    self.rows = 0;
                     self.depth = 0;
                     self.in_string = false;
                     self.escaped = false;
@@ -574,7 +619,8 @@ impl RowCounter {
     }
 
     /// Rows by table, and whether the dump's closing line was seen.
-    pub fn finish(self) -> (BTreeMap<String, u64>, bool) {
+    pub fn finish(mut self) -> (BTreeMap<String, u64>, bool) {
+        self.end_insert();
         (self.counts, self.complete)
     }
 }
