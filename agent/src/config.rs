@@ -1025,6 +1025,43 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_mysql_database_is_checked_by_key() {
+        let app =
+            "[[app]]\nname = \"covet\"\nunit = \"covet.service\"\n[app.database]\nkind = \"mysql\"";
+        let problems = |db: &str| {
+            let c = parse(&format!("{BASE}\n{app}\n{db}"));
+            let mut keys: Vec<String> = c
+                .problems()
+                .into_iter()
+                .map(|p| p.key)
+                .filter(|k| k.contains("database"))
+                .collect();
+            keys.sort();
+            keys
+        };
+        let good = "dbname = \"covet_production\"\nsocket = \"/run/mysqld/mysqld.sock\"\n\
+                    defaults_file = \"/etc/covet/mysql.cnf\"\nos_user = \"mysql\"";
+        assert!(problems(good).is_empty(), "{:?}", problems(good));
+        assert!(problems("dbname = \"shop\"\nhost = \"db.internal\"\nport = 3306").is_empty());
+        assert_eq!(
+            problems(
+                "dbname = \"covet-production\"\nsocket = \"run/sock\"\nport = 3306\n\
+                 defaults_file = \"my.cnf\"\nuser = \"a b\""
+            ),
+            [
+                "app[0].database.dbname",
+                "app[0].database.defaults_file",
+                "app[0].database.socket",
+                "app[0].database.socket",
+                "app[0].database.user",
+            ]
+        );
+        let text = format!("{BASE}\n{app}\ndbname = \"x\"\npassword = \"no\"");
+        let e = toml::from_str::<Config>(&text).unwrap_err().to_string();
+        assert!(e.contains("unknown field `password`"), "{e}");
+    }
+
     fn package_error(package: &str) -> String {
         let text = format!(
             "{BASE}\n[[app]]\nname = \"covet\"\nunit = \"covet.service\"\n[app.package]\n{package}"
