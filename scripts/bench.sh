@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Benchmarks, each printing ratios against a peer measured in the same run:
 #   RPC latency/throughput/idle memory vs a bare tonic + rustls server;
-#   backups vs GNU tar (gzip, zstd) and pg_dump -Fc;
+#   backups vs GNU tar (gzip, zstd), pg_dump -Fc and mariadb-dump (alone,
+#   | gzip, | zstd -T0);
 #   the upgrade and its rollback vs an Ansible playbook and bare commands
 #   (and the agent's own overhead per upgrade);
 #   failed requests during a blue-green upgrade and rollback behind nginx vs
 #   the restart strategy, and the switch-back time.
 # Arguments are passed to the backup benchmark (e.g. --tree-mb 256 --files 10000
-# --pgbench-scale 10 --random-mb 64 for a quick run).
+# --pgbench-scale 10 --random-mb 64 --mysql-mb 128 for a quick run).
 # COVET_BENCH_ONLY=upgrade runs only the upgrade benchmark, =backup only the
-# backup one (with the arguments, e.g. --only db --pgbench-scale 50);
+# backup one (with the arguments, e.g. --only db --pgbench-scale 50, or
+# --only mysql --mysql-mb 1024);
 # COVET_BENCH_ROUNDS=N sets its rounds (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -29,7 +29,7 @@ ensure_cargo() {
 # the sample app, systemd + dbus + journald (the test sandboxes), util-linux
 # (unshare, setpriv), PostgreSQL, and libsqlite3-dev (the agent links
 # Debian's libsqlite3 for SQLite databases).
-PROJECT_PACKAGES=(build-essential ca-certificates zstd python3 python3-venv systemd dbus dbus-user-session util-linux postgresql libsqlite3-dev)
+PROJECT_PACKAGES=(build-essential ca-certificates zstd python3 python3-venv systemd dbus dbus-user-session util-linux postgresql libsqlite3-dev mariadb-server mariadb-client)
 
 # What the packaging build (dpkg-deb, dpkg-shlibdeps, strip, rpmbuild) and its
 # tests (lintian, a booted Debian 12) need; `packaging/build --install-tools`

@@ -325,6 +325,7 @@ pub struct DnfConfig {
 pub enum DatabaseConfig {
     Postgres(PostgresConfig),
     Sqlite(SqliteConfig),
+    Mysql(MysqlConfig),
 }
 
 /// `kind = "postgres"`.
@@ -351,6 +352,32 @@ pub struct PostgresConfig {
 #[serde(deny_unknown_fields)]
 pub struct SqliteConfig {
     pub path: PathBuf,
+}
+
+/// `kind = "mysql"` (MySQL or MariaDB): the server by `socket` or
+/// `host`/`port`; the password only in `defaults_file`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlConfig {
+    pub dbname: String,
+    /// The server's unix socket (absolute path).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// A TCP host name or address (instead of `socket`).
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// The account the client programs log in as.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// An option file (`[client] user= password= socket=`), mode 0600, read
+    /// by the client programs with `--defaults-extra-file`.
+    #[serde(default)]
+    pub defaults_file: Option<PathBuf>,
+    /// System user that runs mariadb-dump / mariadb.
+    #[serde(default)]
+    pub os_user: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -847,6 +874,22 @@ impl DatabaseConfig {
         match self {
             DatabaseConfig::Postgres(pg) => pg.check(key, out),
             DatabaseConfig::Sqlite(lite) => lite.check(key, out),
+            DatabaseConfig::Mysql(my) => my.check(key, out),
+        }
+    }
+}
+
+/// Each set value must be a plain name ([`validate_name`]).
+fn check_optional_names<const N: usize>(
+    key: &str,
+    fields: [(&str, &Option<String>); N],
+    out: &mut Problems,
+) {
+    for (field, value) in fields {
+        if let Some(v) = value
+            && let Err(e) = validate_name(v)
+        {
+            out.add(format!("{key}.{field}"), e);
         }
     }
 }
@@ -856,12 +899,48 @@ impl PostgresConfig {
         if let Err(e) = validate_name(&self.dbname) {
             out.add(format!("{key}.dbname"), e);
         }
-        for (field, value) in [("user", &self.user), ("os_user", &self.os_user)] {
-            if let Some(v) = value
-                && let Err(e) = validate_name(v)
-            {
-                out.add(format!("{key}.{field}"), e);
+        check_optional_names(key, [("user", &self.user), ("os_user", &self.os_user)], out);
+    }
+}
+
+impl MysqlConfig {
+    fn check(&self, key: &str, out: &mut Problems) {
+        if let Err(e) = validate_name(&self.dbname) {
+            out.add(format!("{key}.dbname"), e);
+        } else if self.dbname.contains(['-', '.']) {
+            out.add(
+                format!("{key}.dbname"),
+                format!(
+                    "{:?}: only letters, digits and _ (restores name schemas after it)",
+                    self.dbname
+                ),
+            );
+        }
+        check_optional_names(key, [("user", &self.user), ("os_user", &self.os_user)], out);
+        for (field, path) in [
+            ("socket", &self.socket),
+            ("defaults_file", &self.defaults_file),
+        ] {
+            if let Some(p) = path {
+                out.absolute(&format!("{key}.{field}"), p);
             }
+        }
+        if self.socket.is_some() && (self.host.is_some() || self.port.is_some()) {
+            out.add(
+                format!("{key}.socket"),
+                "give either socket or host/port, not both",
+            );
+        }
+        if let Some(host) = &self.host
+            && (host.is_empty()
+                || !host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c)))
+        {
+            out.add(
+                format!("{key}.host"),
+                format!("{host:?} is not a host name or address"),
+            );
         }
     }
 }
@@ -1338,6 +1417,43 @@ mod tests {
                 .to_string()
                 .contains("haproxy")
         );
+    }
+
+    #[test]
+    fn a_mysql_database_is_checked_by_key() {
+        let app =
+            "[[app]]\nname = \"covet\"\nunit = \"covet.service\"\n[app.database]\nkind = \"mysql\"";
+        let problems = |db: &str| {
+            let c = parse(&format!("{BASE}\n{app}\n{db}"));
+            let mut keys: Vec<String> = c
+                .problems()
+                .into_iter()
+                .map(|p| p.key)
+                .filter(|k| k.contains("database"))
+                .collect();
+            keys.sort();
+            keys
+        };
+        let good = "dbname = \"covet_production\"\nsocket = \"/run/mysqld/mysqld.sock\"\n\
+                    defaults_file = \"/etc/covet/mysql.cnf\"\nos_user = \"mysql\"";
+        assert!(problems(good).is_empty(), "{:?}", problems(good));
+        assert!(problems("dbname = \"shop\"\nhost = \"db.internal\"\nport = 3306").is_empty());
+        assert_eq!(
+            problems(
+                "dbname = \"covet-production\"\nsocket = \"run/sock\"\nport = 3306\n\
+                 defaults_file = \"my.cnf\"\nuser = \"a b\""
+            ),
+            [
+                "app[0].database.dbname",
+                "app[0].database.defaults_file",
+                "app[0].database.socket",
+                "app[0].database.socket",
+                "app[0].database.user",
+            ]
+        );
+        let text = format!("{BASE}\n{app}\ndbname = \"x\"\npassword = \"no\"");
+        let e = toml::from_str::<Config>(&text).unwrap_err().to_string();
+        assert!(e.contains("unknown field `password`"), "{e}");
     }
 
     fn package_error(package: &str) -> String {

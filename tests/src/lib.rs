@@ -9,6 +9,8 @@ pub mod agent;
 pub mod container;
 pub mod http;
 pub mod load;
+pub mod mariadb;
+pub mod mysql_app;
 pub mod nginx;
 pub mod opwait;
 pub mod pki;

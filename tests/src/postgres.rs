@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use crate::sandbox::{die_with_parent, in_ci, spawn_tied_to_process};
+use crate::sandbox::{
+    as_system_user, run_as_system_user, spawn_tied_to_process, start_or_skip, stop_server,
+    system_user_ids,
+};
 
 /// The OS user that runs the server.
 const PG_USER: &str = "postgres";
@@ -65,15 +68,7 @@ fn find_bindir() -> Option<PathBuf> {
 
 /// The postgres user's uid and gid.
 fn pg_user() -> Option<(u32, u32)> {
-    let name = std::ffi::CString::new(PG_USER).ok()?;
-    // SAFETY: getpwnam returns NULL or a pointer to static storage, read at once.
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    if pw.is_null() {
-        return None;
-    }
-    // SAFETY: non-null result of getpwnam.
-    let pw = unsafe { &*pw };
-    Some((pw.pw_uid, pw.pw_gid))
+    system_user_ids(PG_USER)
 }
 
 fn probe() -> Option<String> {
@@ -305,33 +300,12 @@ impl PostgresCluster {
     }
 }
 
-/// A command run as the postgres user. setpriv sets its parent-death signal
-/// again after the uid change, which clears it.
 fn as_postgres(args: &[&str]) -> Command {
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid",
-        PG_USER,
-        "--regid",
-        PG_USER,
-        "--init-groups",
-        // Set last, after the uid change (which would clear it).
-        "--pdeathsig",
-        "KILL",
-        "--",
-    ])
-    .args(args)
-    // The postgres user may not be able to enter the test's cwd.
-    .current_dir("/")
-    .stdin(Stdio::null());
-    cmd
+    as_system_user(PG_USER, args)
 }
 
-/// Runs a short command as the postgres user, killed if the test dies.
 fn run_as_postgres(args: &[&str]) -> std::io::Result<Output> {
-    let mut cmd = as_postgres(args);
-    die_with_parent(&mut cmd);
-    cmd.output()
+    run_as_system_user(PG_USER, args)
 }
 
 fn quote_ident(name: &str) -> String {
@@ -344,27 +318,12 @@ fn quote_literal(text: &str) -> String {
 
 impl Drop for PostgresCluster {
     fn drop(&mut self) {
-        let Some(mut child) = self.postmaster.take() else {
-            return;
-        };
-        // SIGINT is PostgreSQL's fast shutdown (`pg_ctl stop -m fast`).
-        let pid = child.id() as libc::pid_t;
-        // SAFETY: kill(2) on our own unreaped child.
-        unsafe { libc::kill(pid, libc::SIGINT) };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if !matches!(child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        // SIGINT is PostgreSQL's fast shutdown (`pg_ctl stop -m fast`); its
+        // backends exit when they notice the postmaster is gone.
+        if let Some(child) = self.postmaster.take() {
+            let what = format!("postgres {}", self.root.display());
+            stop_server(child, libc::SIGINT, STOP_TIMEOUT, &what);
         }
-        eprintln!(
-            "postgres {}: no fast shutdown within {STOP_TIMEOUT:?}, killing it",
-            self.root.display()
-        );
-        // Its backends exit when they notice the postmaster is gone.
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 
@@ -372,13 +331,7 @@ impl Drop for PostgresCluster {
 /// when this machine cannot run one. With CI set, panics instead of skipping.
 /// Panics when the machine can run clusters but this one fails to start.
 pub fn postgres_or_skip(dir: &Path) -> Option<PostgresCluster> {
-    if let Some(why) = PostgresCluster::unavailable() {
-        assert!(
-            !in_ci(),
-            "PostgreSQL unavailable and CI is set, so this is a failure, not a skip: {why}"
-        );
-        eprintln!("SKIPPED: PostgreSQL unavailable: {why}");
-        return None;
-    }
-    Some(PostgresCluster::start(dir).unwrap_or_else(|e| panic!("start PostgreSQL: {e:#}")))
+    start_or_skip("PostgreSQL", PostgresCluster::unavailable(), || {
+        PostgresCluster::start(dir)
+    })
 }

@@ -114,6 +114,100 @@ pub(crate) fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
 }
 
+/// The uid and gid of system user `name`, if it exists.
+pub(crate) fn system_user_ids(name: &str) -> Option<(u32, u32)> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getpwnam returns NULL or a pointer to static storage, read at once.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        return None;
+    }
+    // SAFETY: non-null result of getpwnam.
+    let pw = unsafe { &*pw };
+    Some((pw.pw_uid, pw.pw_gid))
+}
+
+/// Installs and starts the sample app's unit in the sandbox, waits until
+/// 0.1.9 is healthy, then starts an agent in `agent_dir` for it with the
+/// `[[app]]` block `app_toml` (500 ms settle).
+pub async fn start_app_and_agent(
+    sandbox: &SystemdSandbox,
+    app: &crate::sampleapp::SampleApp,
+    app_toml: &str,
+    agent_dir: &Path,
+) -> crate::agent::TestAgent {
+    let unit = crate::sampleapp::UNIT;
+    sandbox.install_unit(unit, &app.unit_file()).unwrap();
+    let out = sandbox.systemctl(&["start", unit]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    crate::http::wait_healthy(app.port, "0.1.9").await;
+    let toml = format!("{}{app_toml}\n", sandbox.agent_toml(Some("500ms")));
+    crate::agent::TestAgent::start_with_toml(agent_dir, toml).await
+}
+
+/// Stops a server that is this process's child: `signal` (its fast
+/// shutdown), then SIGKILL after `limit`. `what` names it in the message.
+pub(crate) fn stop_server(mut child: Child, signal: libc::c_int, limit: Duration, what: &str) {
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) on our own unreaped child.
+    unsafe { libc::kill(pid, signal) };
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("{what}: no shutdown within {limit:?}, killing it");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// For tests: `start()`, or None after printing "SKIPPED: <why>" to stderr
+/// when `unavailable` says this machine cannot run `what`. With CI set,
+/// panics instead of skipping. Panics when the start fails.
+pub(crate) fn start_or_skip<T>(
+    what: &str,
+    unavailable: Option<String>,
+    start: impl FnOnce() -> anyhow::Result<T>,
+) -> Option<T> {
+    if let Some(why) = unavailable {
+        assert!(
+            !in_ci(),
+            "{what} unavailable and CI is set, so this is a failure, not a skip: {why}"
+        );
+        eprintln!("SKIPPED: {what} unavailable: {why}");
+        return None;
+    }
+    Some(start().unwrap_or_else(|e| panic!("start {what}: {e:#}")))
+}
+
+/// A command run as the system user `user` (a database server's) through
+/// setpriv, from `/` (the user may not be able to enter the test's cwd),
+/// stdin closed. setpriv sets its parent-death signal again after the uid
+/// change, which clears it.
+pub(crate) fn as_system_user(user: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid", user, "--regid", user, "--init-groups"])
+        // Set last, after the uid change (which would clear it).
+        .args(["--pdeathsig", "KILL", "--"])
+        .args(args)
+        .current_dir("/")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a short command as `user`, killed if the test dies.
+pub(crate) fn run_as_system_user(user: &str, args: &[&str]) -> io::Result<Output> {
+    let mut cmd = as_system_user(user, args);
+    die_with_parent(&mut cmd);
+    cmd.output()
+}
+
 /// Sets up a child so that it is killed when the thread that spawns it ends
 /// (a killed test process included) and leads a session of its own.
 pub(crate) fn die_with_parent(cmd: &mut Command) {

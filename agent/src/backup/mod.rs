@@ -154,6 +154,17 @@ pub fn db_target(app: &AppConfig) -> Result<Option<Database>, BackupError> {
     Ok(Some(Database::from_config(d)?))
 }
 
+/// The checks of the app's database that need its server (see
+/// [`Database::preflight`]): before a backup or an upgrade is accepted.
+pub async fn check_database(app: &AppConfig) -> Result<(), BackupError> {
+    if let Some(db) = db_target(app)? {
+        db.preflight(QUERY_TIMEOUT)
+            .await
+            .map_err(|e| BackupError::Refused(e.to_string()))?;
+    }
+    Ok(())
+}
+
 /// A dump restores only into a database of the kind that made it.
 pub fn check_dump_kind(dbm: &ManifestDb, db: &Database) -> Result<(), BackupError> {
     if dbm.format == db.format() {
@@ -535,6 +546,23 @@ impl BackupStore {
             let step = "check dump";
             ctx.step_started(step, "decompress, PRAGMA integrity_check, row counts");
             let result = db::sqlite::verify_dump(&dir.join(DUMP_FILE), dir, &dbm.row_counts).await;
+            finish_step(
+                ctx,
+                step,
+                result.as_ref().map(|tables| format!("{tables} tables")),
+            )?;
+            result.map_err(|e| BackupError::Corrupt {
+                id: manifest.id.clone(),
+                why: e.to_string(),
+            })?;
+        } else if let Some(dbm) = manifest
+            .database
+            .as_ref()
+            .filter(|d| d.format == <db::MysqlTarget as db::Kind>::FORMAT)
+        {
+            let step = "check dump";
+            ctx.step_started(step, "decompress, count the rows of every table");
+            let result = db::mysql::verify_dump(&dir.join(DUMP_FILE), &dbm.row_counts).await;
             finish_step(
                 ctx,
                 step,

@@ -10,10 +10,15 @@
 //!   the live file and renamed over it; the previous file kept as
 //!   `{file}.before-{id}`.
 //!
-//! A new kind (MySQL/MariaDB) is one file implementing [`Kind`], one
+//! - [`mysql`]: `mariadb-dump --single-transaction` into a side schema,
+//!   every table moved by one `RENAME TABLE`; the previous tables kept in
+//!   `{dbname}_before_{id}`.
+//!
+//! A new kind is one file implementing [`Kind`], one
 //! [`crate::config::DatabaseConfig`] variant and one [`Database`] variant;
 //! the compiler then points at the arms to add (`with_kind!`).
 
+pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
 
@@ -27,6 +32,7 @@ use std::time::Duration;
 
 use crate::config::DatabaseConfig;
 
+pub use mysql::{ClientPrograms, MysqlTarget};
 pub use postgres::{
     PgTarget, drop_kept, dump, list_dump, restore_swap, restore_swap_checked, row_counts,
     server_version,
@@ -44,7 +50,23 @@ pub enum DbError {
          nor /usr/lib/postgresql/*/bin has them (install the Debian package postgresql-client)"
     )]
     NoClientPrograms,
-    #[error("PostgreSQL bindir {} is not an absolute path", .0.display())]
+    #[error(
+        "no MySQL/MariaDB client programs (mariadb-dump and mariadb, or mysqldump and mysql) on \
+         PATH or in /usr/bin (install the Debian package mariadb-client)"
+    )]
+    NoMysqlClientPrograms,
+    #[error(
+        "defaults_file {} of the database config is readable by other users: it holds a \
+         password; chmod 600 it",
+        .0.display()
+    )]
+    NotPrivate(PathBuf),
+    #[error(
+        "the database account cannot dump {db}: {detail} (it needs SELECT, SHOW VIEW, TRIGGER, \
+         EVENT on it, and SELECT on mysql.proc for routines another account defined)"
+    )]
+    MysqlPrivileges { db: String, detail: String },
+    #[error("client program directory {} is not an absolute path", .0.display())]
     RelativeBindir(PathBuf),
     #[error("invalid {what} {name:?}: {reason}")]
     InvalidName {
@@ -234,6 +256,7 @@ pub trait Kind {
 pub enum Database {
     Postgres(PgTarget),
     Sqlite(SqliteTarget),
+    Mysql(MysqlTarget),
 }
 
 /// Runs `$body` with `$t` bound to the kind's target.
@@ -242,6 +265,7 @@ macro_rules! with_kind {
         match $db {
             Database::Postgres($t) => $body,
             Database::Sqlite($t) => $body,
+            Database::Mysql($t) => $body,
         }
     };
 }
@@ -262,6 +286,16 @@ impl Database {
             DatabaseConfig::Sqlite(d) => Database::Sqlite(SqliteTarget {
                 path: d.path.clone(),
             }),
+            DatabaseConfig::Mysql(d) => Database::Mysql(MysqlTarget {
+                dbname: d.dbname.clone(),
+                socket: d.socket.clone(),
+                host: d.host.clone(),
+                port: d.port,
+                user: d.user.clone(),
+                defaults_file: d.defaults_file.clone(),
+                os_user: d.os_user.clone(),
+                programs: ClientPrograms::discover()?,
+            }),
         })
     }
 
@@ -269,6 +303,7 @@ impl Database {
         match self {
             Database::Postgres(_) => PgTarget::FORMAT,
             Database::Sqlite(_) => SqliteTarget::FORMAT,
+            Database::Mysql(_) => MysqlTarget::FORMAT,
         }
     }
 
@@ -278,6 +313,16 @@ impl Database {
 
     pub fn dump_description(&self) -> String {
         with_kind!(self, t => t.dump_description())
+    }
+
+    /// Checks made before a backup or an upgrade is accepted, that a kind
+    /// can make without changing anything (MySQL: the server answers and
+    /// the account can dump the database).
+    pub async fn preflight(&self, timeout: Duration) -> Result<(), DbError> {
+        match self {
+            Database::Mysql(t) => t.check(timeout).await.map(drop),
+            Database::Postgres(_) | Database::Sqlite(_) => Ok(()),
+        }
     }
 
     pub async fn server_version(&self, timeout: Duration) -> Result<String, DbError> {
@@ -363,6 +408,78 @@ fn create_private(path: &Path, context: &str) -> Result<File, DbError> {
 /// quotes, inner quotes doubled.
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The three names of one restore into a side database or schema:
+/// `live`, `{live}_restore_{id}` (being filled), `{live}_before_{id}` (the
+/// previous data, kept).
+struct SwapNames {
+    live: String,
+    fresh: String,
+    kept: String,
+}
+
+impl SwapNames {
+    /// The names for `dbname` and `restore_id`, each checked by `check`
+    /// (the kind's identifier rule).
+    fn new(
+        dbname: &str,
+        restore_id: &str,
+        check: fn(&'static str, &str) -> Result<(), DbError>,
+    ) -> Result<SwapNames, DbError> {
+        check("database name", dbname)?;
+        check("restore id", restore_id)?;
+        let names = SwapNames {
+            live: dbname.to_owned(),
+            fresh: format!("{dbname}_restore_{restore_id}"),
+            kept: format!("{dbname}_before_{restore_id}"),
+        };
+        check("restore database name", &names.fresh)?;
+        check("kept database name", &names.kept)?;
+        Ok(names)
+    }
+
+    /// Checks that `kept` is a kept name of `dbname` (`{dbname}_before_{id}`).
+    fn check_kept(
+        dbname: &str,
+        kept: &str,
+        check: fn(&'static str, &str) -> Result<(), DbError>,
+    ) -> Result<(), DbError> {
+        check("database name", dbname)?;
+        let id = kept
+            .strip_prefix(dbname)
+            .and_then(|rest| rest.strip_prefix("_before_"))
+            .ok_or_else(|| DbError::InvalidName {
+                what: "kept database",
+                name: kept.to_owned(),
+                reason: format!("not of the form {dbname}_before_<restore id>"),
+            })?;
+        check("restore id", id)?;
+        check("kept database", kept)
+    }
+}
+
+/// Only `[A-Za-z0-9_]`, 1 to `max` bytes (`limit` says whose limit that
+/// is): such names need no thought in SQL, on command lines or in log
+/// lines.
+fn plain_name(what: &'static str, name: &str, max: usize, limit: &str) -> Result<(), DbError> {
+    let reason = if name.is_empty() {
+        "empty".to_owned()
+    } else if name.len() > max {
+        format!("{} bytes long, {limit} {max}", name.len())
+    } else if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_'))
+    {
+        format!("{c:?} is not allowed (only letters, digits and _)")
+    } else {
+        return Ok(());
+    };
+    Err(DbError::InvalidName {
+        what,
+        name: name.to_owned(),
+        reason,
+    })
 }
 
 /// Fills `buf` unless the reader ends first; the count read.

@@ -55,8 +55,8 @@ use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
 use super::{
-    CHUNK, DbError, DumpStats, Dumped, Kind, RestoreOutcome, check_counts, create_private,
-    finish_zstd, quote_ident, read_full, sync_parent, zstd_writer,
+    CHUNK, DbError, DumpStats, Dumped, Kind, RestoreOutcome, SwapNames, check_counts,
+    create_private, finish_zstd, plain_name, quote_ident, read_full, sync_parent, zstd_writer,
 };
 use crate::host::process::{ProcessBuilder, ProcessError, RunAs, canceled, read_capped};
 
@@ -168,18 +168,34 @@ pub async fn dump(
     cancel: &AtomicBool,
 ) -> Result<DumpStats, DbError> {
     validate_name("database name", &t.dbname)?;
+    into_new_file(dest, "pg_dump", timeout, cancel, |file| {
+        dump_into(t, file, dest, on_bytes)
+    })
+    .await
+}
+
+/// Runs `work` on `dest` (created, mode 0600, never over a file) under
+/// `timeout` (named after `program`) and `cancel`; removes `dest` when it
+/// fails.
+pub(super) async fn into_new_file<T, F: Future<Output = Result<T, DbError>>>(
+    dest: &Path,
+    program: &str,
+    timeout: Duration,
+    cancel: &AtomicBool,
+    work: impl FnOnce(File) -> F,
+) -> Result<T, DbError> {
     let file = create_private(dest, "create dump file")?;
-    let dumped = tokio::select! {
-        dumped = Box::pin(within("pg_dump", timeout, dump_into(t, file, dest, on_bytes))) => dumped,
+    let done = tokio::select! {
+        done = Box::pin(within(program, timeout, work(file))) => done,
         () = canceled(cancel) => Err(DbError::Canceled),
     };
-    if dumped.is_err() {
+    if done.is_err() {
         // Ours since create_new: an incomplete dump must not pass for a backup.
         if let Err(e) = std::fs::remove_file(dest) {
             tracing::warn!("could not remove incomplete dump {}: {e}", dest.display());
         }
     }
-    dumped
+    done
 }
 
 /// Decompresses the dump and feeds it to `pg_restore --list` (via stdin);
@@ -214,7 +230,7 @@ pub async fn restore_swap(
     expected: &BTreeMap<String, u64>,
     timeout: Duration,
 ) -> Result<RestoreOutcome, DbError> {
-    SwapNames::new(&t.dbname, restore_id)?;
+    SwapNames::new(&t.dbname, restore_id, validate_name)?;
     // A whole decompression pass first: a damaged dump is reported as such
     // before the server is touched, not as whatever pg_restore makes of it.
     list_dump(t, dump, timeout).await?;
@@ -232,7 +248,7 @@ pub async fn restore_swap_checked(
     expected: &BTreeMap<String, u64>,
     timeout: Duration,
 ) -> Result<RestoreOutcome, DbError> {
-    let names = SwapNames::new(&t.dbname, restore_id)?;
+    let names = SwapNames::new(&t.dbname, restore_id, validate_name)?;
     let (live, properties) = match prepare_restore(t, &names, timeout).await {
         Ok(live) => live,
         // The kept name exists only once this restore's swap committed: a
@@ -277,17 +293,7 @@ pub async fn restore_swap_checked(
 /// Drops a kept database (`{dbname}_before_{id}`, as restore_swap names it);
 /// refuses names not of that form. Nothing to do if it is already gone.
 pub async fn drop_kept(t: &PgTarget, kept: &str, timeout: Duration) -> Result<(), DbError> {
-    validate_name("database name", &t.dbname)?;
-    let id = kept
-        .strip_prefix(&t.dbname)
-        .and_then(|rest| rest.strip_prefix("_before_"))
-        .ok_or_else(|| DbError::InvalidName {
-            what: "kept database",
-            name: kept.to_owned(),
-            reason: format!("not of the form {}_before_<restore id>", t.dbname),
-        })?;
-    validate_name("restore id", id)?;
-    validate_name("kept database", kept)?;
+    SwapNames::check_kept(&t.dbname, kept, validate_name)?;
     let sql = format!("DROP DATABASE IF EXISTS {};", quote_ident(kept));
     admin_psql(t, &sql, timeout).await.map(drop)
 }
@@ -349,52 +355,9 @@ impl Kind for PgTarget {
 // ---------------------------------------------------------------------------
 // Names and quoting
 
-/// The three names of one restore.
-struct SwapNames {
-    live: String,
-    fresh: String,
-    kept: String,
-}
-
-impl SwapNames {
-    fn new(dbname: &str, restore_id: &str) -> Result<SwapNames, DbError> {
-        validate_name("database name", dbname)?;
-        validate_name("restore id", restore_id)?;
-        let names = SwapNames {
-            live: dbname.to_owned(),
-            fresh: format!("{dbname}_restore_{restore_id}"),
-            kept: format!("{dbname}_before_{restore_id}"),
-        };
-        validate_name("restore database name", &names.fresh)?;
-        validate_name("kept database name", &names.kept)?;
-        Ok(names)
-    }
-}
-
-/// Only `[A-Za-z0-9_]`, 1 to 63 bytes: such names need no thought in SQL,
-/// in conninfo strings (`-d`) or in log lines, and PostgreSQL keeps them
-/// whole.
+/// Only `[A-Za-z0-9_]`, 1 to 63 bytes: PostgreSQL keeps such names whole.
 fn validate_name(what: &'static str, name: &str) -> Result<(), DbError> {
-    let reason = if name.is_empty() {
-        "empty".to_owned()
-    } else if name.len() > MAX_NAME_LEN {
-        format!(
-            "{} bytes long, PostgreSQL keeps only {MAX_NAME_LEN}",
-            name.len()
-        )
-    } else if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_'))
-    {
-        format!("{c:?} is not allowed (only letters, digits and _)")
-    } else {
-        return Ok(());
-    };
-    Err(DbError::InvalidName {
-        what,
-        name: name.to_owned(),
-        reason,
-    })
+    plain_name(what, name, MAX_NAME_LEN, "PostgreSQL keeps only")
 }
 
 /// A string literal (standard_conforming_strings, the default since 9.1).
@@ -826,7 +789,7 @@ fn parse_counts(out: &str) -> Result<BTreeMap<String, u64>, DbError> {
         .collect()
 }
 
-fn unexpected(program: &str, detail: impl Into<String>) -> DbError {
+pub(super) fn unexpected(program: &str, detail: impl Into<String>) -> DbError {
     DbError::UnexpectedOutput {
         program: program.to_owned(),
         detail: detail.into(),
@@ -872,7 +835,7 @@ async fn dump_into(
 }
 
 /// Copies `from` to the channel in CHUNK-sized pieces; the byte count.
-async fn pump(
+pub(super) async fn pump(
     mut from: impl AsyncRead + Unpin,
     to: mpsc::Sender<Vec<u8>>,
     on_bytes: &(dyn Fn(u64) + Send + Sync),
@@ -898,9 +861,20 @@ async fn pump(
 
 /// zstd (see [`zstd_writer`]) of the chunks, fsynced. Ends when the sender
 /// is dropped. Returns the compressed size.
-fn compress(file: File, mut chunks: mpsc::Receiver<Vec<u8>>) -> io::Result<u64> {
+fn compress(file: File, chunks: mpsc::Receiver<Vec<u8>>) -> io::Result<u64> {
+    compress_inspecting(file, chunks, |_| {})
+}
+
+/// [`compress`], showing each chunk to `inspect` first (MySQL counts rows
+/// in the dump as it goes by).
+pub(super) fn compress_inspecting(
+    file: File,
+    mut chunks: mpsc::Receiver<Vec<u8>>,
+    mut inspect: impl FnMut(&[u8]),
+) -> io::Result<u64> {
     let mut encoder = zstd_writer(file)?;
     while let Some(chunk) = chunks.blocking_recv() {
+        inspect(&chunk);
         encoder.write_all(&chunk)?;
     }
     finish_zstd(encoder)
@@ -912,7 +886,7 @@ fn compress(file: File, mut chunks: mpsc::Receiver<Vec<u8>>) -> io::Result<u64> 
 /// Runs a program with the decompressed dump on its stdin; its stdout.
 /// `to_end`: keep decompressing after the program stopped reading, so that
 /// damage anywhere in the file is detected.
-async fn run_fed(
+pub(super) async fn run_fed(
     prog: Program,
     dump: &Path,
     to_end: bool,
@@ -962,7 +936,7 @@ async fn feed(dump: &Path, stdin: ChildStdin, to_end: bool) -> Result<(), DbErro
                     break;
                 }
             }
-            Err(e) => return Err(DbError::io("write to pg_restore")(e)),
+            Err(e) => return Err(DbError::io("write the dump to its reader")(e)),
         }
     }
     drop(stdin);
@@ -974,7 +948,11 @@ async fn feed(dump: &Path, stdin: ChildStdin, to_end: bool) -> Result<(), DbErro
 
 /// Sends the decompressed dump in chunks; stops quietly when the receiver
 /// goes away.
-fn decompress(file: File, path: &Path, to: mpsc::Sender<Vec<u8>>) -> Result<(), DbError> {
+pub(super) fn decompress(
+    file: File,
+    path: &Path,
+    to: mpsc::Sender<Vec<u8>>,
+) -> Result<(), DbError> {
     let corrupt = |source| DbError::CorruptDump {
         path: path.to_owned(),
         source,
@@ -997,7 +975,7 @@ fn decompress(file: File, path: &Path, to: mpsc::Sender<Vec<u8>>) -> Result<(), 
 // Processes
 
 /// A client program ready to run, with what its messages need.
-struct Program {
+pub(super) struct Program {
     command: ProcessBuilder,
     name: &'static str,
     /// The os_user it runs as, if any.
@@ -1014,11 +992,20 @@ impl Program {
     /// no PAM session, no extra process between us and the program, so a
     /// kill on timeout reaches the program itself.
     fn new(t: &PgTarget, name: &'static str) -> Result<Program, DbError> {
-        if !t.bindir.is_absolute() {
-            return Err(DbError::RelativeBindir(t.bindir.clone()));
+        Program::at(&t.bindir, t.os_user.as_deref(), name)
+    }
+
+    /// `name` from `bindir`, run as `os_user`: see [`Program::new`].
+    pub(super) fn at(
+        bindir: &Path,
+        os_user: Option<&str>,
+        name: &'static str,
+    ) -> Result<Program, DbError> {
+        if !bindir.is_absolute() {
+            return Err(DbError::RelativeBindir(bindir.to_owned()));
         }
-        let mut command = ProcessBuilder::new(t.bindir.join(name)).current_dir("/");
-        match &t.os_user {
+        let mut command = ProcessBuilder::new(bindir.join(name)).current_dir("/");
+        match os_user {
             // libpq finds ~/.pgpass and ~/.pg_service.conf in its home, not in root's.
             Some(user) => {
                 let run_as = RunAs::lookup(user).map_err(|e| from_process(name, None, e))?;
@@ -1033,17 +1020,17 @@ impl Program {
         Ok(Program {
             command,
             name,
-            as_user: t.os_user.clone(),
+            as_user: os_user.map(str::to_owned),
         })
     }
 
     /// The same program with `change` made to its command.
-    fn with(mut self, change: impl FnOnce(ProcessBuilder) -> ProcessBuilder) -> Program {
+    pub(super) fn with(mut self, change: impl FnOnce(ProcessBuilder) -> ProcessBuilder) -> Program {
         self.command = change(self.command);
         self
     }
 
-    fn spawn(self) -> Result<Child, DbError> {
+    pub(super) fn spawn(self) -> Result<Child, DbError> {
         self.command
             .spawn()
             .map_err(|e| from_process(self.name, self.as_user.as_deref(), e))
@@ -1097,7 +1084,7 @@ fn connection_args(t: &PgTarget, role: Option<&str>, db: &str) -> Vec<OsString> 
 }
 
 /// Runs a program to completion with `input` on its stdin; its stdout.
-async fn run(prog: Program, input: &[u8], timeout: Duration) -> Result<String, DbError> {
+pub(super) async fn run(prog: Program, input: &[u8], timeout: Duration) -> Result<String, DbError> {
     let Program {
         command,
         name,
@@ -1116,12 +1103,12 @@ async fn run(prog: Program, input: &[u8], timeout: Duration) -> Result<String, D
 }
 
 /// A piped stdio handle: only missing if we forgot to ask for it.
-fn take<T>(pipe: Option<T>) -> Result<T, DbError> {
+pub(super) fn take<T>(pipe: Option<T>) -> Result<T, DbError> {
     pipe.ok_or_else(|| DbError::io("child process")(io::Error::other("stdio pipe missing")))
 }
 
 /// `fut`, or a Timeout error after `limit` (dropping `fut` kills its child).
-async fn within<T>(
+pub(super) async fn within<T>(
     program: &str,
     limit: Duration,
     fut: impl Future<Output = Result<T, DbError>>,
@@ -1134,7 +1121,7 @@ async fn within<T>(
         })?
 }
 
-fn check_status(program: &str, status: ExitStatus, stderr: &str) -> Result<(), DbError> {
+pub(super) fn check_status(program: &str, status: ExitStatus, stderr: &str) -> Result<(), DbError> {
     if status.success() {
         return Ok(());
     }
@@ -1253,7 +1240,7 @@ mod tests {
 
     #[test]
     fn derived_names_must_fit_too() {
-        let names = SwapNames::new("app", "42").unwrap();
+        let names = SwapNames::new("app", "42", validate_name).unwrap();
         assert_eq!(
             (
                 names.live.as_str(),
@@ -1263,10 +1250,10 @@ mod tests {
             ("app", "app_restore_42", "app_before_42")
         );
         let long = "d".repeat(50);
-        let err = SwapNames::new(&long, "01234").err().unwrap();
+        let err = SwapNames::new(&long, "01234", validate_name).err().unwrap();
         assert!(err.to_string().contains("restore database name"), "{err}");
-        assert!(SwapNames::new("app", "").is_err());
-        assert!(SwapNames::new("app", "x-y").is_err());
+        assert!(SwapNames::new("app", "", validate_name).is_err());
+        assert!(SwapNames::new("app", "x-y", validate_name).is_err());
     }
 
     #[test]

@@ -118,6 +118,9 @@ pub async fn preflight(
         database: app.database.is_some(),
         compression: Compression::Zstd,
     };
+    crate::backup::check_database(app)
+        .await
+        .map_err(|e| PreflightError::Precondition(e.to_string()))?;
     let store = deps.backups.clone();
     let reserve = deps.config.backup.free_space_reserve_bytes;
     let app_owned = app.clone();

@@ -9,11 +9,16 @@
 //! - database: our dump (`pg_dump -Fc -Z0` into multi-threaded zstd) vs bare
 //!   `pg_dump -Fc`, on a pgbench database and on poorly compressible rows;
 //! - concurrent: a backup of files and the pgbench database, archiving and
-//!   dumping at once, vs the sum of a files-only and a database-only backup.
+//!   dumping at once, vs the sum of a files-only and a database-only backup;
+//! - mysql: our MariaDB dump (`mariadb-dump --single-transaction` into
+//!   multi-threaded zstd, rows counted on the way) vs `mariadb-dump > file`,
+//!   `mariadb-dump | gzip` and `mariadb-dump | zstd -T0`, on `--mysql-mb`
+//!   MiB of pgbench-like rows.
 //!
-//! Sizes: `--tree-mb 1024 --files 40000 --pgbench-scale 50 --random-mb 256`
-//! (the defaults); smaller values for a quick run. `--only venv,concurrent`
-//! runs only the named sections (files, venv, db, concurrent).
+//! Sizes: `--tree-mb 1024 --files 40000 --pgbench-scale 50 --random-mb 256
+//! --mysql-mb 1024` (the defaults); smaller values for a quick run. `--only
+//! venv,concurrent` runs only the named sections (files, venv, db,
+//! concurrent, mysql).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,10 +28,11 @@ use anyhow::{Context as _, ensure};
 use covet_agent::archive::{self, Compression, Progress};
 use covet_agent::backup::{BackupStore, CreateOptions};
 use covet_agent::config::AppConfig;
-use covet_agent::db::{self, PgTarget};
+use covet_agent::db::{self, ClientPrograms, Kind, MysqlTarget, PgTarget};
 use covet_agent::files::safe::Dir;
 use covet_agent::ops::log::{Caller, OpKind, OpLog};
 use covet_agent::ops::{OpSpec, Operations};
+use covet_tests::mariadb::MariaDb;
 use covet_tests::postgres::PostgresCluster;
 
 struct Args {
@@ -34,6 +40,7 @@ struct Args {
     files: u64,
     pgbench_scale: u32,
     random_mb: u64,
+    mysql_mb: u64,
     only: Option<Vec<String>>,
 }
 
@@ -45,7 +52,7 @@ impl Args {
     }
 }
 
-const SECTIONS: [&str; 4] = ["files", "venv", "db", "concurrent"];
+const SECTIONS: [&str; 5] = ["files", "venv", "db", "concurrent", "mysql"];
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut a = Args {
@@ -53,6 +60,7 @@ fn parse_args() -> anyhow::Result<Args> {
         files: 40_000,
         pgbench_scale: 50,
         random_mb: 256,
+        mysql_mb: 1024,
         only: None,
     };
     let mut it = std::env::args().skip(1);
@@ -63,6 +71,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--files" => a.files = value.parse()?,
             "--pgbench-scale" => a.pgbench_scale = value.parse()?,
             "--random-mb" => a.random_mb = value.parse()?,
+            "--mysql-mb" => a.mysql_mb = value.parse()?,
             "--only" => {
                 let only: Vec<String> = value.split(',').map(str::to_owned).collect();
                 if let Some(bad) = only.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
@@ -180,6 +189,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.wants("venv") {
         venv_row(root)?;
     }
+    if args.wants("mysql") {
+        mysql_rows(root, args.mysql_mb).await?;
+    }
     if !args.wants("db") && !args.wants("concurrent") {
         return Ok(());
     }
@@ -202,7 +214,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         db_rows(root, &pg, &bindir, args.random_mb).await?;
     }
     println!(
-        "\ntargets: gzip >= 1.8x tar -czf at <= size; zstd within 10% of tar+zstd; db never slower than pg_dump -Fc, >= 3x on noise; venv restore within 1.2x of tar (speedup >= 0.83); concurrent faster than the sum"
+        "\ntargets: gzip >= 1.8x tar -czf at <= size; zstd within 10% of tar+zstd; db never slower than pg_dump -Fc, >= 3x on noise; mysql never slower than mariadb-dump > file, >= 3x its gzip pipeline; venv restore within 1.2x of tar (speedup >= 0.83); concurrent faster than the sum"
     );
     Ok(())
 }
@@ -483,5 +495,125 @@ async fn db_rows(
             size(&peer),
         );
     }
+    Ok(())
+}
+
+/// Our MariaDB dump against mariadb-dump alone and piped into gzip and
+/// zstd -T0, on `mb` MiB of pgbench_accounts-like rows.
+async fn mysql_rows(root: &Path, mb: u64) -> anyhow::Result<()> {
+    println!("\nstarting a MariaDB server...");
+    // The mysql user must get through to its directory.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(root)?.permissions().mode();
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(mode | 0o001))?;
+    let my = MariaDb::start(&root.join("my"))?;
+    // pgbench_accounts' shape: about 100 bytes a row in the dump.
+    let rows = mb * 1024 * 1024 / 100;
+    println!("{rows} rows (about {mb} MiB of dump) ...");
+    my.sql(
+        "",
+        "CREATE DATABASE bench; CREATE TABLE bench.accounts (aid INT PRIMARY KEY, \
+         bid INT NOT NULL, abalance INT NOT NULL, filler CHAR(84)) ENGINE=InnoDB",
+    )?;
+    let chunk = 1_000_000;
+    let mut from = 1;
+    while from <= rows {
+        let to = (from + chunk - 1).min(rows);
+        my.sql(
+            "bench",
+            &format!(
+                "INSERT INTO accounts SELECT seq, seq DIV 100000, seq % 9973, \
+                 LPAD(seq, 84, ' ') FROM seq_{from}_to_{to}"
+            ),
+        )?;
+        from = to + 1;
+    }
+    let target = MysqlTarget {
+        dbname: "bench".into(),
+        socket: Some(my.socket()),
+        host: None,
+        port: None,
+        user: Some("root".into()),
+        defaults_file: None,
+        os_user: None,
+        programs: ClientPrograms::discover()?,
+    };
+    let dump_cmd = || {
+        let mut c = Command::new(target.programs.bindir.join(target.programs.dump));
+        c.arg("--no-defaults")
+            .arg(format!("--socket={}", my.socket().display()))
+            .args([
+                "--user=root",
+                "--single-transaction",
+                "--routines",
+                "--triggers",
+                "--events",
+                "--hex-blob",
+                "--default-character-set=utf8mb4",
+                "bench",
+            ]);
+        c
+    };
+    let piped = |compressor: Option<&[&str]>, out: &Path| -> anyhow::Result<Duration> {
+        drop_caches();
+        let file = std::fs::File::create(out)?;
+        let t = Instant::now();
+        match compressor {
+            None => {
+                let status = dump_cmd().stdout(file).status()?;
+                ensure!(status.success(), "mariadb-dump failed");
+            }
+            Some(argv) => {
+                let mut dump = dump_cmd().stdout(std::process::Stdio::piped()).spawn()?;
+                let stdout = dump.stdout.take().context("dump stdout")?;
+                let status = Command::new(argv[0])
+                    .args(&argv[1..])
+                    .stdin(stdout)
+                    .stdout(file)
+                    .status()?;
+                ensure!(
+                    dump.wait()?.success() && status.success(),
+                    "{argv:?} pipeline failed"
+                );
+            }
+        }
+        Ok(t.elapsed())
+    };
+    println!(
+        "\n{:<36} {:>9} {:>9} {:>7}   {:>12} {:>12}",
+        "mysql (speedup = peer time / ours)", "covet", "peer", "speedup", "covet size", "peer size"
+    );
+    drop_caches();
+    let ours = root.join("bench.sql.zst");
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let t = Instant::now();
+    let dumped = target
+        .dump(&ours, Duration::from_secs(3600), &|_| {}, &never)
+        .await?;
+    let t_ours = t.elapsed();
+    ensure!(
+        dumped.row_counts.get("accounts") == Some(&rows),
+        "row count {:?}",
+        dumped.row_counts
+    );
+    for (what, compressor, name) in [
+        ("vs mariadb-dump > file", None, "bench.sql"),
+        (
+            "vs mariadb-dump | gzip",
+            Some(&["gzip", "-c"][..]),
+            "bench.sql.gz",
+        ),
+        (
+            "vs mariadb-dump | zstd -T0",
+            Some(&["zstd", "-q", "-T0", "-c"][..]),
+            "bench.peer.zst",
+        ),
+    ] {
+        let out = root.join(name);
+        let t_peer = piped(compressor, &out)?;
+        row(what, t_ours, t_peer, size(&ours), size(&out));
+        std::fs::remove_file(&out)?;
+    }
+    std::fs::remove_file(&ours)?;
     Ok(())
 }

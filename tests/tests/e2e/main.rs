@@ -8,6 +8,7 @@ mod bluegreen;
 mod db;
 mod fleet;
 mod harness;
+mod mysql;
 mod packaging;
 mod pkgswap;
 mod process;

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use covet_proto::v1 as pb;
 use covet_tests::agent::TestAgent;
 use covet_tests::http::wait_healthy;
-use covet_tests::opwait::{wait_done, wait_for_step};
+use covet_tests::opwait::{upgrade_killed_during_migrate, upgrade_then_roll_back_broken};
 use covet_tests::sampleapp::SampleApp;
-use covet_tests::sandbox::{SystemdSandbox, sandbox_or_skip};
+use covet_tests::sandbox::{SystemdSandbox, sandbox_or_skip, start_app_and_agent};
 use covet_tests::sqlite_app::{self, Writer, query, script};
 use covet_tests::{sandbox_dir, sqlite_app::install};
 
@@ -284,7 +284,7 @@ async fn a_path_that_is_not_sqlite_or_missing_is_refused_before_anything_changes
     };
     let unknown = check("kind = \"sqlite\"", "kind = \"oracle\"");
     assert!(
-        unknown.contains("oracle") && unknown.contains("expected `postgres` or `sqlite`"),
+        unknown.contains("oracle") && unknown.contains("`postgres`, `sqlite`, `mysql`"),
         "{unknown}"
     );
     let relative = check(
@@ -312,20 +312,8 @@ async fn app_world() -> Option<AppWorld> {
     let dir = sandbox_dir("sqlite-app");
     let sandbox = sandbox_or_skip(&dir.path().join("systemd"))?;
     let (app, db) = install(&dir.path().join("app"), 25).unwrap();
-    sandbox.install_unit(UNIT, &app.unit_file()).unwrap();
-    let out = sandbox.systemctl(&["start", UNIT]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_healthy(app.port, "0.1.9").await;
-    let toml = format!(
-        "{}{}\n",
-        sandbox.agent_toml(Some("500ms")),
-        sqlite_app::agent_toml(&app, &db)
-    );
-    let agent = TestAgent::start_with_toml(&dir.path().join("agent"), toml).await;
+    let toml = sqlite_app::agent_toml(&app, &db);
+    let agent = start_app_and_agent(&sandbox, &app, &toml, &dir.path().join("agent")).await;
     Some(AppWorld {
         agent,
         sandbox,
@@ -356,56 +344,18 @@ impl AppWorld {
             env: std::fs::read(&self.app.env_file).unwrap(),
         }
     }
-
-    fn upgrade(&self, version: &str, extra: &[&str]) -> covet_tests::agent::CtlOutput {
-        let mut args = vec![
-            "-o",
-            "json",
-            "--timeout",
-            "30s",
-            "upgrade",
-            "covet",
-            "--to",
-            version,
-        ];
-        args.extend_from_slice(extra);
-        self.agent.ctl("operator", &args)
-    }
 }
-
-const RENAME: [&str; 2] = ["--env-rename", "DATABASE_URI=DATABASE_URL"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_sqlite_an_upgrade_succeeds_then_a_broken_release_rolls_back_exactly() {
     let Some(w) = app_world().await else { return };
-    let out = w.upgrade("0.2.0", &RENAME);
-    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
-    assert_eq!(out.json()["state"], "succeeded");
-    wait_healthy(w.app.port, "0.2.0").await;
-    let before = w.snapshot();
-    assert!(before.schema.contains("last_login"), "{}", before.schema);
-
-    let out = w.upgrade("0.2.1", &[]);
-    assert_eq!(
-        out.code, 3,
-        "a clean rollback exits 3:\n{}\n{}",
-        out.stdout, out.stderr
-    );
-    let op = out.json();
-    assert_eq!(op["state"], "rolled_back", "{op:#}");
-    let steps: Vec<&str> = op["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
-    assert!(steps.contains(&"rollback: database"), "{steps:?}");
-    wait_healthy(w.app.port, "0.2.0").await;
-    assert_eq!(
-        w.snapshot(),
-        before,
-        "rows, schema and env exactly as before"
-    );
+    upgrade_then_roll_back_broken(
+        &w.agent,
+        w.app.port,
+        || w.snapshot(),
+        |at_020| assert!(at_020.schema.contains("last_login"), "{}", at_020.schema),
+    )
+    .await;
     let kept = std::fs::read_dir(w.db.parent().unwrap())
         .unwrap()
         .filter(|e| {
@@ -425,27 +375,7 @@ async fn on_sqlite_kill_9_during_the_migration_rolls_back_on_restart() {
         return;
     };
     let before = w.snapshot();
-    let mut client =
-        pb::upgrade_service_client::UpgradeServiceClient::new(w.agent.channel("operator").await);
-    let op = client
-        .upgrade(pb::UpgradeRequest {
-            app: "covet".into(),
-            to_version: "0.2.0".into(),
-            env_edits: vec![pb::EnvEdit {
-                edit: Some(pb::env_edit::Edit::Rename(pb::EnvRename {
-                    from: "DATABASE_URI".into(),
-                    to: "DATABASE_URL".into(),
-                })),
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    wait_for_step(&w.agent, &op.id, "migrate").await;
-    w.agent.signal(libc::SIGKILL);
-    w.agent.restart().await;
-    let done = wait_done(&w.agent, &op.id).await;
+    let done = upgrade_killed_during_migrate(&mut w.agent).await;
     assert_eq!(
         pb::OperationState::try_from(done.state).unwrap(),
         pb::OperationState::RolledBack,

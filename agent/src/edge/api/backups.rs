@@ -183,6 +183,11 @@ impl pb::backup_service_server::BackupService for BackupApi {
         let CreateBackup { app, opts } = parse_create_backup(request.into_inner(), &self.0.config)?;
         let app = app.into_config();
         self.0.ops.ensure_free(&app.name).map_err(op_error)?;
+        if opts.database {
+            crate::backup::check_database(&app)
+                .await
+                .map_err(backup_error)?;
+        }
         let store = self.0.backups.clone();
         let reserve = self.0.config.backup.free_space_reserve_bytes;
         let preflight_app = app.clone();
