@@ -34,7 +34,8 @@ options:
     required: true
   env_set:
     description:
-      - Keys to set in the app's env file.
+      - Keys to set in the app's env file. The values are kept out of Ansible's logs, and the
+        agent redacts them in the diff.
     type: dict
     default: {}
   env_rename:
@@ -231,7 +232,8 @@ def main():
         COMMON_ARGS,
         app=dict(type="str", required=True),
         version=dict(type="str", required=True),
-        env_set=dict(type="dict", default={}),
+        # Values are often secrets: kept out of logs (the agent redacts them in diffs).
+        env_set=dict(type="dict", default={}, no_log=True),
         env_rename=dict(type="dict", default={}),
         env_unset=dict(type="list", elements="str", default=[]),
         watch=dict(type="str"),
