@@ -4,7 +4,8 @@
 //! 200 agents. With `--ansible`, also `ansible-playbook -f 50` of
 //! `covet.agent.info` over the same agents (PYTHON: a venv's python with
 //! clients/ansible/requirements.txt; COLLECTIONS: where covet.agent is
-//! installed), measured the same way.
+//! installed), measured the same way, and the same play with
+//! `ansible.builtin.ping` (Ansible's own cost per host, the floor).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -66,21 +67,30 @@ fn summary(samples: &mut [Duration]) -> (Duration, String) {
     (median, text)
 }
 
-/// One `ansible-playbook -f 50` of scripts/bench/ansible-info.yml over the
-/// agents; every host must answer.
+/// One `ansible-playbook -f 50` of scripts/bench/PLAYBOOK over the agents;
+/// every host must answer.
 fn ansible_run(
     ansible: &AnsibleArgs,
     dir: &Path,
     inventory: &Path,
     pki: &Path,
     n: usize,
+    playbook: &str,
 ) -> anyhow::Result<Duration> {
-    let playbook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench/ansible-info.yml");
+    let playbook = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts/bench")
+        .join(playbook);
     let started = Instant::now();
     let out = Command::new(&ansible.python)
         .args(["-m", "ansible.cli.playbook", "-f", FORKS, "-i"])
         .arg(inventory)
         .arg(&playbook)
+        // What an operator's ansible.cfg would say: no retry files, no
+        // facts, pipelining (no module file copied per host).
+        .env(
+            "ANSIBLE_CONFIG",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench/ansible.cfg"),
+        )
         .env("ANSIBLE_COLLECTIONS_PATH", &ansible.collections)
         .env("ANSIBLE_HOME", dir.join("ansible-home"))
         .env("ANSIBLE_NOCOLOR", "1")
@@ -180,15 +190,26 @@ async fn bench(n: usize, ansible: Option<AnsibleArgs>) -> anyhow::Result<()> {
             &serde_json::json!({ "all": { "children": { "covet": { "hosts": hosts } } } }),
         )?,
     )?;
-    let run = || ansible_run(&ansible, dir.path(), &inventory, &pki_dir, n);
-    run()?; // warm: the page cache, the collection's compiled module_utils
-    let mut ansible_samples: Vec<Duration> =
-        (0..ANSIBLE_RUNS).map(|_| run()).collect::<Result<_, _>>()?;
-    let (ansible_median, text) = summary(&mut ansible_samples);
+    let run = |playbook| ansible_run(&ansible, dir.path(), &inventory, &pki_dir, n, playbook);
+    run("ansible-info.yml")?; // warm: the page cache, the collection's compiled module_utils
+    let mut samples: Vec<Duration> = (0..ANSIBLE_RUNS)
+        .map(|_| run("ansible-info.yml"))
+        .collect::<Result<_, _>>()?;
+    let (info_median, text) = summary(&mut samples);
     println!("ansible-playbook -f {FORKS} of covet.agent.info over the same {n} agents: {text}");
     println!(
         "covet.agent.info / covetctl info: ratio {:.1}",
-        ansible_median.as_secs_f64() / median.as_secs_f64()
+        info_median.as_secs_f64() / median.as_secs_f64()
+    );
+    // Ansible's own floor: the same play with ansible.builtin.ping.
+    let mut samples: Vec<Duration> = (0..ANSIBLE_RUNS)
+        .map(|_| run("ansible-ping.yml"))
+        .collect::<Result<_, _>>()?;
+    let (ping_median, text) = summary(&mut samples);
+    println!("ansible-playbook -f {FORKS} of ansible.builtin.ping over the same {n} hosts: {text}");
+    println!(
+        "covet.agent.info / ansible.builtin.ping: ratio {:.2}",
+        info_median.as_secs_f64() / ping_median.as_secs_f64()
     );
     Ok(())
 }
