@@ -19,6 +19,7 @@ description:
   - O(command=prune) applies the app's retention policy; backups an operation still needs are kept.
 extends_documentation_fragment:
   - covet.agent.agent
+  - ansible.builtin.action_common_attributes
 options:
   app:
     description:
@@ -58,13 +59,14 @@ options:
     choices: [zstd, gzip, none]
     default: zstd
 attributes:
+  platform:
+    support: full
+    platforms: posix
   check_mode:
-    description: Can run in check mode and return changed status prediction without modifying the target.
     support: full
     details:
       - Nothing is created, verified or pruned; create reports whether it would back up.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: none
 author:
   - Covet Agent contributors (@covet-agent)

@@ -17,6 +17,7 @@ description:
   - Reads only; needs a certificate of any role (reader, operator, admin).
 extends_documentation_fragment:
   - covet.agent.agent
+  - ansible.builtin.action_common_attributes
 options:
   health:
     description:
@@ -24,11 +25,12 @@ options:
     type: bool
     default: true
 attributes:
+  platform:
+    support: full
+    platforms: posix
   check_mode:
-    description: Can run in check mode and return changed status prediction without modifying the target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: none
 author:
   - Covet Agent contributors (@covet-agent)

@@ -20,6 +20,7 @@ description:
   - Needs an operator certificate (admin to name a backup other than the last upgrade's).
 extends_documentation_fragment:
   - covet.agent.agent
+  - ansible.builtin.action_common_attributes
 options:
   app:
     description:
@@ -31,14 +32,15 @@ options:
       - Roll back to this backup; default the backup of the last succeeded upgrade.
     type: str
 attributes:
+  platform:
+    support: full
+    platforms: posix
   check_mode:
-    description: Can run in check mode and return changed status prediction without modifying the target.
     support: partial
     details:
       - The agent has no dry run of a rollback; check mode reports what would be asked and
         changes nothing.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: none
 author:
   - Covet Agent contributors (@covet-agent)

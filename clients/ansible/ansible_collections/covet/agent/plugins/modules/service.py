@@ -17,6 +17,7 @@ description:
   - O(state=status) reads only (any role); the others need an operator certificate.
 extends_documentation_fragment:
   - covet.agent.agent
+  - ansible.builtin.action_common_attributes
 options:
   app:
     description:
@@ -39,11 +40,12 @@ options:
       - How long the agent waits for the systemd job (C(90s), C(5m)); default the agent's (90s).
     type: str
 attributes:
+  platform:
+    support: full
+    platforms: posix
   check_mode:
-    description: Can run in check mode and return changed status prediction without modifying the target.
     support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: none
 author:
   - Covet Agent contributors (@covet-agent)

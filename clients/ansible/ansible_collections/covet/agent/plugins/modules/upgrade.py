@@ -21,6 +21,7 @@ description:
   - Needs an operator or admin certificate.
 extends_documentation_fragment:
   - covet.agent.agent
+  - ansible.builtin.action_common_attributes
 options:
   app:
     description:
@@ -65,14 +66,15 @@ options:
     type: bool
     default: false
 attributes:
+  platform:
+    support: full
+    platforms: posix
   check_mode:
-    description: Can run in check mode and return changed status prediction without modifying the target.
     support: full
     details:
       - Check mode is the agent's dry run (C(UpgradeService/PlanUpgrade)), the preflight and the
         migration's dry run in a scratch environment; the plan is in the result and nothing changes.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: full
     details:
       - The env file's changed lines (values redacted by the agent).
