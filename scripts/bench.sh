@@ -12,7 +12,8 @@
 # COVET_BENCH_ONLY=upgrade runs only the upgrade benchmark, =backup only the
 # backup one (with the arguments, e.g. --only db --pgbench-scale 50, or
 # --only mysql --mysql-mb 1024);
-# COVET_BENCH_ROUNDS=N sets its rounds (default 3).
+# COVET_BENCH_ROUNDS=N sets its rounds (default 3). COVET_BENCH_ONLY=fleet runs
+# only the 200-agent info row (covetctl and the covet.agent collection).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -34,6 +35,23 @@ ensure_ansible() {
     cp "$req" "$venv/requirements.txt"
 }
 
+# The covet.agent collection for the fleet row: ansible-core and grpcio in
+# their own venv (clients/ansible/requirements.txt), the collection built by
+# clients/ansible/build.sh and installed under target/bench-collection/.
+ensure_collection() {
+    local dir=target/bench-collection req=clients/ansible/requirements.txt
+    if ! { [ -x "$dir/venv/bin/python" ] && cmp -s "$req" "$dir/venv/requirements.txt"; }; then
+        echo "==> installing ansible-core and grpcio into $dir/venv ($req)"
+        rm -rf "$dir/venv"
+        /usr/bin/python3 -m venv "$dir/venv"
+        "$dir/venv/bin/pip" install --quiet --disable-pip-version-check --no-input -r "$req"
+        cp "$req" "$dir/venv/requirements.txt"
+    fi
+    PYTHON="$dir/venv/bin/python" clients/ansible/build.sh "$dir/build" >/dev/null
+    ANSIBLE_COLLECTIONS_PATH="$dir/collections" "$dir/venv/bin/python" -m ansible.cli.galaxy collection install --force \
+        -p "$dir/collections" "$dir"/build/covet-agent-*.tar.gz >/dev/null
+}
+
 only="${COVET_BENCH_ONLY:-}"
 rounds="${COVET_BENCH_ROUNDS:-3}"
 case "$only" in
@@ -42,9 +60,17 @@ upgrade)
         --bin covet-agent --bin covetctl --bin covet-bench-upgrade
     ;;
 backup) cargo build --release --locked -p covet-tests --bin covet-bench-backup ;;
+fleet)
+    cargo build --release --locked -p covet-agent -p covetctl -p covet-tests \
+        --bin covet-agent --bin covetctl --bin covet-bench-fleet
+    ensure_collection
+    target/release/covet-bench-fleet 200 \
+        --ansible target/bench-collection/venv/bin/python target/bench-collection/collections
+    exit 0
+    ;;
 "") cargo build --release --locked --bins ;;
 *)
-    echo "COVET_BENCH_ONLY is upgrade, backup or unset, not $only" >&2
+    echo "COVET_BENCH_ONLY is upgrade, backup, fleet or unset, not $only" >&2
     exit 2
     ;;
 esac
@@ -67,8 +93,10 @@ echo "== upgrade and rollback: covetctl vs an Ansible playbook vs bare commands"
 target/release/covet-bench-upgrade --rounds "$rounds" --ansible target/bench-ansible
 if [ -z "$only" ]; then
     echo
-    echo "== covetctl info over 200 agents"
-    target/release/covet-bench-fleet 200
+    ensure_collection
+    echo "== covetctl info and covet.agent.info (Ansible, forks 50) over 200 agents"
+    target/release/covet-bench-fleet 200 \
+        --ansible target/bench-collection/venv/bin/python target/bench-collection/collections
     echo
     echo "== zero downtime: blue-green vs the restart strategy behind nginx, 200 req/s"
     target/release/covet-bench-bluegreen 200

@@ -18,13 +18,13 @@ use covet_tests::sandbox_dir;
 const RENAME: &str = "--env-rename=DATABASE_URI=DATABASE_URL";
 
 /// Agents sharing one PKI, and a covetctl configuration that reaches them all.
-struct Agents {
-    agents: Vec<TestAgent>,
-    config: PathBuf,
+pub(crate) struct Agents {
+    pub(crate) agents: Vec<TestAgent>,
+    pub(crate) config: PathBuf,
 }
 
 impl Agents {
-    fn endpoints(&self) -> Vec<String> {
+    pub(crate) fn endpoints(&self) -> Vec<String> {
         self.agents.iter().map(TestAgent::endpoint).collect()
     }
 
@@ -58,7 +58,7 @@ async fn start_agent(dir: &Path, pki: &TestPki, options: AgentOptions) -> TestAg
     TestAgent::start_with(dir, shared, options).await
 }
 
-async fn bare_agents(dir: &Path, count: usize) -> Agents {
+pub(crate) async fn bare_agents(dir: &Path, count: usize) -> Agents {
     let pki = TestPki::new(&dir.join("pki"));
     let mut agents = Vec::new();
     for i in 0..count {
@@ -76,7 +76,7 @@ async fn bare_agents(dir: &Path, count: usize) -> Agents {
     Agents { agents, config }
 }
 
-fn dead_endpoint() -> String {
+pub(crate) fn dead_endpoint() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
@@ -169,12 +169,12 @@ async fn fan_out_reports_every_node_and_a_down_node_does_not_block_the_others() 
 }
 
 /// A fleet of agents, each with its own copy of the sample app at 0.1.9.
-struct World {
-    fleet: Agents,
-    pg: PostgresCluster,
-    apps: Vec<SampleApp>,
+pub(crate) struct World {
+    pub(crate) fleet: Agents,
+    pub(crate) pg: PostgresCluster,
+    pub(crate) apps: Vec<SampleApp>,
     _sandbox: SystemdSandbox,
-    dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 fn unit_name(i: usize) -> String {
@@ -209,7 +209,7 @@ fn install_app(root: &Path, wheelhouse: &Path, pg: &PostgresCluster, i: usize) -
     app
 }
 
-async fn world(count: usize) -> Option<World> {
+pub(crate) async fn world(count: usize) -> Option<World> {
     let dir = sandbox_dir("fleet");
     let sandbox = sandbox_or_skip(&dir.path().join("systemd"))?;
     let pg = postgres_or_skip(&dir.path().join("pg"))?;
@@ -256,7 +256,7 @@ async fn world(count: usize) -> Option<World> {
     })
 }
 
-async fn wait_version(app: &SampleApp, version: &str) {
+pub(crate) async fn wait_version(app: &SampleApp, version: &str) {
     for _ in 0..100 {
         if let Ok((200, body)) = app.get("/health")
             && serde_json::from_str::<serde_json::Value>(&body)
@@ -275,7 +275,7 @@ async fn wait_version(app: &SampleApp, version: &str) {
 
 impl World {
     /// The agents' logs, for failure messages.
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         self.fleet
             .agents
             .iter()
@@ -328,7 +328,7 @@ impl World {
     }
 
     /// The operations the agent of node `i` ran, oldest first, as JSON.
-    fn operation_records(&self, i: usize) -> Vec<serde_json::Value> {
+    pub(crate) fn operation_records(&self, i: usize) -> Vec<serde_json::Value> {
         let out = run_ctl(
             &self.fleet.config,
             None,
@@ -348,7 +348,7 @@ impl World {
     }
 
     /// The upgrade and rollback operations the agent of node `i` ran.
-    fn operations(&self, i: usize) -> Vec<(String, String)> {
+    pub(crate) fn operations(&self, i: usize) -> Vec<(String, String)> {
         self.operation_records(i)
             .iter()
             .map(|o| {
@@ -370,7 +370,7 @@ fn node_states(summary: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-fn op(kind: &str, state: &str) -> (String, String) {
+pub(crate) fn op(kind: &str, state: &str) -> (String, String) {
     (kind.to_owned(), state.to_owned())
 }
 

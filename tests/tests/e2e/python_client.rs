@@ -17,20 +17,26 @@ fn client_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/python")
 }
 
-/// A virtualenv with the client's requirements, built once per machine:
-/// made beside its final path and renamed into place when complete.
+/// A virtualenv with the client's requirements, built once per machine.
 fn client_venv() -> Option<PathBuf> {
-    let requirements = client_dir().join("requirements.txt");
-    let text = std::fs::read(&requirements).expect("read requirements.txt");
+    python_venv(
+        &client_dir().join("requirements.txt"),
+        "/var/tmp/covet-pyclient-venv",
+    )
+}
+
+/// A virtualenv of Debian's Python with `requirements` installed, at
+/// `PREFIX-HASH` (the requirements' hash, so a change makes a new one),
+/// built once: made beside its final path and renamed into place when
+/// complete. None (the test skips) when pip cannot reach PyPI.
+pub(crate) fn python_venv(requirements: &Path, prefix: &str) -> Option<PathBuf> {
+    let text = std::fs::read(requirements).expect("read the requirements");
     let hash = hex_prefix(&text);
-    let venv = PathBuf::from(format!("/var/tmp/covet-pyclient-venv-{hash}"));
+    let venv = PathBuf::from(format!("{prefix}-{hash}"));
     if venv.join("bin/python").exists() && venv.join(".complete").exists() {
         return Some(venv);
     }
-    let partial = PathBuf::from(format!(
-        "/var/tmp/covet-pyclient-venv-{hash}.{}",
-        std::process::id()
-    ));
+    let partial = PathBuf::from(format!("{prefix}-{hash}.{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     let made = Command::new("/usr/bin/python3")
         .args(["-m", "venv"])
@@ -40,13 +46,14 @@ fn client_venv() -> Option<PathBuf> {
     assert!(made, "python3 -m venv failed");
     let pip = Command::new(partial.join("bin/pip"))
         .args(["install", "-q", "--disable-pip-version-check", "-r"])
-        .arg(&requirements)
+        .arg(requirements)
         .output()
         .expect("run pip");
     if !pip.status.success() {
         // No PyPI here: say so rather than fail on the network.
         eprintln!(
-            "skipped: pip could not install the client's requirements:\n{}",
+            "skipped: pip could not install {}:\n{}",
+            requirements.display(),
             String::from_utf8_lossy(&pip.stderr)
         );
         let _ = std::fs::remove_dir_all(&partial);
