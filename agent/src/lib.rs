@@ -17,6 +17,7 @@
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
+pub(crate) mod analysis;
 pub mod archive;
 pub mod backup;
 pub mod config;

@@ -1,0 +1,474 @@
+//! Metric analysis: the app's own series (Prometheus text from its
+//! `[app.metrics] url`), its PostgreSQL database and its unit's cgroup,
+//! judged by the `[[app.analysis]]` rules against a baseline, interval by
+//! interval. Knows nothing of upgrades or gRPC: the workflow's preflight
+//! takes a [`Baseline`], its watch step feeds snapshots to a [`Judge`].
+//!
+//! - `exposition.rs` — the strict text-format parser.
+//! - `selector.rs` — metric name + label matchers (`=`, `!=`, `=~`, `!~`).
+//! - `rule.rs` — typed rules, thresholds, and each rule's value between two
+//!   snapshots (increases of counters, `histogram_quantile` of bucket
+//!   increases, gauges).
+
+pub mod exposition;
+pub mod rule;
+pub mod selector;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use exposition::Exposition;
+pub use rule::{Kind, PgStat, Rule, UnitStat};
+
+use crate::config::AppConfig;
+use crate::db::postgres::PgTarget;
+use crate::host::systemd::{ControlledUnit, Systemd};
+use crate::probes::TargetPolicy;
+
+/// The largest exposition read from an app.
+const MAX_SCRAPE: usize = 8 << 20;
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The database's figures at one time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PgReading {
+    pub connections: f64,
+    pub ungranted_locks: f64,
+    /// pg_stat_statements' total execution ms and calls, when installed.
+    pub statements: Option<(f64, f64)>,
+}
+
+/// The unit's cgroup at one time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitReading {
+    pub memory_bytes: u64,
+    pub cpu_nsec: Option<u64>,
+}
+
+/// Everything the rules read, at one time; a part no rule needs is None, a
+/// part that could not be read holds why.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub at: Instant,
+    pub scrape: Option<Result<Exposition, String>>,
+    pub pg: Option<Result<PgReading, String>>,
+    pub unit: Option<Result<UnitReading, String>>,
+}
+
+/// Where an app's figures come from.
+pub struct Sources {
+    pub policy: TargetPolicy,
+    pub systemd: Arc<Systemd>,
+    pub unit: ControlledUnit,
+    pub url: Option<String>,
+    pub pg: Option<PgTarget>,
+}
+
+/// The rules of an app, typed (the configuration was validated, so a rule
+/// that does not parse is reported, not skipped).
+pub fn rules_of(app: &AppConfig) -> Result<Vec<Rule>, String> {
+    app.analysis
+        .iter()
+        .map(|c| {
+            Rule::from_config(c).map_err(|problems| {
+                let why: Vec<String> = problems.into_iter().map(|(_, m)| m).collect();
+                format!("analysis rule {:?}: {}", c.name, why.join("; "))
+            })
+        })
+        .collect()
+}
+
+/// PostgreSQL connections and waited-for locks (one psql run).
+const PG_ACTIVITY: &str = "SELECT count(*) FROM pg_stat_activity \
+     WHERE datname = current_database() AND pid <> pg_backend_pid();\n\
+     SELECT count(*) FROM pg_locks WHERE NOT granted;\n";
+/// Statement totals of the app's database; fails without pg_stat_statements.
+const PG_STATEMENTS: &str = "SELECT coalesce(sum(total_exec_time), 0) || '|' || \
+     coalesce(sum(calls), 0) FROM pg_stat_statements \
+     WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database());\n";
+
+impl Sources {
+    /// Reads what `rules` need, side by side.
+    pub async fn snapshot(&self, rules: &[Rule]) -> Snapshot {
+        let scrapes = rules.iter().any(Rule::scrapes);
+        let pg_stats: Vec<PgStat> = rules
+            .iter()
+            .filter_map(|r| match r.kind {
+                Kind::Postgres(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let unit = rules.iter().any(|r| matches!(r.kind, Kind::Unit(_)));
+        let (scrape, pg, unit) = tokio::join!(
+            async {
+                match (&self.url, scrapes) {
+                    (Some(url), true) => Some(self.scrape(url).await),
+                    (None, true) => Some(Err("no [app.metrics] url is declared".into())),
+                    _ => None,
+                }
+            },
+            async {
+                if pg_stats.is_empty() {
+                    return None;
+                }
+                Some(self.read_pg(pg_stats.contains(&PgStat::MeanQueryMs)).await)
+            },
+            async {
+                if !unit {
+                    return None;
+                }
+                Some(self.read_unit().await)
+            },
+        );
+        Snapshot {
+            at: Instant::now(),
+            scrape,
+            pg,
+            unit,
+        }
+    }
+
+    async fn scrape(&self, url: &str) -> Result<Exposition, String> {
+        let (status, body) = crate::probes::http_get(&self.policy, url, READ_TIMEOUT, MAX_SCRAPE)
+            .await
+            .map_err(|e| format!("cannot read {url}: {e}"))?;
+        if status != 200 {
+            return Err(format!("{url} answered HTTP {status}"));
+        }
+        let text = std::str::from_utf8(&body).map_err(|_| format!("{url}: not UTF-8"))?;
+        Exposition::parse(text).map_err(|e| format!("{url}: {e}"))
+    }
+
+    async fn read_pg(&self, statements: bool) -> Result<PgReading, String> {
+        let Some(t) = &self.pg else {
+            return Err("the app declares no PostgreSQL database".into());
+        };
+        let out = crate::db::postgres::stats_query(t, PG_ACTIVITY, READ_TIMEOUT)
+            .await
+            .map_err(|e| format!("database statistics: {e}"))?;
+        let mut numbers = out.lines().filter_map(|l| l.trim().parse::<f64>().ok());
+        let (Some(connections), Some(ungranted_locks)) = (numbers.next(), numbers.next()) else {
+            return Err(format!("database statistics: unexpected output {out:?}"));
+        };
+        let statements = if statements {
+            crate::db::postgres::stats_query(t, PG_STATEMENTS, READ_TIMEOUT)
+                .await
+                .ok()
+                .and_then(|out| {
+                    let (total, calls) = out.trim().split_once('|')?;
+                    Some((total.parse().ok()?, calls.parse().ok()?))
+                })
+        } else {
+            None
+        };
+        Ok(PgReading {
+            connections,
+            ungranted_locks,
+            statements,
+        })
+    }
+
+    async fn read_unit(&self) -> Result<UnitReading, String> {
+        let s = self
+            .systemd
+            .status(&self.unit)
+            .await
+            .map_err(|e| format!("unit {}: {e}", self.unit.as_str()))?;
+        if s.memory_bytes == 0 {
+            return Err(format!(
+                "unit {} reports no memory (is it running, with MemoryAccounting?)",
+                self.unit.as_str()
+            ));
+        }
+        Ok(UnitReading {
+            memory_bytes: s.memory_bytes,
+            cpu_nsec: s.cpu_usage_nsec,
+        })
+    }
+}
+
+/// Each rule's value before the change, in the rules' order (None: no
+/// value, e.g. the window saw no requests).
+#[derive(Debug, Clone, Default)]
+pub struct Baseline {
+    pub values: Vec<Option<f64>>,
+    pub window: Duration,
+}
+
+/// Checks that every source answers and every rule finds its series: an
+/// unreachable metrics URL, an unknown metric or a `quantile` over a
+/// non-histogram is an error naming the rule. Returns the snapshot.
+pub async fn check(sources: &Sources, rules: &[Rule]) -> Result<Snapshot, String> {
+    let first = sources.snapshot(rules).await;
+    for part in [
+        first.scrape.as_ref().map(|r| r.as_ref().map(drop)),
+        first.pg.as_ref().map(|r| r.as_ref().map(drop)),
+        first.unit.as_ref().map(|r| r.as_ref().map(drop)),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        part.map_err(Clone::clone)?;
+    }
+    if let Some(Ok(e)) = &first.scrape {
+        for rule in rules {
+            rule.check_against(e)
+                .map_err(|why| format!("analysis rule {:?}: {why}", rule.name))?;
+        }
+    }
+    Ok(first)
+}
+
+/// Samples the baseline: a snapshot now and one `window` later, each rule's
+/// value over that span. `canceled` is polled while waiting.
+pub async fn baseline(
+    sources: &Sources,
+    rules: &[Rule],
+    window: Duration,
+    canceled: &(dyn Fn() -> bool + Sync),
+) -> Result<Baseline, String> {
+    let first = check(sources, rules).await?;
+    let until = Instant::now() + window;
+    while Instant::now() < until {
+        if canceled() {
+            return Err("canceled".into());
+        }
+        tokio::time::sleep(
+            until
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(250)),
+        )
+        .await;
+    }
+    let last = sources.snapshot(rules).await;
+    let mut values = Vec::new();
+    for rule in rules {
+        let v = rule
+            .value(&first, &last)
+            .map_err(|why| format!("analysis rule {:?}: no baseline: {why}", rule.name))?;
+        values.push(Some(v));
+    }
+    Ok(Baseline { values, window })
+}
+
+/// How a rule stands after an interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Ok,
+    /// Bad for this many consecutive intervals, fewer than the rule allows.
+    Bad(u32),
+    Failed,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            State::Ok => f.write_str("ok"),
+            State::Bad(n) => write!(f, "bad {n}"),
+            State::Failed => f.write_str("failed"),
+        }
+    }
+}
+
+/// One rule's reading for one interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    pub rule: String,
+    pub baseline: Option<f64>,
+    /// None when a metric is missing (see `missing`).
+    pub value: Option<f64>,
+    pub limit: Option<f64>,
+    pub state: State,
+    /// Why there is no value.
+    pub missing: String,
+    /// Consecutive bad intervals that fail the rule.
+    pub failures: u32,
+}
+
+fn num(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.6}"))
+}
+
+impl Reading {
+    /// The plain-text line of one reading (one operation event each).
+    pub fn line(&self) -> String {
+        let now = if self.value.is_some() {
+            num(self.value)
+        } else {
+            format!("missing ({})", self.missing)
+        };
+        format!(
+            "analysis {:?}: now {now} baseline {} limit {} state {}",
+            self.rule,
+            num(self.baseline),
+            num(self.limit),
+            self.state
+        )
+    }
+
+    /// Why the rule failed, for the operation's cause.
+    pub fn cause(&self) -> String {
+        let value = match self.value {
+            Some(v) => format!("value {v:.6}"),
+            None => format!("no value ({})", self.missing),
+        };
+        format!(
+            "analysis rule {:?} failed: {value}, baseline {}, limit {}, bad for {} consecutive interval(s)",
+            self.rule,
+            num(self.baseline),
+            num(self.limit),
+            self.failures
+        )
+    }
+}
+
+/// Judges rules interval by interval against a baseline.
+pub struct Judge {
+    rules: Vec<Rule>,
+    baseline: Vec<Option<f64>>,
+    bad: Vec<u32>,
+}
+
+impl Judge {
+    pub fn new(rules: Vec<Rule>, baseline: &Baseline) -> Judge {
+        let n = rules.len();
+        let mut values = baseline.values.clone();
+        values.resize(n, None);
+        Judge {
+            rules,
+            baseline: values,
+            bad: vec![0; n],
+        }
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Judges the interval from `prev` to `cur`: a value over the limit or a
+    /// missing metric is a bad interval; `failures` in a row fail the rule.
+    pub fn observe(&mut self, prev: &Snapshot, cur: &Snapshot) -> Vec<Reading> {
+        let mut out = Vec::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            let baseline = self.baseline[i];
+            let limit = rule.threshold.limit(baseline);
+            let (value, missing) = match rule.value(prev, cur) {
+                Ok(v) => (Some(v), String::new()),
+                Err(why) => (None, why),
+            };
+            let bad = match (value, limit) {
+                (None, _) => true,
+                (Some(v), Some(limit)) => v > limit,
+                (Some(_), None) => false,
+            };
+            self.bad[i] = if bad { self.bad[i] + 1 } else { 0 };
+            let state = match self.bad[i] {
+                0 => State::Ok,
+                n if n >= rule.failures => State::Failed,
+                n => State::Bad(n),
+            };
+            out.push(Reading {
+                rule: rule.name.clone(),
+                baseline,
+                value,
+                limit,
+                state,
+                missing,
+                failures: rule.failures,
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(requests: f64, errors: f64) -> Snapshot {
+        let text = format!(
+            "http_requests_total{{code=\"200\"}} {requests}\nhttp_requests_total{{code=\"500\"}} {errors}\n"
+        );
+        Snapshot {
+            at: Instant::now(),
+            scrape: Some(Exposition::parse(&text).map_err(|e| e.to_string())),
+            pg: None,
+            unit: None,
+        }
+    }
+
+    fn judge(max_increase: &str, failures: u32, baseline: f64) -> Judge {
+        let c: crate::config::AnalysisConfig = toml::from_str(&format!(
+            r#"name = "errors"
+            ratio = {{ num = 'http_requests_total{{code=~"5.."}}', den = "http_requests_total" }}
+            max_increase = "{max_increase}"
+            failures = {failures}"#
+        ))
+        .unwrap();
+        let rule = Rule::from_config(&c).unwrap();
+        Judge::new(
+            vec![rule],
+            &Baseline {
+                values: vec![Some(baseline)],
+                window: Duration::from_secs(1),
+            },
+        )
+    }
+
+    #[test]
+    fn consecutive_bad_intervals_fail_a_rule_and_a_good_one_resets() {
+        let mut j = judge("100%", 2, 0.05);
+        let s = [
+            snap(0.0, 0.0),
+            snap(90.0, 10.0),  // 0.1: at the limit, not over
+            snap(170.0, 30.0), // 0.2: bad 1
+            snap(260.0, 40.0), // 0.1: ok again
+            snap(340.0, 60.0), // bad 1
+            snap(420.0, 80.0), // bad 2: failed
+        ];
+        let states: Vec<State> = s
+            .windows(2)
+            .map(|w| j.observe(&w[0], &w[1])[0].state)
+            .collect();
+        assert_eq!(
+            states,
+            [
+                State::Ok,
+                State::Bad(1),
+                State::Ok,
+                State::Bad(1),
+                State::Failed
+            ]
+        );
+        let last = j.observe(&s[4], &s[5]);
+        let cause = last[0].cause();
+        assert!(
+            cause.contains("\"errors\"") && cause.contains("0.200000"),
+            "{cause}"
+        );
+        assert!(
+            cause.contains("baseline 0.050000") && cause.contains("limit 0.100000"),
+            "{cause}"
+        );
+        assert!(
+            last[0]
+                .line()
+                .starts_with("analysis \"errors\": now 0.200000")
+        );
+    }
+
+    #[test]
+    fn a_missing_metric_is_a_bad_interval() {
+        let mut j = judge("50%", 1, 0.0);
+        let gone = Snapshot {
+            at: Instant::now(),
+            scrape: Some(Err("cannot read http://127.0.0.1:1/metrics".into())),
+            pg: None,
+            unit: None,
+        };
+        let r = &j.observe(&snap(1.0, 0.0), &gone)[0];
+        assert_eq!(r.state, State::Failed);
+        assert_eq!(r.value, None);
+        assert!(r.cause().contains("cannot read"), "{}", r.cause());
+    }
+}
