@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use exposition::Exposition;
-pub use rule::{Kind, PgStat, Rule, UnitStat};
+pub use rule::{Kind, PgStat, Rule};
 
 use crate::config::AppConfig;
 use crate::db::postgres::PgTarget;
@@ -76,6 +76,85 @@ pub fn rules_of(app: &AppConfig) -> Result<Vec<Rule>, String> {
             })
         })
         .collect()
+}
+
+/// How often an app's rules are judged and how long its baseline is
+/// sampled (`[app.metrics]`, or its defaults when only the database or the
+/// unit is read).
+pub fn timing(app: &AppConfig) -> (Duration, Duration) {
+    match &app.metrics {
+        Some(m) => (m.interval, m.baseline),
+        None => (Duration::from_secs(10), Duration::from_secs(30)),
+    }
+}
+
+impl Sources {
+    /// Where `app`'s rules read from. Finding PostgreSQL's client programs
+    /// blocks for up to 10 s, so it is done off the runtime, and only for
+    /// rules that read the database.
+    pub async fn of(
+        app: &AppConfig,
+        rules: &[Rule],
+        policy: TargetPolicy,
+        systemd: Arc<Systemd>,
+        unit: ControlledUnit,
+    ) -> Result<Sources, String> {
+        let pg = match &app.database {
+            Some(crate::config::DatabaseConfig::Postgres(d))
+                if rules.iter().any(|r| matches!(r.kind, Kind::Postgres(_))) =>
+            {
+                let bindir = tokio::task::spawn_blocking(PgTarget::discover_bindir)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                Some(PgTarget {
+                    dbname: d.dbname.clone(),
+                    host: d.host.clone(),
+                    port: d.port,
+                    user: d.user.clone(),
+                    os_user: d.os_user.clone(),
+                    bindir,
+                })
+            }
+            _ => None,
+        };
+        Ok(Sources {
+            policy,
+            systemd,
+            unit,
+            url: app.metrics.as_ref().map(|m| m.url.clone()),
+            pg,
+        })
+    }
+}
+
+/// The preflight's plan line for the baseline, when the upgrade watches
+/// rules.
+pub fn baseline_plan(app: &AppConfig, watches: bool) -> Option<String> {
+    if !watches || app.analysis.is_empty() {
+        return None;
+    }
+    let (_, window) = timing(app);
+    Some(format!(
+        "baseline of {} analysis rule(s) sampled over {}",
+        app.analysis.len(),
+        humantime::format_duration(window)
+    ))
+}
+
+/// The watch step's plan for the rules.
+pub fn watch_plan(app: &AppConfig) -> Option<String> {
+    if app.analysis.is_empty() {
+        return None;
+    }
+    let (every, _) = timing(app);
+    let names: Vec<&str> = app.analysis.iter().map(|r| r.name.as_str()).collect();
+    Some(format!(
+        "judge {} analysis rule(s) ({}) every {}",
+        names.len(),
+        names.join(", "),
+        humantime::format_duration(every)
+    ))
 }
 
 /// PostgreSQL connections and waited-for locks (one psql run).
@@ -192,7 +271,6 @@ impl Sources {
 #[derive(Debug, Clone, Default)]
 pub struct Baseline {
     pub values: Vec<Option<f64>>,
-    pub window: Duration,
 }
 
 /// Checks that every source answers and every rule finds its series: an
@@ -248,7 +326,18 @@ pub async fn baseline(
             .map_err(|why| format!("analysis rule {:?}: no baseline: {why}", rule.name))?;
         values.push(Some(v));
     }
-    Ok(Baseline { values, window })
+    Ok(Baseline { values })
+}
+
+/// The event line of a rule's baseline.
+pub fn baseline_line(rule: &Rule, value: Option<f64>, window: Duration) -> String {
+    format!(
+        "analysis {:?}: baseline {} over {} ({})",
+        rule.name,
+        num(value),
+        humantime::format_duration(window),
+        rule.describe()
+    )
 }
 
 /// How a rule stands after an interval.
@@ -410,7 +499,6 @@ mod tests {
             vec![rule],
             &Baseline {
                 values: vec![Some(baseline)],
-                window: Duration::from_secs(1),
             },
         )
     }

@@ -113,6 +113,7 @@ impl Selector {
     }
 
     /// Whether a series of metric `name` with `labels` is selected.
+    #[cfg(test)]
     pub fn matches(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
         name == self.name && self.matches_labels(labels)
     }

@@ -217,6 +217,7 @@ async fn forward(
         unit: &unit,
         op_dir: opdir::OpDir::new(&deps.config.state_dir, &ctx.id),
         restore_point: std::sync::Mutex::new(None),
+        baseline: std::sync::OnceLock::new(),
     };
     for step in Step::plan(app, spec) {
         if ctx.canceled() {

@@ -1,0 +1,211 @@
+//! Metric analysis end to end: a real app under real load during
+//! `upgrade --watch`; releases that stay healthy but are slow, or fail a
+//! share of requests, are rolled back by the analysis rules (the health
+//! probe alone passes them); a good release under the same load is kept.
+
+use std::time::Duration;
+
+use covet_tests::agent::{CtlOutput, TestAgent};
+use covet_tests::http::wait_healthy;
+use covet_tests::load::Load;
+use covet_tests::postgres::{PostgresCluster, postgres_or_skip};
+use covet_tests::sampleapp::{self, SampleApp};
+use covet_tests::sandbox::{SystemdSandbox, sandbox_or_skip};
+use covet_tests::sandbox_dir;
+
+const UNIT: &str = "covet.service";
+/// Requests per second on `/version` during every upgrade.
+const RATE: u32 = 25;
+
+/// The rules under test: interval 2 s, a 4 s baseline, two bad intervals fail.
+const ANALYSIS: &str = r#"
+[app.metrics]
+url = "http://127.0.0.1:PORT/metrics"
+interval = "2s"
+baseline = "4s"
+
+[[app.analysis]]
+name = "error rate"
+ratio = { num = 'http_requests_total{code=~"5.."}', den = "http_requests_total" }
+max = 0.02
+
+[[app.analysis]]
+name = "p99 latency"
+quantile = { histogram = "http_request_duration_seconds", q = 0.99 }
+max_increase = "900%"
+
+[[app.analysis]]
+name = "db connections"
+postgres = "connections"
+max = 50
+"#;
+
+struct World {
+    agent: TestAgent,
+    _sandbox: SystemdSandbox,
+    _pg: PostgresCluster,
+    app: SampleApp,
+    _dir: tempfile::TempDir,
+}
+
+async fn world(name: &str) -> Option<World> {
+    let dir = sandbox_dir(name);
+    let sandbox = sandbox_or_skip(&dir.path().join("systemd"))?;
+    let pg = postgres_or_skip(&dir.path().join("pg"))?;
+    let app = sampleapp::install(&dir.path().join("app"), &pg, 5).unwrap();
+    sandbox.install_unit(UNIT, &app.unit_file()).unwrap();
+    let out = sandbox.systemctl(&["start", UNIT]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_healthy(app.port, "0.1.9").await;
+    let toml = format!(
+        "{}{}\n{}\n",
+        sandbox.agent_toml(Some("500ms")),
+        app.agent_toml(&pg),
+        ANALYSIS.replace("PORT", &app.port.to_string())
+    );
+    let agent = TestAgent::start_with_toml(&dir.path().join("agent"), toml).await;
+    Some(World {
+        agent,
+        _sandbox: sandbox,
+        _pg: pg,
+        app,
+        _dir: dir,
+    })
+}
+
+impl World {
+    /// `covetctl -o json upgrade covet --to VERSION --watch WATCH` under load
+    /// on `/version`; the answers the load got.
+    async fn upgrade_under_load(&self, version: &str, watch: &str) -> (CtlOutput, Vec<u16>) {
+        let load = Load::start(self.app.port, "/version", RATE);
+        // The baseline sees the load from its start.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let out = tokio::task::block_in_place(|| {
+            self.agent.ctl(
+                "operator",
+                &[
+                    "-o",
+                    "json",
+                    "--timeout",
+                    "90s",
+                    "upgrade",
+                    "covet",
+                    "--to",
+                    version,
+                    "--watch",
+                    watch,
+                ],
+            )
+        });
+        let report = load.stop().await;
+        let statuses = report
+            .answers
+            .iter()
+            .filter_map(|a| match &a.outcome {
+                covet_tests::load::Outcome::Http { status, .. } => Some(*status),
+                covet_tests::load::Outcome::Failed(_) => None,
+            })
+            .collect();
+        (out, statuses)
+    }
+}
+
+fn step<'a>(op: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    op["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {op:#}"))
+}
+
+/// The analysis lines the operation's events carry (`ops watch` replays them).
+fn analysis_lines(w: &World, id: &str) -> Vec<String> {
+    let out = w.agent.ctl("reader", &["ops", "watch", id]);
+    out.stdout
+        .lines()
+        .filter_map(|l| l.find("analysis \"").map(|at| l[at..].to_owned()))
+        .collect()
+}
+
+async fn rolled_back_by(version: &str, rule: &str) {
+    let Some(w) = world(&format!("analysis-{version}")).await else {
+        return;
+    };
+    let (out, _) = w.upgrade_under_load(version, "24s").await;
+    assert_eq!(
+        out.code, 3,
+        "rolled back exits 3:\n{}\n{}",
+        out.stdout, out.stderr
+    );
+    let op = out.json();
+    assert_eq!(op["state"], "rolled_back", "{op:#}");
+    let cause = op["cause"].as_str().unwrap();
+    assert!(cause.starts_with("watch failed: analysis rule"), "{cause}");
+    assert!(cause.contains(&format!("{rule:?}")), "{cause}");
+    for part in ["value ", "baseline ", "limit "] {
+        assert!(cause.contains(part), "{part} missing from {cause}");
+    }
+    // The health probe alone passed it: the health step succeeded.
+    assert_eq!(step(&op, "health")["outcome"], "succeeded", "{op:#}");
+    assert!(
+        step(&op, "preflight")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("baseline of 3 analysis rule(s) over 4s"),
+        "{op:#}"
+    );
+    wait_healthy(w.app.port, "0.1.9").await;
+    let lines = analysis_lines(&w, op["id"].as_str().unwrap());
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("{rule:?}")) && l.contains("state failed")),
+        "{lines:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_release_is_rolled_back_by_its_p99() {
+    rolled_back_by("0.1.11", "p99 latency").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_failing_a_share_of_requests_is_rolled_back_by_its_error_rate() {
+    rolled_back_by("0.1.12", "error rate").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_release_under_the_same_load_is_kept_every_time() {
+    let Some(w) = world("analysis-good").await else {
+        return;
+    };
+    // Up, down and up again: three watched upgrades, no false alarm.
+    for version in ["0.1.10", "0.1.9", "0.1.10"] {
+        let (out, statuses) = w.upgrade_under_load(version, "12s").await;
+        assert_eq!(
+            out.code, 0,
+            "{version} is kept:\n{}\n{}",
+            out.stdout, out.stderr
+        );
+        let op = out.json();
+        assert_eq!(op["state"], "succeeded", "{op:#}");
+        let detail = step(&op, "watch")["detail"].as_str().unwrap().to_owned();
+        assert!(detail.contains("3 analysis rule(s) held"), "{detail}");
+        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+        let lines = analysis_lines(&w, op["id"].as_str().unwrap());
+        assert!(
+            lines.len() >= 9,
+            "three rules, at least three intervals: {lines:#?}"
+        );
+        assert!(
+            lines.iter().all(|l| !l.contains("state failed")),
+            "{lines:#?}"
+        );
+        wait_healthy(w.app.port, version).await;
+    }
+}
