@@ -329,20 +329,38 @@ pub async fn baseline(
     Ok(Baseline { values })
 }
 
-/// The event line of a rule's baseline.
-pub fn baseline_line(rule: &Rule, value: Option<f64>, window: Duration) -> String {
-    format!(
-        "analysis {:?}: baseline {} over {} ({})",
-        rule.name,
-        num(value),
-        humantime::format_duration(window),
-        rule.describe()
-    )
+/// A rule's baseline, as a reading.
+pub fn baseline_reading(rule: &Rule, value: Option<f64>) -> Reading {
+    Reading {
+        rule: rule.name.clone(),
+        description: rule.describe(),
+        baseline: None,
+        value,
+        limit: rule.threshold.limit(value),
+        state: State::Baseline,
+        missing: String::new(),
+        failures: rule.failures,
+    }
+}
+
+/// Evaluates `rules` now, without a baseline: two snapshots `interval`
+/// apart. Err when a source does not answer or a rule finds no series.
+pub async fn now(
+    sources: &Sources,
+    rules: Vec<Rule>,
+    interval: Duration,
+) -> Result<Vec<Reading>, String> {
+    let first = check(sources, &rules).await?;
+    tokio::time::sleep(interval).await;
+    let second = sources.snapshot(&rules).await;
+    Ok(Judge::new(rules, &Baseline::default()).observe(&first, &second))
 }
 
 /// How a rule stands after an interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
+    /// The value before the change.
+    Baseline,
     Ok,
     /// Bad for this many consecutive intervals, fewer than the rule allows.
     Bad(u32),
@@ -352,6 +370,7 @@ pub enum State {
 impl std::fmt::Display for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            State::Baseline => f.write_str("baseline"),
             State::Ok => f.write_str("ok"),
             State::Bad(n) => write!(f, "bad {n}"),
             State::Failed => f.write_str("failed"),
@@ -363,6 +382,8 @@ impl std::fmt::Display for State {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
     pub rule: String,
+    /// What the rule measures and its threshold.
+    pub description: String,
     pub baseline: Option<f64>,
     /// None when a metric is missing (see `missing`).
     pub value: Option<f64>,
@@ -379,22 +400,6 @@ fn num(v: Option<f64>) -> String {
 }
 
 impl Reading {
-    /// The plain-text line of one reading (one operation event each).
-    pub fn line(&self) -> String {
-        let now = if self.value.is_some() {
-            num(self.value)
-        } else {
-            format!("missing ({})", self.missing)
-        };
-        format!(
-            "analysis {:?}: now {now} baseline {} limit {} state {}",
-            self.rule,
-            num(self.baseline),
-            num(self.limit),
-            self.state
-        )
-    }
-
     /// Why the rule failed, for the operation's cause.
     pub fn cause(&self) -> String {
         let value = match self.value {
@@ -458,6 +463,7 @@ impl Judge {
             };
             out.push(Reading {
                 rule: rule.name.clone(),
+                description: rule.describe(),
                 baseline,
                 value,
                 limit,
@@ -538,10 +544,9 @@ mod tests {
             cause.contains("baseline 0.050000") && cause.contains("limit 0.100000"),
             "{cause}"
         );
-        assert!(
-            last[0]
-                .line()
-                .starts_with("analysis \"errors\": now 0.200000")
+        assert_eq!(
+            last[0].description,
+            "increase(http_requests_total{code=~\"5..\"}) / increase(http_requests_total), max_increase 100%"
         );
     }
 

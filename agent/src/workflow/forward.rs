@@ -69,9 +69,8 @@ impl Upgrade<'_> {
             .await
             .map_err(StepError::Analysis)?;
         for (rule, value) in rules.iter().zip(&baseline.values) {
-            let line = analysis::baseline_line(rule, *value, window);
-            self.ctx
-                .output(Step::Preflight.name(), OutputStream::Stdout, line);
+            let reading = analysis::baseline_reading(rule, *value);
+            self.ctx.analysis(reading_event(Step::Preflight, reading));
         }
         findings.push_str(&format!(
             "; baseline of {} analysis rule(s) over {}",
@@ -291,8 +290,7 @@ impl Upgrade<'_> {
                 *prev = cur;
                 intervals += 1;
                 for r in &readings {
-                    self.ctx
-                        .output(Step::Watch.name(), OutputStream::Stdout, r.line());
+                    self.ctx.analysis(reading_event(Step::Watch, r.clone()));
                 }
                 if let Some(failed) = readings.iter().find(|r| r.state == analysis::State::Failed) {
                     return Err(StepError::Analysis(failed.cause()));
@@ -310,6 +308,21 @@ impl Upgrade<'_> {
             ),
             None => format!("{probes_run} probe(s) passed"),
         })
+    }
+}
+
+/// An analysis reading as the journal keeps it.
+fn reading_event(step: Step, r: analysis::Reading) -> crate::ops::log::AnalysisEvent {
+    crate::ops::log::AnalysisEvent {
+        step: step.name().to_owned(),
+        rule: r.rule,
+        description: r.description,
+        baseline: r.baseline,
+        value: r.value,
+        limit: r.limit,
+        state: r.state.to_string(),
+        missing: r.missing,
+        failures: r.failures,
     }
 }
 

@@ -160,7 +160,34 @@ async fn rolled_back_by(version: &str, rule: &str) {
         "{op:#}"
     );
     wait_healthy(w.app.port, "0.1.9").await;
-    let lines = analysis_lines(&w, op["id"].as_str().unwrap());
+    // The whole series is in the operation's events: the baseline of every
+    // rule, then every interval's readings, the last one failed.
+    let series = op["analysis"].as_array().expect("the analysis series");
+    let baselines: Vec<&serde_json::Value> =
+        series.iter().filter(|r| r["state"] == "baseline").collect();
+    assert_eq!(baselines.len(), 3, "{series:#?}");
+    assert!(
+        baselines
+            .iter()
+            .all(|r| r["step"] == "preflight" && r["value"].is_number())
+    );
+    let last = series.last().unwrap();
+    assert_eq!(last["step"], "watch");
+    let failed = series
+        .iter()
+        .find(|r| r["state"] == "failed")
+        .expect("a failed reading");
+    assert_eq!(failed["rule"], rule, "{series:#?}");
+    assert!(failed["value"].as_f64().unwrap() > failed["limit"].as_f64().unwrap());
+    let id = op["id"].as_str().unwrap();
+    let shown = w.agent.ctl("reader", &["-o", "json", "ops", "show", id]);
+    assert_eq!(
+        shown.json()["analysis"],
+        op["analysis"],
+        "ops show has the same series"
+    );
+    // Plain lines when the output is not a terminal.
+    let lines = analysis_lines(&w, id);
     assert!(
         lines
             .iter()
@@ -208,4 +235,27 @@ async fn a_good_release_under_the_same_load_is_kept_every_time() {
         );
         wait_healthy(w.app.port, version).await;
     }
+    // A reader judges the rules now, without an upgrade.
+    let load = Load::start(w.app.port, "/version", RATE);
+    let out = tokio::task::block_in_place(|| {
+        w.agent.ctl(
+            "reader",
+            &["-o", "json", "analysis", "covet", "--interval", "2s"],
+        )
+    });
+    load.stop().await;
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    let readings = out.json()["readings"].as_array().unwrap().clone();
+    assert_eq!(readings.len(), 3, "{readings:#?}");
+    assert!(
+        readings
+            .iter()
+            .all(|r| r["state"] == "ok" && r["value"].is_number()),
+        "{readings:#?}"
+    );
+    let text = w
+        .agent
+        .ctl("reader", &["analysis", "covet", "--interval", "1s"]);
+    assert!(text.stdout.starts_with("RULE"), "{}", text.stdout);
+    assert!(text.stdout.contains("p99 latency"), "{}", text.stdout);
 }
