@@ -31,5 +31,6 @@ pub(crate) mod names;
 pub mod ops;
 pub mod packages;
 pub(crate) mod probes;
+pub(crate) mod series;
 pub mod server;
 pub(crate) mod workflow;

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use covet_tests::agent::{CtlOutput, TestAgent};
+use covet_tests::agent::{AgentOptions, CtlOutput, TestAgent};
 use covet_tests::http::wait_healthy;
 use covet_tests::load::Load;
 use covet_tests::postgres::{PostgresCluster, postgres_or_skip};
@@ -67,7 +67,12 @@ async fn world(name: &str) -> Option<World> {
         app.agent_toml(&pg),
         ANALYSIS.replace("PORT", &app.port.to_string())
     );
-    let agent = TestAgent::start_with_toml(&dir.path().join("agent"), toml).await;
+    let options = AgentOptions {
+        extra_toml: toml,
+        metrics: true,
+        ..Default::default()
+    };
+    let agent = TestAgent::start(&dir.path().join("agent"), options).await;
     Some(World {
         agent,
         _sandbox: sandbox,
@@ -258,4 +263,119 @@ async fn a_good_release_under_the_same_load_is_kept_every_time() {
         .ctl("reader", &["analysis", "covet", "--interval", "1s"]);
     assert!(text.stdout.starts_with("RULE"), "{}", text.stdout);
     assert!(text.stdout.contains("p99 latency"), "{}", text.stdout);
+
+    // The agent's own series, read by the Prometheus client's parser.
+    let exposition = http_get(w.agent.metrics_addr.unwrap(), "/metrics").await;
+    let parsed = prometheus_parse(&exposition);
+    let sample_lines = exposition
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .count();
+    let samples = parsed["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), sample_lines, "the parser read every series");
+    let has = |name: &str, labels: &[(&str, &str)]| {
+        samples
+            .iter()
+            .find(|s| s[0] == name && labels.iter().all(|(k, v)| s[1][*k] == *v))
+    };
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        has(name, labels).unwrap_or_else(|| panic!("no {name}{labels:?} in\n{exposition}"))[2]
+            .as_f64()
+            .unwrap()
+    };
+    let families = &parsed["families"];
+    for (family, kind) in [
+        ("covet_app_info", "gauge"),
+        ("covet_app_health_up", "gauge"),
+        ("covet_operations", "counter"),
+        ("covet_operation_duration_seconds", "histogram"),
+        ("covet_backup_last_size_bytes", "gauge"),
+        ("covet_analysis_value", "gauge"),
+        ("covet_analysis_state", "gauge"),
+        ("covet_host_memory_total_bytes", "gauge"),
+    ] {
+        assert_eq!(families[family], kind, "{family}: {families:#}");
+    }
+    assert_eq!(
+        value("covet_app_info", &[("app", "covet"), ("version", "0.1.10")]),
+        1.0
+    );
+    assert_eq!(value("covet_app_health_up", &[("app", "covet")]), 1.0);
+    assert!(
+        value(
+            "covet_app_health_probe_timestamp_seconds",
+            &[("app", "covet")]
+        ) > 1.7e9
+    );
+    let upgrades = [("kind", "upgrade"), ("outcome", "succeeded")];
+    assert_eq!(value("covet_operations_total", &upgrades), 3.0);
+    assert_eq!(
+        value(
+            "covet_operation_duration_seconds_count",
+            &[("kind", "upgrade")]
+        ),
+        3.0
+    );
+    assert!(
+        value(
+            "covet_operation_duration_seconds_sum",
+            &[("kind", "upgrade")]
+        ) > 30.0
+    );
+    assert!(value("covet_backup_last_size_bytes", &[("app", "covet")]) > 0.0);
+    assert!(value("covet_backup_last_duration_seconds", &[("app", "covet")]) > 0.0);
+    assert!(value("covet_backup_last_timestamp_seconds", &[("app", "covet")]) > 1.7e9);
+    let p99 = [("app", "covet"), ("rule", "p99 latency")];
+    assert!(value("covet_analysis_value", &p99) > 0.0);
+    assert!(value("covet_analysis_limit", &p99) > value("covet_analysis_value", &p99));
+    assert_eq!(
+        value(
+            "covet_analysis_state",
+            &[("app", "covet"), ("rule", "error rate"), ("state", "ok")]
+        ),
+        1.0
+    );
+}
+
+/// `GET path` on the agent's metrics endpoint: the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let (status, body) =
+        tokio::task::block_in_place(|| sampleapp::http_get(addr.port(), path)).unwrap();
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The exposition as `prometheus_client.parser` reads it (Debian's
+/// python3-prometheus-client): family types and every sample.
+fn prometheus_parse(text: &str) -> serde_json::Value {
+    use std::io::Write;
+    const SCRIPT: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+families, samples = {}, []
+for f in text_string_to_metric_families(sys.stdin.read()):
+    families[f.name] = f.type
+    samples += [[s.name, s.labels, s.value] for s in f.samples]
+print(json.dumps({"families": families, "samples": samples}))
+"#;
+    let mut child = std::process::Command::new(sampleapp::PYTHON)
+        .args(["-c", SCRIPT])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the parser refused the exposition: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
