@@ -335,6 +335,22 @@ async fn a_good_release_under_the_same_load_is_kept_every_time() {
         ),
         1.0
     );
+    // The shipped Grafana dashboard asks only for series the agent has.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../packaging/grafana/covet-agent.json"),
+    )
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    for token in dashboard.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if token.starts_with("covet_") {
+            assert!(
+                exposition.contains(&format!("\n{token}")),
+                "the dashboard's {token} is not served"
+            );
+        }
+    }
+    assert!(json["panels"].as_array().unwrap().len() >= 10);
 }
 
 /// `GET path` on the agent's metrics endpoint: the body.
