@@ -551,6 +551,39 @@ mod tests {
     }
 
     #[test]
+    fn the_plan_says_when_the_baseline_is_sampled_and_what_the_watch_judges() {
+        let app: AppConfig = toml::from_str(
+            r#"
+            name = "covet"
+            unit = "covet.service"
+            [metrics]
+            url = "http://127.0.0.1:8000/metrics"
+            interval = "5s"
+            baseline = "20s"
+            [[analysis]]
+            name = "errors"
+            ratio = { num = 'r{code=~"5.."}', den = "r" }
+            max = 0.01
+            [[analysis]]
+            name = "memory"
+            unit = "memory_bytes"
+            max_increase = "100%"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            baseline_plan(&app, true).unwrap(),
+            "baseline of 2 analysis rule(s) sampled over 20s"
+        );
+        assert_eq!(baseline_plan(&app, false), None, "no watch, no baseline");
+        assert_eq!(
+            watch_plan(&app).unwrap(),
+            "judge 2 analysis rule(s) (errors, memory) every 5s"
+        );
+        assert_eq!(rules_of(&app).unwrap().len(), 2);
+    }
+
+    #[test]
     fn a_missing_metric_is_a_bad_interval() {
         let mut j = judge("50%", 1, 0.0);
         let gone = Snapshot {
