@@ -70,7 +70,8 @@ impl Upgrade<'_> {
             .map_err(StepError::Analysis)?;
         for (rule, value) in rules.iter().zip(&baseline.values) {
             let reading = analysis::baseline_reading(rule, *value);
-            self.ctx.analysis(reading_event(Step::Preflight, reading));
+            self.ctx
+                .analysis(reading_event(Some(Step::Preflight), reading));
         }
         findings.push_str(&format!(
             "; baseline of {} analysis rule(s) over {}",
@@ -290,7 +291,8 @@ impl Upgrade<'_> {
                 *prev = cur;
                 intervals += 1;
                 for r in &readings {
-                    self.ctx.analysis(reading_event(Step::Watch, r.clone()));
+                    self.ctx
+                        .analysis(reading_event(Some(Step::Watch), r.clone()));
                 }
                 if let Some(failed) = readings.iter().find(|r| r.state == analysis::State::Failed) {
                     return Err(StepError::Analysis(failed.cause()));
@@ -311,10 +313,11 @@ impl Upgrade<'_> {
     }
 }
 
-/// An analysis reading as the journal keeps it.
-fn reading_event(step: Step, r: analysis::Reading) -> crate::ops::log::AnalysisEvent {
+/// An analysis reading as the journal keeps it (and AnalyzeApp answers it,
+/// with no step).
+pub fn reading_event(step: Option<Step>, r: analysis::Reading) -> crate::ops::log::AnalysisEvent {
     crate::ops::log::AnalysisEvent {
-        step: step.name().to_owned(),
+        step: step.map(Step::name).unwrap_or_default().to_owned(),
         rule: r.rule,
         description: r.description,
         baseline: r.baseline,

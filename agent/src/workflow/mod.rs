@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 pub use error::StepError;
+pub use forward::reading_event;
 pub use preflight::{Preflight, PreflightError, migration_dry_run, preflight};
 pub use step::Step;
 pub use undo::RollbackOf;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use covet_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use super::operations::analysis_event_to_pb;
 use super::{AgentState, duration, duration_arg, name_error};
 use crate::analysis;
 use crate::config::Config;
@@ -188,7 +189,10 @@ impl pb::probe_service_server::ProbeService for ProbeApi {
             .map_err(Status::unavailable)?;
         Ok(Response::new(pb::AnalyzeAppResponse {
             app: req.app.as_str().to_owned(),
-            readings: readings.into_iter().map(reading_to_pb).collect(),
+            readings: readings
+                .into_iter()
+                .map(|r| analysis_event_to_pb(crate::workflow::reading_event(None, r)))
+                .collect(),
         }))
     }
 
@@ -213,20 +217,6 @@ impl pb::probe_service_server::ProbeService for ProbeApi {
             .await
             .map_err(probe_error)?;
         Ok(Response::new(outcome_to_pb(outcome)))
-    }
-}
-
-fn reading_to_pb(r: analysis::Reading) -> pb::AnalysisReading {
-    pb::AnalysisReading {
-        rule: r.rule,
-        description: r.description,
-        baseline: r.baseline,
-        value: r.value,
-        limit: r.limit,
-        state: r.state.to_string(),
-        missing: r.missing,
-        failures: r.failures,
-        step: String::new(),
     }
 }
 
