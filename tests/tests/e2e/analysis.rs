@@ -264,6 +264,31 @@ async fn a_good_release_under_the_same_load_is_kept_every_time() {
     assert!(text.stdout.starts_with("RULE"), "{}", text.stdout);
     assert!(text.stdout.contains("p99 latency"), "{}", text.stdout);
 
+    // What judging costs the agent: its own CPU time (threads, not the psql
+    // it runs) over a 10 s interval judged with two snapshots, in a debug
+    // build, against the 1% of a core the issue allows while watching.
+    let pid = w.agent.pid().unwrap();
+    let before = cpu_seconds(pid);
+    let load = Load::start(w.app.port, "/version", RATE);
+    let out = tokio::task::block_in_place(|| {
+        w.agent.ctl(
+            "reader",
+            &["--timeout", "30s", "analysis", "covet", "--interval", "10s"],
+        )
+    });
+    load.stop().await;
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    let share = (cpu_seconds(pid) - before) / 10.0;
+    eprintln!(
+        "analysis cost: {:.3}% of one core over a 10 s interval",
+        share * 100.0
+    );
+    assert!(
+        share < 0.01,
+        "the agent used {:.2}% of a core judging",
+        share * 100.0
+    );
+
     // The agent's own series, read by the Prometheus client's parser.
     let exposition = http_get(w.agent.metrics_addr.unwrap(), "/metrics").await;
     let parsed = prometheus_parse(&exposition);
@@ -351,6 +376,16 @@ async fn a_good_release_under_the_same_load_is_kept_every_time() {
         }
     }
     assert!(json["panels"].as_array().unwrap().len() >= 10);
+}
+
+/// A process's user + system CPU time so far (`/proc/PID/stat`).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
 }
 
 /// `GET path` on the agent's metrics endpoint: the body.
