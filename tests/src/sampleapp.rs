@@ -331,6 +331,37 @@ timeout = "2s"
         )
     }
 
+    /// `[app.metrics]` (this app's `/metrics`, judged every 2 s after a 4 s
+    /// baseline) and three `[[app.analysis]]` rules: "error rate" (5xx
+    /// share, max 2%), "p99 latency" (at most 10x the baseline) and "db
+    /// connections" (max 50). Appended after [`SampleApp::agent_toml`].
+    pub fn analysis_toml(&self) -> String {
+        format!(
+            r#"
+[app.metrics]
+url = "{metrics}"
+interval = "2s"
+baseline = "4s"
+
+[[app.analysis]]
+name = "error rate"
+ratio = {{ num = 'http_requests_total{{code=~"5.."}}', den = "http_requests_total" }}
+max = 0.02
+
+[[app.analysis]]
+name = "p99 latency"
+quantile = {{ histogram = "http_request_duration_seconds", q = 0.99 }}
+max_increase = "900%"
+
+[[app.analysis]]
+name = "db connections"
+postgres = "connections"
+max = 50
+"#,
+            metrics = self.url("/metrics"),
+        )
+    }
+
     /// The unit text for this app ([`unit_file`]).
     pub fn unit_file(&self) -> String {
         unit_file(&self.venv, &self.env_file, self.port)

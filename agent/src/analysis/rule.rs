@@ -362,7 +362,8 @@ fn increase(sel: &Selector, suffix: &str, prev: &Exposition, cur: &Exposition) -
         .iter()
         .filter(|s| s.name == name && sel.matches_labels(&s.labels))
         .map(|s| counter_increase(before.get(&s.labels).copied(), s.value))
-        .sum()
+        // An empty sum of floats is -0.0: shown as "-0", it reads as odd.
+        .fold(0.0, |a, b| a + b)
 }
 
 fn counter_increase(before: Option<f64>, now: f64) -> f64 {
@@ -579,8 +580,11 @@ g 1
         let reset =
             snap("http_requests_total{code=\"200\"} 18\nhttp_requests_total{code=\"502\"} 2\n");
         assert!((r.value(&before, &reset).unwrap() - 0.1).abs() < 1e-9);
-        // No traffic: 0, not a division by zero.
-        assert_eq!(r.value(&before, &before).unwrap(), 0.0);
+        // No traffic: 0 (not -0), not a division by zero.
+        let idle = r.value(&before, &before).unwrap();
+        assert!(idle == 0.0 && idle.is_sign_positive());
+        let no_errors = snap("http_requests_total{code=\"200\"} 150\n");
+        assert!(r.value(&before, &no_errors).unwrap().is_sign_positive());
         // The app stopped exporting the metric: missing, a bad interval.
         let gone = snap("g 1\n");
         assert!(

@@ -17,29 +17,6 @@ const UNIT: &str = "covet.service";
 /// Requests per second on `/version` during every upgrade.
 const RATE: u32 = 25;
 
-/// The rules under test: interval 2 s, a 4 s baseline, two bad intervals fail.
-const ANALYSIS: &str = r#"
-[app.metrics]
-url = "http://127.0.0.1:PORT/metrics"
-interval = "2s"
-baseline = "4s"
-
-[[app.analysis]]
-name = "error rate"
-ratio = { num = 'http_requests_total{code=~"5.."}', den = "http_requests_total" }
-max = 0.02
-
-[[app.analysis]]
-name = "p99 latency"
-quantile = { histogram = "http_request_duration_seconds", q = 0.99 }
-max_increase = "900%"
-
-[[app.analysis]]
-name = "db connections"
-postgres = "connections"
-max = 50
-"#;
-
 struct World {
     agent: TestAgent,
     _sandbox: SystemdSandbox,
@@ -65,7 +42,7 @@ async fn world(name: &str) -> Option<World> {
         "{}{}\n{}\n",
         sandbox.agent_toml(Some("500ms")),
         app.agent_toml(&pg),
-        ANALYSIS.replace("PORT", &app.port.to_string())
+        app.analysis_toml()
     );
     let options = AgentOptions {
         extra_toml: toml,
