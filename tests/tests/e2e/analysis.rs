@@ -60,29 +60,13 @@ async fn world(name: &str) -> Option<World> {
 }
 
 impl World {
-    /// `covetctl -o json upgrade covet --to VERSION --watch WATCH` under load
-    /// on `/version`; the answers the load got.
-    async fn upgrade_under_load(&self, version: &str, watch: &str) -> (CtlOutput, Vec<u16>) {
+    /// `covetctl ARGS` as `context` while a load runs on `/version` (from
+    /// half a second before, so a baseline sees it); the HTTP statuses the
+    /// load got.
+    async fn ctl_under_load(&self, context: &str, args: &[&str]) -> (CtlOutput, Vec<u16>) {
         let load = Load::start(self.app.port, "/version", RATE);
-        // The baseline sees the load from its start.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let out = tokio::task::block_in_place(|| {
-            self.agent.ctl(
-                "operator",
-                &[
-                    "-o",
-                    "json",
-                    "--timeout",
-                    "90s",
-                    "upgrade",
-                    "covet",
-                    "--to",
-                    version,
-                    "--watch",
-                    watch,
-                ],
-            )
-        });
+        let out = tokio::task::block_in_place(|| self.agent.ctl(context, args));
         let report = load.stop().await;
         let statuses = report
             .answers
@@ -93,6 +77,23 @@ impl World {
             })
             .collect();
         (out, statuses)
+    }
+
+    /// `covetctl -o json upgrade covet --to VERSION --watch WATCH` under load.
+    async fn upgrade_under_load(&self, version: &str, watch: &str) -> (CtlOutput, Vec<u16>) {
+        let args = [
+            "-o",
+            "json",
+            "--timeout",
+            "90s",
+            "upgrade",
+            "covet",
+            "--to",
+            version,
+            "--watch",
+            watch,
+        ];
+        self.ctl_under_load("operator", &args).await
     }
 }
 
@@ -218,14 +219,12 @@ async fn a_good_release_under_the_same_load_is_kept_every_time() {
         wait_healthy(w.app.port, version).await;
     }
     // A reader judges the rules now, without an upgrade.
-    let load = Load::start(w.app.port, "/version", RATE);
-    let out = tokio::task::block_in_place(|| {
-        w.agent.ctl(
+    let (out, _) = w
+        .ctl_under_load(
             "reader",
             &["-o", "json", "analysis", "covet", "--interval", "2s"],
         )
-    });
-    load.stop().await;
+        .await;
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
     let readings = out.json()["readings"].as_array().unwrap().clone();
     assert_eq!(readings.len(), 3, "{readings:#?}");
@@ -246,14 +245,8 @@ async fn a_good_release_under_the_same_load_is_kept_every_time() {
     // build, against the 1% of a core the issue allows while watching.
     let pid = w.agent.pid().unwrap();
     let before = cpu_seconds(pid);
-    let load = Load::start(w.app.port, "/version", RATE);
-    let out = tokio::task::block_in_place(|| {
-        w.agent.ctl(
-            "reader",
-            &["--timeout", "30s", "analysis", "covet", "--interval", "10s"],
-        )
-    });
-    load.stop().await;
+    let args = ["--timeout", "30s", "analysis", "covet", "--interval", "10s"];
+    let (out, _) = w.ctl_under_load("reader", &args).await;
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
     let share = (cpu_seconds(pid) - before) / 10.0;
     eprintln!(
