@@ -759,6 +759,44 @@ impl AppConfig {
 }
 
 impl Config {
+    /// What only the apps' running metrics endpoints can tell, for
+    /// `check-config`: problems (a rule's metric the app does not export, a
+    /// `quantile` over a non-histogram), by key, and warnings (an endpoint
+    /// that does not answer now, so its rules were not checked).
+    pub async fn metric_problems(&self) -> (Vec<Problem>, Vec<Problem>) {
+        let (mut problems, mut warnings) = (Problems::default(), Problems::default());
+        let policy = crate::probes::TargetPolicy::new(self.declared_probe_targets());
+        for (i, app) in self.apps.iter().enumerate() {
+            let Some(m) = &app.metrics else { continue };
+            let rules: Vec<(usize, crate::analysis::Rule)> = app
+                .analysis
+                .iter()
+                .enumerate()
+                .filter_map(|(j, c)| Some((j, crate::analysis::Rule::from_config(c).ok()?)))
+                .filter(|(_, r)| r.scrapes())
+                .collect();
+            if rules.is_empty() {
+                continue;
+            }
+            let e = match crate::analysis::scrape(&policy, &m.url).await {
+                Ok(e) => e,
+                Err(why) => {
+                    warnings.add(
+                        format!("app[{i}].metrics.url"),
+                        format!("{why}; the analysis rules' metrics were not checked"),
+                    );
+                    continue;
+                }
+            };
+            for (j, rule) in rules {
+                for (field, why) in rule.problems_against(&e) {
+                    problems.add(format!("app[{i}].analysis[{j}].{field}"), why);
+                }
+            }
+        }
+        (problems.0, warnings.0)
+    }
+
     /// What `check-config` reports without failing: declared paths with an
     /// ancestor directory that a user other than root and the app's user
     /// can write (that user could swap what the agent unpacks there).

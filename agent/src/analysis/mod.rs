@@ -208,14 +208,7 @@ impl Sources {
     }
 
     async fn scrape(&self, url: &str) -> Result<Exposition, String> {
-        let (status, body) = crate::probes::http_get(&self.policy, url, READ_TIMEOUT, MAX_SCRAPE)
-            .await
-            .map_err(|e| format!("cannot read {url}: {e}"))?;
-        if status != 200 {
-            return Err(format!("{url} answered HTTP {status}"));
-        }
-        let text = std::str::from_utf8(&body).map_err(|_| format!("{url}: not UTF-8"))?;
-        Exposition::parse(text).map_err(|e| format!("{url}: {e}"))
+        scrape(&self.policy, url).await
     }
 
     async fn read_pg(&self, statements: bool) -> Result<PgReading, String> {
@@ -264,6 +257,18 @@ impl Sources {
             cpu_nsec: s.cpu_usage_nsec,
         })
     }
+}
+
+/// Reads and parses an app's exposition (within the probes' targets).
+pub async fn scrape(policy: &TargetPolicy, url: &str) -> Result<Exposition, String> {
+    let (status, body) = crate::probes::http_get(policy, url, READ_TIMEOUT, MAX_SCRAPE)
+        .await
+        .map_err(|e| format!("cannot read {url}: {e}"))?;
+    if status != 200 {
+        return Err(format!("{url} answered HTTP {status}"));
+    }
+    let text = std::str::from_utf8(&body).map_err(|_| format!("{url}: not UTF-8"))?;
+    Exposition::parse(text).map_err(|e| format!("{url}: {e}"))
 }
 
 /// Each rule's value before the change, in the rules' order (None: no

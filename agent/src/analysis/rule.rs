@@ -252,6 +252,23 @@ impl Rule {
         }
     }
 
+    /// [`Rule::check_against`] by field: `ratio.num`, `ratio.den`,
+    /// `quantile.histogram`.
+    pub fn problems_against(&self, e: &Exposition) -> Vec<(&'static str, String)> {
+        match &self.kind {
+            Kind::Ratio { num, den } => [("ratio.num", num), ("ratio.den", den)]
+                .into_iter()
+                .filter(|(_, s)| !e.has(&s.name))
+                .map(|(field, s)| (field, format!("the app does not export {}", s.name)))
+                .collect(),
+            Kind::Quantile { .. } => match self.check_against(e) {
+                Ok(()) => Vec::new(),
+                Err(why) => vec![("quantile.histogram", why)],
+            },
+            Kind::Postgres(_) | Kind::Unit(_) => Vec::new(),
+        }
+    }
+
     /// The rule's value over the interval from `prev` to `cur`; Err says
     /// what is missing (a missing metric counts as a bad interval).
     pub fn value(&self, prev: &Snapshot, cur: &Snapshot) -> Result<f64, String> {

@@ -218,6 +218,46 @@ async fn a_good_release_under_the_same_load_is_kept_every_time() {
         );
         wait_healthy(w.app.port, version).await;
     }
+    // check-config reads the running app's metrics: an unknown metric and a
+    // quantile over a counter fail it by key.
+    let bad = std::fs::read_to_string(&w.agent.config_path)
+        .unwrap()
+        .replace(
+            r#"den = "http_requests_total""#,
+            r#"den = "http_requests_made""#,
+        )
+        .replace(
+            r#"histogram = "http_request_duration_seconds""#,
+            r#"histogram = "http_requests_total""#,
+        );
+    let bad_path = w.agent.dir.join("bad-metrics.toml");
+    std::fs::write(&bad_path, bad).unwrap();
+    let out = std::process::Command::new(covet_tests::bin("covet-agent"))
+        .args(["check-config", "--config"])
+        .arg(&bad_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("app[0].analysis[0].ratio.den: the app does not export http_requests_made"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("app[0].analysis[1].quantile.histogram: http_requests_total is a Counter, not a histogram"),
+        "{stderr}"
+    );
+    let good = std::process::Command::new(covet_tests::bin("covet-agent"))
+        .args(["check-config", "--config"])
+        .arg(&w.agent.config_path)
+        .output()
+        .unwrap();
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+
     // A reader judges the rules now, without an upgrade.
     let (out, _) = w
         .ctl_under_load(
