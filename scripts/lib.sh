@@ -27,9 +27,11 @@ ensure_cargo() {
 
 # The packages the agent's real parts need: C toolchain for ring, Python for
 # the sample app, systemd + dbus + journald (the test sandboxes), util-linux
-# (unshare, setpriv), PostgreSQL, and libsqlite3-dev (the agent links
-# Debian's libsqlite3 for SQLite databases).
-PROJECT_PACKAGES=(build-essential ca-certificates zstd python3 python3-venv systemd dbus dbus-user-session util-linux postgresql libsqlite3-dev mariadb-server mariadb-client)
+# (unshare, setpriv), PostgreSQL, libsqlite3-dev (the agent links
+# Debian's libsqlite3 for SQLite databases), and the Prometheus Python
+# client, whose text parser a test reads the agent's /metrics with;
+# MariaDB (the mysql kind's tests) and nginx (the blue-green tests).
+PROJECT_PACKAGES=(build-essential ca-certificates zstd python3 python3-venv systemd dbus dbus-user-session util-linux postgresql libsqlite3-dev mariadb-server mariadb-client nginx-light python3-prometheus-client)
 
 # What the packaging build (dpkg-deb, dpkg-shlibdeps, strip, rpmbuild) and its
 # tests (lintian, a booted Debian 12) need; `packaging/build --install-tools`

@@ -238,6 +238,80 @@ pub struct AppConfig {
     /// The proxy in front of the app's slots, for blue-green and canary.
     #[serde(default)]
     pub traffic: Option<TrafficConfig>,
+    /// `[app.metrics]`: where the app exports its Prometheus series.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+    /// `[[app.analysis]]`: rules judged before and during `--watch`.
+    #[serde(default)]
+    pub analysis: Vec<AnalysisConfig>,
+}
+
+/// `[app.metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prometheus text exposition, e.g. `http://127.0.0.1:8000/metrics`
+    /// (loopback, or a host:port the app's probes declare).
+    pub url: String,
+    /// How often the watch step judges the rules.
+    #[serde(default = "default_metrics_interval", with = "duration_str")]
+    pub interval: Duration,
+    /// How long the upgrade's preflight samples the baseline.
+    #[serde(default = "default_baseline", with = "duration_str")]
+    pub baseline: Duration,
+}
+
+fn default_metrics_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_baseline() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// One `[[app.analysis]]` rule: exactly one of `ratio`, `quantile`,
+/// `postgres`, `unit`, and one of `max`, `max_increase`
+/// (`analysis::Rule::from_config` types it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisConfig {
+    pub name: String,
+    #[serde(default)]
+    pub ratio: Option<RatioConfig>,
+    #[serde(default)]
+    pub quantile: Option<QuantileConfig>,
+    /// "connections", "ungranted_locks" or "mean_query_ms".
+    #[serde(default)]
+    pub postgres: Option<String>,
+    /// "memory_bytes" or "cpu_percent".
+    #[serde(default)]
+    pub unit: Option<String>,
+    #[serde(default)]
+    pub max: Option<f64>,
+    /// Against the baseline: "50%".
+    #[serde(default)]
+    pub max_increase: Option<String>,
+    /// Consecutive bad intervals that fail the rule.
+    #[serde(default = "default_failures")]
+    pub failures: u32,
+}
+
+fn default_failures() -> u32 {
+    2
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatioConfig {
+    pub num: String,
+    pub den: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantileConfig {
+    pub histogram: String,
+    pub q: f64,
 }
 
 /// The app's package, by `kind`: each kind takes only its own fields, and
@@ -704,6 +778,7 @@ impl AppConfig {
         if self.slotted().is_some() {
             self.check_slotted(key, out);
         }
+        self.check_analysis(key, out);
     }
 
     /// What blue-green and canary need besides `[app.deploy]` itself.
@@ -736,9 +811,120 @@ impl AppConfig {
             ),
         }
     }
+
+    fn check_analysis(&self, key: &str, out: &mut Problems) {
+        if let Some(m) = &self.metrics {
+            let k = format!("{key}.metrics");
+            match crate::probes::HttpTarget::parse(&m.url) {
+                Err(e) => out.add(format!("{k}.url"), e.to_string()),
+                Ok(t) => {
+                    let declared = self
+                        .health
+                        .iter()
+                        .chain(self.smoke.iter())
+                        .filter_map(ProbeConfig::host_port)
+                        .any(|hp| hp == format!("{}:{}", t.host, t.port));
+                    let loopback = t.host == "localhost"
+                        || t.host
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback());
+                    if !declared && !loopback {
+                        out.add(
+                            format!("{k}.url"),
+                            format!(
+                                "{}:{} is neither a loopback address nor the host:port of the app's health or smoke probes",
+                                t.host, t.port
+                            ),
+                        );
+                    }
+                }
+            }
+            if m.interval < Duration::from_millis(500) {
+                out.add(format!("{k}.interval"), "must be at least 500ms");
+            }
+            if m.baseline < m.interval {
+                out.add(
+                    format!("{k}.baseline"),
+                    "must be at least one interval long",
+                );
+            }
+        }
+        let mut names = BTreeSet::new();
+        for (i, rule) in self.analysis.iter().enumerate() {
+            let k = format!("{key}.analysis[{i}]");
+            if !names.insert(rule.name.as_str()) {
+                out.add(
+                    format!("{k}.name"),
+                    format!("rule {:?} is declared twice", rule.name),
+                );
+            }
+            match crate::analysis::Rule::from_config(rule) {
+                Err(problems) => {
+                    for (field, message) in problems {
+                        let at = if field.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{k}.{field}")
+                        };
+                        out.add(at, message);
+                    }
+                }
+                Ok(r) => {
+                    if r.scrapes() && self.metrics.is_none() {
+                        out.add(k, "reads the app's metrics: declare [app.metrics] url");
+                    } else if matches!(r.kind, crate::analysis::Kind::Postgres(_))
+                        && !matches!(self.database, Some(DatabaseConfig::Postgres(_)))
+                    {
+                        out.add(
+                            format!("{k}.postgres"),
+                            "the app declares no [app.database] of kind \"postgres\"",
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Config {
+    /// What only the apps' running metrics endpoints can tell, for
+    /// `check-config`: problems (a rule's metric the app does not export, a
+    /// `quantile` over a non-histogram), by key, and warnings (an endpoint
+    /// that does not answer now, so its rules were not checked).
+    pub async fn metric_problems(&self) -> (Vec<Problem>, Vec<Problem>) {
+        let (mut problems, mut warnings) = (Problems::default(), Problems::default());
+        let policy = crate::probes::TargetPolicy::new(self.declared_probe_targets());
+        for (i, app) in self.apps.iter().enumerate() {
+            let Some(m) = &app.metrics else { continue };
+            let rules: Vec<(usize, crate::analysis::Rule)> = app
+                .analysis
+                .iter()
+                .enumerate()
+                .filter_map(|(j, c)| Some((j, crate::analysis::Rule::from_config(c).ok()?)))
+                .filter(|(_, r)| r.scrapes())
+                .collect();
+            if rules.is_empty() {
+                continue;
+            }
+            let e = match crate::analysis::scrape(&policy, &m.url).await {
+                Ok(e) => e,
+                Err(why) => {
+                    warnings.add(
+                        format!("app[{i}].metrics.url"),
+                        format!("{why}; the analysis rules' metrics were not checked"),
+                    );
+                    continue;
+                }
+            };
+            for (j, rule) in rules {
+                for (field, why) in rule.problems_against(&e) {
+                    problems.add(format!("app[{i}].analysis[{j}].{field}"), why);
+                }
+            }
+        }
+        (problems.0, warnings.0)
+    }
+
     /// What `check-config` reports without failing: declared paths with an
     /// ancestor directory that a user other than root and the app's user
     /// can write (that user could swap what the agent unpacks there).
@@ -1454,6 +1640,81 @@ mod tests {
         let text = format!("{BASE}\n{app}\ndbname = \"x\"\npassword = \"no\"");
         let e = toml::from_str::<Config>(&text).unwrap_err().to_string();
         assert!(e.contains("unknown field `password`"), "{e}");
+    }
+
+    #[test]
+    fn analysis_problems_are_listed_by_key() {
+        let text = format!(
+            "{BASE}\n{}",
+            r#"
+            [[app]]
+            name = "covet"
+            unit = "covet.service"
+            [app.health]
+            url = "http://10.0.0.5:8000/health"
+            [app.metrics]
+            url = "http://10.0.0.6:8000/metrics"
+            interval = "100ms"
+            [[app.analysis]]
+            name = "error rate"
+            ratio = { num = 'http_requests_total{code=~"5.."', den = "http_requests_total" }
+            max = 0.01
+            [[app.analysis]]
+            name = "p99"
+            quantile = { histogram = "http_request_duration_seconds", q = 0.99 }
+            [[app.analysis]]
+            name = "db"
+            postgres = "connections"
+            max = 80
+            [[app.analysis]]
+            name = "db"
+            unit = "memory_bytes"
+            postgres = "connections"
+            max_increase = "100%"
+            "#
+        );
+        let problems: Vec<Problem> = parse(&text)
+            .problems()
+            .into_iter()
+            .filter(|p| p.key.starts_with("app["))
+            .collect();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "app[0].metrics.url",
+                "app[0].metrics.interval",
+                "app[0].analysis[0].ratio.num",
+                "app[0].analysis[1]",
+                "app[0].analysis[2].postgres",
+                "app[0].analysis[3].name",
+                "app[0].analysis[3]",
+            ],
+            "{problems:?}"
+        );
+        assert!(problems[3].message.contains("no threshold"), "{problems:?}");
+        // The metrics endpoint may be the host:port a probe declares.
+        let ok = text
+            .replace("10.0.0.6", "10.0.0.5")
+            .replace("100ms", "2s")
+            .replace(r#"5..""#, r#"5.."}"#);
+        let keys: Vec<String> = parse(&ok).problems().into_iter().map(|p| p.key).collect();
+        assert!(
+            !keys.iter().any(|k| k.starts_with("app[0].metrics")),
+            "{keys:?}"
+        );
+        assert!(
+            !keys.iter().any(|k| k == "app[0].analysis[0].ratio.num"),
+            "{keys:?}"
+        );
+        // An unknown rule kind fails the parse, naming it.
+        let e = toml::from_str::<Config>(&text.replace(
+            "postgres = \"connections\"\n            max = 80",
+            "gauge = \"x\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("gauge"), "{e}");
     }
 
     fn package_error(package: &str) -> String {

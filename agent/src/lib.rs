@@ -6,7 +6,9 @@
 //! - `server`: wires the edge, the operation runner and the capabilities.
 //! - `workflow`: the upgrade and rollback runbook as typed steps.
 //! - `ops`: the operation log (redb), the runner and the app locks.
-//! - capabilities: `backup`, `packages`, `db`, `probes`, `archive`.
+//! - capabilities: `backup`, `packages`, `db`, `probes`, `analysis` (metric
+//!   analysis against a baseline), `archive`; `series`, the agent's own
+//!   Prometheus series.
 //! - `host`: what the agent drives on the machine (systemd, journald,
 //!   processes, env files, metrics) and `files`, the file-system helpers.
 //!
@@ -17,6 +19,7 @@
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
+pub(crate) mod analysis;
 pub mod archive;
 pub mod backup;
 pub mod config;
@@ -31,5 +34,6 @@ pub(crate) mod names;
 pub mod ops;
 pub mod packages;
 pub(crate) mod probes;
+pub(crate) mod series;
 pub mod server;
 pub(crate) mod workflow;

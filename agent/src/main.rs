@@ -87,7 +87,25 @@ fn main() -> ExitCode {
 fn check_config(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            for w in config.warnings() {
+            // The analysis rules' metrics, from the apps' endpoints if they answer.
+            let (problems, warnings) = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(config.metric_problems()),
+                Err(e) => {
+                    eprintln!("covet-agent: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if !problems.is_empty() {
+                eprintln!("{}: {} problem(s)", path.display(), problems.len());
+                for p in problems {
+                    eprintln!("  {p}");
+                }
+                return ExitCode::FAILURE;
+            }
+            for w in config.warnings().into_iter().chain(warnings) {
                 eprintln!("  warning: {w}");
             }
             println!(

@@ -360,12 +360,38 @@ async fn http_attempt(
     (observed, result)
 }
 
-async fn http_exchange(
+/// `GET url` within the policy's targets: the status and up to `max_body`
+/// bytes of the body (metric analysis reads the app's exposition so).
+pub async fn http_get(
+    policy: &TargetPolicy,
+    url: &str,
+    timeout: Duration,
+    max_body: usize,
+) -> Result<(u16, Bytes), String> {
+    let target = HttpTarget::parse(url).map_err(|e| e.to_string())?;
+    policy
+        .precheck(&target.host, target.port)
+        .map_err(|e| e.to_string())?;
+    let mut status = 0;
+    let exchange = get(policy, &target, max_body, &mut status);
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(body)) => Ok((status, body)),
+        Ok(Err(Failure::Refused(e))) => Err(e.to_string()),
+        Ok(Err(Failure::Attempt(why))) => Err(why),
+        Err(_) => Err(format!(
+            "timed out after {}",
+            humantime::format_duration(timeout)
+        )),
+    }
+}
+
+/// One GET of `target`: the body; `status` is set once the head arrived.
+async fn get(
     policy: &TargetPolicy,
     target: &HttpTarget,
-    spec: &HttpProbeSpec,
-    outcome: &mut Observed,
-) -> Result<(), Failure> {
+    max_body: usize,
+    status: &mut u16,
+) -> Result<Bytes, Failure> {
     let addrs = policy.resolve(&target.host, target.port).await?;
     let stream = connect(&addrs).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -385,14 +411,24 @@ async fn http_exchange(
         .send_request(request)
         .await
         .map_err(|e| Failure::Attempt(format!("HTTP request: {e}")))?;
-    let status = response.status().as_u16();
-    outcome.http_status = status;
-    let body = Limited::new(response.into_body(), MAX_BODY)
+    *status = response.status().as_u16();
+    let body = Limited::new(response.into_body(), max_body)
         .collect()
         .await
         .map_err(|e| Failure::Attempt(format!("reading body: {e}")))?
         .to_bytes();
     conn.abort();
+    Ok(body)
+}
+
+async fn http_exchange(
+    policy: &TargetPolicy,
+    target: &HttpTarget,
+    spec: &HttpProbeSpec,
+    outcome: &mut Observed,
+) -> Result<(), Failure> {
+    let body = get(policy, target, MAX_BODY, &mut outcome.http_status).await?;
+    let status = outcome.http_status;
     outcome.body_excerpt = excerpt(&body);
     if status != spec.expect_status {
         return Err(Failure::Attempt(format!(

@@ -72,6 +72,15 @@ impl Agent {
             })?,
         );
         let state = AgentState::new(Arc::new(config), oplog);
+        let series = crate::series::SeriesSources {
+            config: state.config.clone(),
+            oplog: state.ops.oplog().clone(),
+            backups: state.backups.clone(),
+            policy: state.probe_policy.clone(),
+        };
+        state.metrics.set_more_series(Arc::new(move || {
+            Box::pin(crate::series::render(series.clone()))
+        }));
         recover(&state);
         Ok(Agent {
             state,

@@ -7,6 +7,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod analysis;
 mod assets;
 mod backups;
 mod fleet;
@@ -92,6 +93,14 @@ enum Command {
         #[command(flatten)]
         fleet: fleet::FleetArgs,
     },
+    /// Judge an app's [[app.analysis]] rules now, over one interval (no
+    /// upgrade, no baseline). Exit code 1 when a rule is not ok.
+    Analysis {
+        app: String,
+        /// The interval the rules are judged over (default: the app's).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Option<Duration>,
+    },
     /// Ad-hoc probes from the agent (loopback or declared targets only).
     #[command(subcommand)]
     Probe(nodes::ProbeCommand),
@@ -167,6 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Info(fleet) => nodes::info(g, &fleet).await,
         Command::Metrics { watch, fleet } => nodes::metrics(g, watch, &fleet).await,
         Command::Health { app, smoke, fleet } => nodes::health(g, &app, smoke, &fleet).await,
+        Command::Analysis { app, interval } => analysis::analysis(g, app, interval).await,
         Command::Probe(cmd) => nodes::probe(g, cmd).await,
         Command::Service(cmd) => services::service(g, cmd).await,
         Command::Backup(cmd) => backups::backup(g, cmd).await,

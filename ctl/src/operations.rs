@@ -132,6 +132,7 @@ struct Renderer {
     tty: bool,
     bar: Option<(String, ProgressBar)>,
     last_plain: Option<Instant>,
+    table: crate::analysis::LiveTable,
 }
 
 impl Renderer {
@@ -140,10 +141,12 @@ impl Renderer {
             tty: std::io::stderr().is_terminal(),
             bar: None,
             last_plain: None,
+            table: Default::default(),
         }
     }
 
     fn line(&mut self, text: String) {
+        self.table.interrupted();
         match &self.bar {
             Some((_, bar)) => bar.println(text),
             None => println!("{text}"),
@@ -206,6 +209,10 @@ impl Renderer {
                 }
             }
             Event::Note(n) => self.line(format!("    note: {}", n.text)),
+            Event::Analysis(a) if self.tty && self.bar.is_none() => {
+                println!("{}", self.table.update(a));
+            }
+            Event::Analysis(a) => self.line(format!("    {}", crate::analysis::line(a))),
         }
     }
 
@@ -269,20 +276,37 @@ pub async fn follow(
     if !quiet {
         println!("operation {} ({} of {})", op.id, kind_name(op.kind), op.app);
     }
+    let mut readings = Vec::new();
     let final_op = watch_to_end(node, &op.id, from, |event| match event {
         Watched::Event(e) if !quiet => renderer.event(e),
         Watched::Resuming(text) => tracing_note(quiet, text),
-        Watched::Event(_) => {}
+        Watched::Event(e) => readings.extend(analysis_of(e)),
     })
     .await?;
     renderer.end_bar();
     if quiet {
-        output::json(&operation_json(&final_op));
+        output::json(&with_analysis(operation_json(&final_op), &readings));
     } else {
         println!();
         print_operation(&final_op);
     }
     Ok(exit_code(&final_op))
+}
+
+/// The analysis reading an event carries, if it is one.
+fn analysis_of(e: &pb::OperationEvent) -> Option<serde_json::Value> {
+    match &e.event {
+        Some(pb::operation_event::Event::Analysis(a)) => Some(crate::analysis::reading_json(a)),
+        _ => None,
+    }
+}
+
+/// The operation's JSON with its analysis series (when it has one).
+fn with_analysis(mut op: serde_json::Value, readings: &[serde_json::Value]) -> serde_json::Value {
+    if !readings.is_empty() {
+        op["analysis"] = serde_json::Value::Array(readings.to_vec());
+    }
+    op
 }
 
 /// What [`watch_to_end`] reports as it goes.
@@ -471,7 +495,20 @@ pub async fn ops(g: &Global, cmd: OpsCommand) -> anyhow::Result<ExitCode> {
         OpsCommand::Show { id } => {
             let op = get_operation(&mut client, &node, id).await?;
             if g.output == Output::Json {
-                output::json(&operation_json(&op));
+                // A finished operation's events end: its analysis series.
+                let mut readings = Vec::new();
+                if !matches!(
+                    state_name(op.state).as_str(),
+                    "running" | "pending" | "rolling_back"
+                ) {
+                    watch_to_end(&node, &op.id, 1, |event| {
+                        if let Watched::Event(e) = event {
+                            readings.extend(analysis_of(e));
+                        }
+                    })
+                    .await?;
+                }
+                output::json(&with_analysis(operation_json(&op), &readings));
             } else {
                 print_operation(&op);
             }

@@ -1,5 +1,5 @@
 //! The sample app: a stdlib-only stand-in for CovetPy, built from
-//! `tests/fixtures/covetpy/` into three wheels and installed in a real
+//! `tests/fixtures/covetpy/` into six wheels and installed in a real
 //! virtualenv, for the agent's upgrade and rollback tests.
 //!
 //! - 0.1.9 reads `DATABASE_URI`; migration `0001_create_users`.
@@ -7,6 +7,14 @@
 //!   `0002_add_users_last_login`.
 //! - 0.2.1 adds `0003_add_users_flags` (it succeeds), but its `/health`
 //!   answers 500: an upgrade to it must be rolled back.
+//! - 0.1.10, 0.1.11 and 0.1.12 are healthy 0.1 releases (no env change) for
+//!   metric analysis: 0.1.10 is good, 0.1.11 answers every request but
+//!   `/health` 200 ms late, 0.1.12 fails one `/version` in 8 with a 500.
+//!
+//! Every release exports `/metrics` (Prometheus text):
+//! `http_requests_total{code,path}`, the `http_request_duration_seconds`
+//! histogram and `active_connections`; `GET /version` needs no database
+//! (what load tests hit).
 //!
 //! `covet serve` answers `GET /health` (200 `{"status":"ok","version":V,"db":"ok"}`,
 //! 503 when the database does not answer), `GET /api` (`{"version":V,"users":N}`)
@@ -27,7 +35,7 @@ use crate::sandbox::die_with_parent;
 /// The interpreter that builds the wheels and the virtualenvs.
 pub const PYTHON: &str = "/usr/bin/python3";
 /// The releases in the wheelhouse, oldest first.
-pub const VERSIONS: [&str; 3] = ["0.1.9", "0.2.0", "0.2.1"];
+pub const VERSIONS: [&str; 6] = ["0.1.9", "0.2.0", "0.2.1", "0.1.10", "0.1.11", "0.1.12"];
 /// The version [`install`] sets up.
 pub const BASE_VERSION: &str = "0.1.9";
 /// The pip distribution name.
@@ -320,6 +328,37 @@ timeout = "2s"
             wheelhouse = toml_path(&self.wheelhouse),
             health = self.url("/health"),
             api = self.url("/api"),
+        )
+    }
+
+    /// `[app.metrics]` (this app's `/metrics`, judged every 2 s after a 4 s
+    /// baseline) and three `[[app.analysis]]` rules: "error rate" (5xx
+    /// share, max 2%), "p99 latency" (at most 10x the baseline) and "db
+    /// connections" (max 50). Appended after [`SampleApp::agent_toml`].
+    pub fn analysis_toml(&self) -> String {
+        format!(
+            r#"
+[app.metrics]
+url = "{metrics}"
+interval = "2s"
+baseline = "4s"
+
+[[app.analysis]]
+name = "error rate"
+ratio = {{ num = 'http_requests_total{{code=~"5.."}}', den = "http_requests_total" }}
+max = 0.02
+
+[[app.analysis]]
+name = "p99 latency"
+quantile = {{ histogram = "http_request_duration_seconds", q = 0.99 }}
+max_increase = "900%"
+
+[[app.analysis]]
+name = "db connections"
+postgres = "connections"
+max = 50
+"#,
+            metrics = self.url("/metrics"),
         )
     }
 

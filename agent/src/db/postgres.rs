@@ -123,6 +123,18 @@ impl PgTarget {
 // ---------------------------------------------------------------------------
 // Public operations
 
+/// Runs one of the agent's own read-only statistics scripts (metric
+/// analysis: `pg_stat_activity`, `pg_locks`, `pg_stat_statements`) on the
+/// app's database as its data role; psql's unaligned tuples-only output.
+pub async fn stats_query(
+    t: &PgTarget,
+    script: &'static str,
+    timeout: Duration,
+) -> Result<String, DbError> {
+    validate_name("database name", &t.dbname)?;
+    psql(t, t.data_role(), &t.dbname, script, timeout).await
+}
+
 /// `SHOW server_version` via psql -X -A -t.
 pub async fn server_version(t: &PgTarget, timeout: Duration) -> Result<String, DbError> {
     validate_name("database name", &t.dbname)?;

@@ -61,6 +61,7 @@ pub const RULES: &[Rule] = &[
     read("/covet.agent.v1.MetricsService/GetMetrics"),
     read("/covet.agent.v1.MetricsService/WatchMetrics"),
     read("/covet.agent.v1.ProbeService/CheckAppHealth"),
+    read("/covet.agent.v1.ProbeService/AnalyzeApp"),
     look("/covet.agent.v1.ProbeService/ProbeHttp", Operator),
     look("/covet.agent.v1.ProbeService/ProbeTcp", Operator),
     read("/covet.agent.v1.UnitService/GetUnitStatus"),

@@ -136,6 +136,8 @@ pub struct UnitState {
     pub since: Option<SystemTime>,
     pub restart_count: u32,
     pub memory_bytes: u64,
+    /// CPU time the unit's cgroup used (`CPUUsageNSec`), when accounted.
+    pub cpu_usage_nsec: Option<u64>,
     pub fragment_path: String,
     /// Why the unit could not be queried, when it could not.
     pub error: String,
@@ -473,6 +475,10 @@ async fn read_state(
         state.memory_bytes = match number(&service, "MemoryCurrent") {
             u64::MAX => 0,
             bytes => bytes,
+        };
+        state.cpu_usage_nsec = match number(&service, "CPUUsageNSec") {
+            u64::MAX => None,
+            nsec => Some(nsec),
         };
     }
     Ok(state)

@@ -147,6 +147,23 @@ pub enum EventBody {
     Note {
         text: String,
     },
+    /// One metric analysis rule's reading (the baseline, or one interval).
+    Analysis(AnalysisEvent),
+}
+
+/// An analysis rule's reading as the journal keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisEvent {
+    pub step: String,
+    pub rule: String,
+    pub description: String,
+    pub baseline: Option<f64>,
+    pub value: Option<f64>,
+    pub limit: Option<f64>,
+    /// "baseline", "ok", "bad N", "failed".
+    pub state: String,
+    pub missing: String,
+    pub failures: u32,
 }
 
 impl EventBody {
@@ -195,7 +212,10 @@ impl EventBody {
                     op.finished = Some(time);
                 }
             }
-            EventBody::Output { .. } | EventBody::Progress { .. } | EventBody::Note { .. } => {}
+            EventBody::Output { .. }
+            | EventBody::Progress { .. }
+            | EventBody::Note { .. }
+            | EventBody::Analysis(_) => {}
         }
     }
 }

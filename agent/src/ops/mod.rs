@@ -497,6 +497,11 @@ impl OpContext {
         });
     }
 
+    /// Journals an analysis rule's reading.
+    pub fn analysis(&self, reading: crate::ops::log::AnalysisEvent) {
+        self.append(EventBody::Analysis(reading));
+    }
+
     pub fn note(&self, text: impl Into<String>) {
         self.append(EventBody::Note { text: text.into() });
     }

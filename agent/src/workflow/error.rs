@@ -66,6 +66,10 @@ pub enum StepError {
     },
     #[error("health regressed during the watch window: {0}")]
     Regressed(String),
+    /// A metric analysis rule failed during the watch window (the cause
+    /// names the rule, its baseline, value and limit).
+    #[error("{0}")]
+    Analysis(String),
     #[error("backup {backup} does not hold {what}")]
     NotInBackup { backup: String, what: String },
     #[error("no backup was made, so {0} cannot be put back")]

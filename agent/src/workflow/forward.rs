@@ -9,6 +9,7 @@ use super::gate;
 use super::opdir::OpDir;
 use super::preflight::{Preflight, hook_user};
 use super::{Deps, PACKAGE_TIMEOUT, Step, StepError, UpgradeSpec};
+use crate::analysis;
 use crate::archive::Compression;
 use crate::backup::CreateOptions;
 use crate::config::{AppConfig, PackageConfig};
@@ -31,13 +32,16 @@ pub struct Upgrade<'a> {
     /// The restore point, made beside the backup (both only read the
     /// app's files); the package step records it before it installs.
     pub restore_point: std::sync::Mutex<Option<Result<RestorePoint, PackageError>>>,
+    /// The analysis rules' values before the change, sampled by the
+    /// preflight step when the upgrade watches.
+    pub baseline: std::sync::OnceLock<analysis::Baseline>,
 }
 
 impl Upgrade<'_> {
     /// Runs `step`; Ok holds the journal's detail line.
     pub async fn run(&self, step: Step) -> Result<String, StepError> {
         match step {
-            Step::Preflight => Ok(self.pre.findings.join("; ")),
+            Step::Preflight => self.preflight().await,
             Step::Backup => self.backup().await,
             Step::Package => self.package().await,
             Step::Release => self.release().await,
@@ -52,6 +56,51 @@ impl Upgrade<'_> {
             Step::Promote => self.promote().await,
             Step::Drain => self.drain().await,
         }
+    }
+
+    /// Preflight's findings; when the upgrade watches with analysis rules,
+    /// their baseline, sampled over `[app.metrics] baseline` now.
+    async fn preflight(&self) -> Result<String, StepError> {
+        let mut findings = self.pre.findings.join("; ");
+        if self.spec.watch.is_none() || self.app.analysis.is_empty() {
+            return Ok(findings);
+        }
+        let (rules, sources) = self.analysis_sources().await?;
+        let (_, window) = analysis::timing(self.app);
+        let canceled = || self.ctx.canceled();
+        let baseline = self
+            .ctx
+            .waiting(analysis::baseline(&sources, &rules, window, &canceled))
+            .await
+            .map_err(StepError::Analysis)?;
+        for (rule, value) in rules.iter().zip(&baseline.values) {
+            let reading = analysis::baseline_reading(rule, *value);
+            self.ctx
+                .analysis(reading_event(Some(Step::Preflight), reading));
+        }
+        findings.push_str(&format!(
+            "; baseline of {} analysis rule(s) over {}",
+            rules.len(),
+            humantime::format_duration(window)
+        ));
+        let _ = self.baseline.set(baseline);
+        Ok(findings)
+    }
+
+    async fn analysis_sources(
+        &self,
+    ) -> Result<(Vec<analysis::Rule>, analysis::Sources), StepError> {
+        let rules = analysis::rules_of(self.app).map_err(StepError::Analysis)?;
+        let sources = analysis::Sources::of(
+            self.app,
+            &rules,
+            self.deps.probe_policy.clone(),
+            self.deps.systemd.clone(),
+            self.unit.clone(),
+        )
+        .await
+        .map_err(StepError::Analysis)?;
+        Ok((rules, sources))
     }
 
     async fn backup(&self) -> Result<String, StepError> {
@@ -198,31 +247,106 @@ impl Upgrade<'_> {
         Ok(format!("{} check(s) passed", self.app.smoke.len()))
     }
 
+    /// Probes health every health interval and, with analysis rules,
+    /// judges them every metrics interval against the preflight's
+    /// baseline; each reading is an event. A failed probe or rule fails.
     async fn watch(&self) -> Result<String, StepError> {
-        let (Some(window), Some(health)) = (self.spec.watch, &self.app.health) else {
+        let Some(window) = self.spec.watch else {
             return Ok("no watch window".into());
         };
-        let health = &super::slotted::probe_on(health, self.new_slot()?.map(|(_, port)| port));
+        // A blue-green or canary upgrade watches its new slot.
+        let slot_port = self.new_slot()?.map(|(_, port)| port);
         let until = Instant::now() + window;
-        let every = health.interval.max(Duration::from_millis(500));
-        let mut probes_run = 0u32;
-        while Instant::now() < until {
+        let health_every = self
+            .app
+            .health
+            .as_ref()
+            .map(|h| h.interval.max(Duration::from_millis(500)));
+        let mut judged = match self.baseline.get() {
+            Some(baseline) => {
+                let (rules, sources) = self.analysis_sources().await?;
+                let first = self.ctx.waiting(sources.snapshot(&rules)).await;
+                Some((analysis::Judge::new(rules, baseline), sources, first))
+            }
+            None => None,
+        };
+        let (metrics_every, _) = analysis::timing(self.app);
+        let mut next_health = health_every.map(|every| Instant::now() + every);
+        let mut next_metrics = Instant::now() + metrics_every;
+        let (mut probes_run, mut intervals) = (0u32, 0u32);
+        loop {
             if self.ctx.canceled() {
                 return Err(StepError::Canceled);
             }
+            let mut wake = until;
+            if let Some(at) = next_health {
+                wake = wake.min(at);
+            }
+            if judged.is_some() {
+                wake = wake.min(next_metrics);
+            }
             self.ctx
-                .pause(every.min(until.saturating_duration_since(Instant::now())))
+                .pause(wake.saturating_duration_since(Instant::now()))
                 .await;
             if self.ctx.canceled() {
                 return Err(StepError::Canceled);
             }
-            let o = probe(self.deps, self.ctx, self.app, "health", health).await?;
-            probes_run += 1;
-            if !o.ok {
-                return Err(StepError::Regressed(o.error));
+            let now = Instant::now();
+            if let (Some(at), Some(health), Some(every)) =
+                (next_health, &self.app.health, health_every)
+                && now >= at
+            {
+                let health = &super::slotted::probe_on(health, slot_port);
+                let o = probe(self.deps, self.ctx, self.app, "health", health).await?;
+                probes_run += 1;
+                if !o.ok {
+                    return Err(StepError::Regressed(o.error));
+                }
+                next_health = Some(Instant::now() + every);
+            }
+            if let Some((judge, sources, prev)) = judged.as_mut()
+                && now >= next_metrics
+            {
+                let cur = self.ctx.waiting(sources.snapshot(judge.rules())).await;
+                let readings = judge.observe(prev, &cur);
+                *prev = cur;
+                intervals += 1;
+                for r in &readings {
+                    self.ctx
+                        .analysis(reading_event(Some(Step::Watch), r.clone()));
+                }
+                if let Some(failed) = readings.iter().find(|r| r.state == analysis::State::Failed) {
+                    return Err(StepError::Analysis(failed.cause()));
+                }
+                next_metrics = Instant::now() + metrics_every;
+            }
+            if Instant::now() >= until {
+                break;
             }
         }
-        Ok(format!("{probes_run} probe(s) passed"))
+        Ok(match judged {
+            Some((judge, _, _)) => format!(
+                "{probes_run} probe(s) passed; {} analysis rule(s) held for {intervals} interval(s)",
+                judge.rules().len()
+            ),
+            None => format!("{probes_run} probe(s) passed"),
+        })
+    }
+}
+
+/// An analysis reading as the journal keeps it (and AnalyzeApp answers it,
+/// with no step).
+pub fn reading_event(step: Option<Step>, r: analysis::Reading) -> crate::ops::log::AnalysisEvent {
+    crate::ops::log::AnalysisEvent {
+        step: step.map(Step::name).unwrap_or_default().to_owned(),
+        rule: r.rule,
+        description: r.description,
+        baseline: r.baseline,
+        value: r.value,
+        limit: r.limit,
+        state: r.state.to_string(),
+        missing: r.missing,
+        failures: r.failures,
     }
 }
 

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 pub use error::StepError;
+pub use forward::reading_event;
 pub use preflight::{Preflight, PreflightError, migration_dry_run, preflight};
 pub use step::Step;
 pub use undo::RollbackOf;
@@ -235,6 +236,7 @@ async fn forward(
         unit: &unit,
         op_dir: opdir::OpDir::new(&deps.config.state_dir, &ctx.id),
         restore_point: std::sync::Mutex::new(None),
+        baseline: std::sync::OnceLock::new(),
     };
     for step in Step::plan(app, spec) {
         if ctx.canceled() {

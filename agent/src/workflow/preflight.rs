@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use super::{Deps, PACKAGE_TIMEOUT, StepError, UpgradeSpec};
+use crate::analysis;
 use crate::archive::Compression;
 use crate::backup::CreateOptions;
 use crate::config::AppConfig;
@@ -113,6 +114,9 @@ pub async fn preflight(
         }
         findings.push(format!("{} is healthy", app.name));
     }
+    if spec.watch.is_some() && !app.analysis.is_empty() {
+        findings.push(analysis_ready(deps, app, &unit).await?);
+    }
     let opts = CreateOptions {
         files: true,
         database: app.database.is_some(),
@@ -135,6 +139,32 @@ pub async fn preflight(
         backup_estimate,
         findings,
     })
+}
+
+/// The analysis rules' sources answer and every rule finds its series now
+/// (an unreachable metrics URL is a precondition error); the baseline
+/// itself is sampled by the preflight step, inside the operation.
+async fn analysis_ready(
+    deps: &Deps,
+    app: &AppConfig,
+    unit: &ControlledUnit,
+) -> Result<String, PreflightError> {
+    let fail = |e: String| PreflightError::Precondition(format!("metric analysis: {e}"));
+    let rules = analysis::rules_of(app).map_err(fail)?;
+    let sources = analysis::Sources::of(
+        app,
+        &rules,
+        deps.probe_policy.clone(),
+        deps.systemd.clone(),
+        unit.clone(),
+    )
+    .await
+    .map_err(fail)?;
+    analysis::check(&sources, &rules).await.map_err(fail)?;
+    Ok(format!(
+        "{} analysis rule(s) read their series",
+        rules.len()
+    ))
 }
 
 /// The target version's migrations, dry-run, without touching the app: for

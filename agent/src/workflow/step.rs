@@ -126,7 +126,9 @@ impl Step {
             Step::Migrate => app.migrate.is_some(),
             Step::Health => app.health.is_some(),
             Step::Smoke => !app.smoke.is_empty(),
-            Step::Watch => spec.watch.is_some() && app.health.is_some(),
+            Step::Watch => {
+                spec.watch.is_some() && (app.health.is_some() || !app.analysis.is_empty())
+            }
         }
     }
 
@@ -134,7 +136,13 @@ impl Step {
     /// describes it.
     pub fn describe(self, app: &AppConfig, spec: &UpgradeSpec, from_version: &str) -> String {
         match self {
-            Step::Preflight => "version available, unit loaded, app healthy, disk space".into(),
+            Step::Preflight => {
+                let checks = "version available, unit loaded, app healthy, disk space";
+                match crate::analysis::baseline_plan(app, spec.watch.is_some()) {
+                    Some(baseline) => format!("{checks}; {baseline}"),
+                    None => checks.into(),
+                }
+            }
             Step::Backup => {
                 let paths = crate::backup::paths_of(app).len();
                 let db = if app.database.is_some() {
@@ -183,7 +191,16 @@ impl Step {
             },
             Step::Smoke => format!("{} smoke check(s)", app.smoke.len()),
             Step::Watch => match spec.watch {
-                Some(w) => format!("probe health for {}", humantime::format_duration(w)),
+                Some(w) => {
+                    let w = humantime::format_duration(w);
+                    match crate::analysis::watch_plan(app) {
+                        Some(rules) if app.health.is_some() => {
+                            format!("probe health and {rules} for {w}")
+                        }
+                        Some(rules) => format!("{rules} for {w}"),
+                        None => format!("probe health for {w}"),
+                    }
+                }
                 None => "no watch window".into(),
             },
         }

@@ -127,7 +127,12 @@ async fn demo() -> anyhow::Result<()> {
     );
 
     say("A PKI and the agent, over mutual TLS, allowed to control covet.service only");
-    let toml = format!("{}{}\n", sandbox.agent_toml(None), app.agent_toml(&pg));
+    let toml = format!(
+        "{}{}\n{}",
+        sandbox.agent_toml(None),
+        app.agent_toml(&pg),
+        app.analysis_toml()
+    );
     let agent = TestAgent::start_with_toml(&root.join("agent"), toml).await;
     agent.ctl_config(&["operator", "reader", "admin"]);
     println!("    agent listening on {}", agent.endpoint());
@@ -150,6 +155,27 @@ async fn demo() -> anyhow::Result<()> {
         ],
     )?;
     check(code == 0, "the dry run finds nothing blocking")?;
+
+    say(
+        "Upgrade to 0.1.11 under load, watched: healthy, but 200 ms slower; the analysis rolls it back",
+    );
+    let load = covet_tests::load::Load::start(app.port, "/version", 25);
+    let code = tokio::task::block_in_place(|| {
+        covetctl(
+            &agent,
+            "operator",
+            &["upgrade", "covet", "--to", "0.1.11", "--watch", "20s"],
+        )
+    })?;
+    load.stop().await;
+    check(
+        code == 3,
+        "covetctl upgrade exits 3: the p99 latency rule failed and it was rolled back",
+    )?;
+    check(
+        covet_tests::http::serving(app.port, "0.1.9").await,
+        "covet 0.1.9 is serving again",
+    )?;
 
     say(
         "Upgrade to 0.2.0: backup, pip install, DATABASE_URI -> DATABASE_URL, migrate, restart, health, smoke",

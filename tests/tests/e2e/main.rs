@@ -1,6 +1,7 @@
 //! The end-to-end tests: one binary, one module per area, so the harness and
 //! its dependencies are compiled and linked once, not once per file.
 
+mod analysis;
 mod ansible;
 mod api_edge;
 mod backup_speed;

@@ -265,6 +265,13 @@ pub(crate) mod testing {
             url = "http://127.0.0.1:8000/health"
             [[app.smoke]]
             url = "http://127.0.0.1:8000/"
+            [app.metrics]
+            url = "http://127.0.0.1:8000/metrics"
+            interval = "5s"
+            [[app.analysis]]
+            name = "errors"
+            ratio = { num = 'http_requests_total{code=~"5.."}', den = "http_requests_total" }
+            max = 0.01
             [[app]]
             name = "bare"
             unit = "bare.service"

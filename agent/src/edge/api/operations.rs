@@ -213,6 +213,20 @@ pub fn operation_to_pb(op: OperationRecord) -> pb::Operation {
     }
 }
 
+pub fn analysis_event_to_pb(a: crate::ops::log::AnalysisEvent) -> pb::AnalysisReading {
+    pb::AnalysisReading {
+        rule: a.rule,
+        description: a.description,
+        baseline: a.baseline,
+        value: a.value,
+        limit: a.limit,
+        state: a.state,
+        missing: a.missing,
+        failures: a.failures,
+        step: a.step,
+    }
+}
+
 pub fn event_to_pb(e: EventRecord) -> pb::OperationEvent {
     use pb::operation_event::Event;
     let event = match e.body {
@@ -253,6 +267,7 @@ pub fn event_to_pb(e: EventRecord) -> pb::OperationEvent {
             cause,
         }),
         EventBody::Note { text } => Event::Note(pb::Note { text }),
+        EventBody::Analysis(a) => Event::Analysis(analysis_event_to_pb(a)),
     };
     pb::OperationEvent {
         operation_id: e.operation_id,

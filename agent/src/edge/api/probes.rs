@@ -6,9 +6,12 @@ use std::time::Duration;
 use covet_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use super::operations::analysis_event_to_pb;
 use super::{AgentState, duration, duration_arg, name_error};
+use crate::analysis;
 use crate::config::Config;
 use crate::edge::audit::set_target;
+use crate::host::systemd::ControlledUnit;
 use crate::names::AppName;
 use crate::probes::{
     self, AppHealth, Attempts, HttpProbeSpec, ProbeError, ProbeOutcome, ProbeSpec, TcpProbeSpec,
@@ -56,6 +59,27 @@ fn parse_check_app_health(
         false => Vec::new(),
     };
     Ok(CheckAppHealth { app, health, smoke })
+}
+
+/// AnalyzeApp: a declared app with analysis rules, and the interval.
+#[derive(Debug)]
+struct AnalyzeApp {
+    app: AppName,
+    interval: Duration,
+}
+
+fn parse_analyze_app(req: pb::AnalyzeAppRequest, config: &Config) -> Result<AnalyzeApp, Status> {
+    let app = AppName::declared(config, &req.app).map_err(name_error)?;
+    if app.config().analysis.is_empty() {
+        return Err(Status::failed_precondition(format!(
+            "app {} declares no analysis rules ([[app.analysis]] in the agent's configuration)",
+            app.as_str()
+        )));
+    }
+    let (min, max) = (Duration::from_secs(1), Duration::from_secs(60));
+    let default = analysis::timing(app.config()).0.clamp(min, max);
+    let interval = duration_arg("interval", req.interval, default, min, max)?;
+    Ok(AnalyzeApp { app, interval })
 }
 
 /// Timeout, retries and interval of an ad-hoc probe.
@@ -159,6 +183,36 @@ impl pb::probe_service_server::ProbeService for ProbeApi {
         Ok(Response::new(response))
     }
 
+    async fn analyze_app(
+        &self,
+        request: Request<pb::AnalyzeAppRequest>,
+    ) -> Result<Response<pb::AnalyzeAppResponse>, Status> {
+        let req = parse_analyze_app(request.into_inner(), &self.0.config)?;
+        let app = req.app.config();
+        let rules = analysis::rules_of(app).map_err(Status::failed_precondition)?;
+        let unit = ControlledUnit::admit(&*self.0.config, &app.unit)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let sources = analysis::Sources::of(
+            app,
+            &rules,
+            self.0.probe_policy.clone(),
+            self.0.systemd.clone(),
+            unit,
+        )
+        .await
+        .map_err(Status::unavailable)?;
+        let readings = analysis::now(&sources, rules, req.interval)
+            .await
+            .map_err(Status::unavailable)?;
+        Ok(Response::new(pb::AnalyzeAppResponse {
+            app: req.app.as_str().to_owned(),
+            readings: readings
+                .into_iter()
+                .map(|r| analysis_event_to_pb(crate::workflow::reading_event(None, r)))
+                .collect(),
+        }))
+    }
+
     async fn probe_http(
         &self,
         request: Request<pb::HttpProbe>,
@@ -240,6 +294,35 @@ mod tests {
         refused(parse(""), Code::InvalidArgument, "app is required");
         refused(parse("nope"), Code::NotFound, "app \"nope\"");
         refused(parse("bare"), Code::FailedPrecondition, "[app.health]");
+    }
+
+    #[test]
+    fn analysis_needs_a_declared_app_with_rules_and_a_sane_interval() {
+        let config = config();
+        let parse = |app: &str, interval: Option<prost_types::Duration>| {
+            parse_analyze_app(
+                pb::AnalyzeAppRequest {
+                    app: app.into(),
+                    interval,
+                },
+                &config,
+            )
+        };
+        let ok = parse("covet", None).unwrap();
+        assert_eq!(ok.interval, Duration::from_secs(5), "the app's interval");
+        assert_eq!(
+            parse("covet", secs(2)).unwrap().interval,
+            Duration::from_secs(2)
+        );
+        refused(parse("", None), Code::InvalidArgument, "app is required");
+        refused(parse("nope", None), Code::NotFound, "app \"nope\"");
+        refused(
+            parse("bare", None),
+            Code::FailedPrecondition,
+            "[[app.analysis]]",
+        );
+        refused(parse("covet", secs(600)), Code::InvalidArgument, "interval");
+        refused(parse("covet", secs(-1)), Code::InvalidArgument, "interval");
     }
 
     #[test]

@@ -12,10 +12,13 @@ mod prometheus;
 mod sample;
 
 pub use prometheus::serve_prometheus;
+pub(crate) use prometheus::{Exposition, MetricType};
 pub use sample::*;
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use sysinfo::MINIMUM_CPU_UPDATE_INTERVAL;
@@ -34,7 +37,13 @@ pub struct MetricsHub {
     inner: Arc<HubInner>,
 }
 
+/// Series the rest of the agent adds to the endpoint (apps, operations,
+/// backups, analysis), rendered at each scrape; this module knows nothing
+/// of what they are.
+pub type MoreSeries = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
 struct HubInner {
+    more: OnceLock<MoreSeries>,
     /// Only locked inside `spawn_blocking`, since refreshing reads /proc.
     collector: Arc<Mutex<Collector>>,
     /// Held across a refresh so that concurrent callers queue behind one
@@ -59,12 +68,26 @@ impl MetricsHub {
         let refreshed_at = collector.last_refresh;
         MetricsHub {
             inner: Arc::new(HubInner {
+                more: OnceLock::new(),
                 collector: Arc::new(Mutex::new(collector)),
                 latest: tokio::sync::Mutex::new(Latest {
                     refreshed_at,
                     sample: None,
                 }),
             }),
+        }
+    }
+
+    /// Sets what [`MetricsHub::more_series`] renders (once).
+    pub fn set_more_series(&self, more: MoreSeries) {
+        let _ = self.inner.more.set(more);
+    }
+
+    /// The series set by [`MetricsHub::set_more_series`], in text format.
+    pub async fn more_series(&self) -> String {
+        match self.inner.more.get() {
+            Some(more) => more().await,
+            None => String::new(),
         }
     }
 

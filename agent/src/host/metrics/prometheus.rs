@@ -27,9 +27,10 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------- Prometheus
 
 #[derive(Clone, Copy)]
-enum MetricType {
+pub(crate) enum MetricType {
     Gauge,
     Counter,
+    Histogram,
 }
 
 impl MetricType {
@@ -37,6 +38,7 @@ impl MetricType {
         match self {
             MetricType::Gauge => "gauge",
             MetricType::Counter => "counter",
+            MetricType::Histogram => "histogram",
         }
     }
 }
@@ -44,7 +46,7 @@ impl MetricType {
 /// A sample value: integers are printed exactly, floats per the format's
 /// conventions (`NaN`, `+Inf`, `-Inf`).
 #[derive(Clone, Copy)]
-enum Value {
+pub(crate) enum Value {
     Int(u64),
     Float(f64),
 }
@@ -93,18 +95,22 @@ impl fmt::Display for Value {
 }
 
 /// Builds a text exposition, one metric family at a time.
-struct Exposition {
-    out: String,
+pub(crate) struct Exposition {
+    pub(crate) out: String,
 }
 
 impl Exposition {
-    fn family(&mut self, name: &str, kind: MetricType, help: &str) {
+    pub(crate) fn new() -> Exposition {
+        Exposition { out: String::new() }
+    }
+
+    pub(crate) fn family(&mut self, name: &str, kind: MetricType, help: &str) {
         // Writing to a String cannot fail.
         let _ = writeln!(self.out, "# HELP {name} {help}");
         let _ = writeln!(self.out, "# TYPE {name} {}", kind.as_str());
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Into<Value>) {
+    pub(crate) fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Into<Value>) {
         self.out.push_str(name);
         if !labels.is_empty() {
             self.out.push('{');
@@ -461,7 +467,8 @@ async fn handle_request(
             response
         }
         "/metrics" => {
-            let body = render_prometheus(&hub.sample().await);
+            let mut body = render_prometheus(&hub.sample().await);
+            body.push_str(&hub.more_series().await);
             let mut response = Response::new(Full::new(Bytes::from(body)));
             response.headers_mut().insert(
                 CONTENT_TYPE,
