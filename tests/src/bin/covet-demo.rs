@@ -2,6 +2,7 @@
 //! a throwaway sandbox (a systemd user manager with journald, a PostgreSQL
 //! cluster, a PKI, the agent, and the sample app at 0.1.9), narrated. It
 //! checks what it shows and exits non-zero if anything is not as promised.
+//! Then a blue-green upgrade and its rollback behind a real nginx, under load.
 //! Everything is torn down at the end.
 
 use std::process::{Command, ExitCode, Stdio};
@@ -255,6 +256,64 @@ async fn demo() -> anyhow::Result<()> {
     drop(agent);
     drop(sandbox);
     drop(pg);
+    blue_green().await
+}
+
+/// Zero downtime: the same upgrade blue-green behind a real nginx while a
+/// load of 200 requests/s goes through it, then its rollback, a switch back.
+async fn blue_green() -> anyhow::Result<()> {
+    use covet_tests::slotted::{RENAME, UNIT as OWN_UNIT, World};
+    say(
+        "Zero downtime: a fresh sandbox with nginx in front of covet.service (0.1.9), strategy blue-green",
+    );
+    let w = World::start("blue-green", "database_on_rollback = \"keep\"")
+        .await
+        .context("no systemd sandbox or PostgreSQL for the blue-green scene")?;
+    w.agent.ctl_config(&["operator"]);
+    let run = |args: &[&str]| tokio::task::block_in_place(|| covetctl(&w.agent, "operator", args));
+    say("Upgrading to 0.2.0 in slot blue while 200 requests/s go through nginx");
+    let load = w.load_at(200);
+    let mut args = vec!["upgrade", "covet", "--to", "0.2.0"];
+    args.extend_from_slice(&RENAME);
+    let code = run(&args)?;
+    let report = load.stop().await;
+    check(
+        code == 0,
+        "the upgrade succeeded: started, checked on its own port, switched, drained",
+    )?;
+    check(
+        report.failures().is_empty(),
+        &format!(
+            "none of the {} requests through nginx failed",
+            report.answers.len()
+        ),
+    )?;
+    check(
+        report.ok_containing("0.1.9") > 0 && report.ok_containing("0.2.0") > 0,
+        "users were served 0.1.9, then 0.2.0",
+    )?;
+    check(
+        w.live().as_deref() == Some("blue") && !w.active(OWN_UNIT),
+        "slot blue is live; covet.service is stopped",
+    )?;
+    say("Rolling it back under the same load: a switch back, not a reinstall");
+    let load = w.load_at(200);
+    let code = run(&["rollback", "covet"])?;
+    let report = load.stop().await;
+    check(code == 0, "the rollback succeeded")?;
+    check(
+        report.failures().is_empty(),
+        &format!(
+            "none of the {} requests through nginx failed",
+            report.answers.len()
+        ),
+    )?;
+    check(
+        w.live().is_none() && w.active(OWN_UNIT),
+        "covet.service serves 0.1.9 again",
+    )?;
+    say("Tearing down: agent, nginx, units, systemd, PostgreSQL, files");
+    drop(w);
     Ok(())
 }
 

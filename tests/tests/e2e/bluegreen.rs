@@ -247,14 +247,27 @@ async fn canary_sends_a_share_while_watched_then_promotes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_after_the_switch_is_finished_by_switching_back() {
+    killed_at("watch").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_switch_is_finished_by_switching_back() {
+    killed_at("switch").await;
+}
+
+/// kill -9 of the agent when `step` starts, under load; the restarted agent
+/// finishes the upgrade by rolling back, whatever the switch had done.
+async fn killed_at(step: &str) {
     let Some(mut w) = world("blue-green", "").await else {
         return;
     };
     let original_upstream = w.upstream();
     let load = w.load();
     let id = w.start_upgrade("0.2.0", 30).await;
-    wait_for_step(&w.agent, &id, "watch").await;
-    assert_eq!(w.live().as_deref(), Some("blue"));
+    wait_for_step(&w.agent, &id, step).await;
+    if step == "watch" {
+        assert_eq!(w.live().as_deref(), Some("blue"));
+    }
     w.agent.signal(libc::SIGKILL);
     w.agent.restart().await;
     let op = wait_done(&w.agent, &id).await;
