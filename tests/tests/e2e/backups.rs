@@ -510,7 +510,17 @@ async fn an_interrupted_backup_leaves_no_valid_entry_and_the_lock_is_exclusive()
     assert_eq!(status.code(), Code::Aborted);
     assert!(status.message().contains(&op.id), "{}", status.message());
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Killed as soon as the partial backup is on disk: a fixed pause lost
+    // the race on a fast run (the backup had finished).
+    let partial_dir = w.agent.dir.join("backups/covet");
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&partial_dir).map_or(true, |mut d| d.next().is_none()) {
+        assert!(
+            std::time::Instant::now() < until,
+            "no partial backup appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     w.agent.signal(libc::SIGKILL);
     w.agent.restart().await;
     let list = w
