@@ -454,6 +454,18 @@ pub async fn install_release(
     }
 }
 
+/// Where [`install_release`] puts `version` (pip with `releases_dir`), so a
+/// program of the app's venv can be run from the new release instead.
+pub fn release_venv(pkg: &PackageConfig, version: &str) -> Option<PathBuf> {
+    match pkg {
+        PackageConfig::Pip(pip) => pip
+            .releases_dir
+            .as_deref()
+            .map(|dir| pip::release_venv(dir, version)),
+        _ => None,
+    }
+}
+
 /// The version of a complete release's virtualenv ([`install_release`]).
 pub fn release_version_of(venv: &Path) -> Option<String> {
     pip::release_version_of(venv)

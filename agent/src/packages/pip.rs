@@ -533,8 +533,8 @@ pub(super) async fn pip_install_release(
             field: "releases_dir",
         })?;
     pip_check_available(pkg, version)?;
-    let release = releases.join(version.as_str());
-    let venv = release.join("venv");
+    let venv = release_venv(&releases, version.as_str());
+    let release = parent_of(&venv).to_owned();
     if release.join(RELEASE_COMPLETE).is_file() {
         return Ok(venv);
     }
@@ -592,6 +592,11 @@ fn version_line(marker: &Path) -> String {
         .unwrap_or_default()
         .to_string_lossy();
     format!("{version}\n")
+}
+
+/// Where [`pip_install_release`] puts `version`: `releases_dir/VERSION/venv`.
+pub(super) fn release_venv(releases_dir: &Path, version: &str) -> PathBuf {
+    releases_dir.join(version).join("venv")
 }
 
 /// The version of the release a virtualenv under `releases_dir` belongs to.

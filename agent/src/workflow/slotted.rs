@@ -172,13 +172,13 @@ pub fn serving(deps: &Deps, app: &AppConfig) -> Result<(ControlledUnit, Option<u
 /// version, which knows none of the new migrations).
 pub fn release_argv(app: &AppConfig, spec: &UpgradeSpec, argv: &[String]) -> Vec<String> {
     let mut argv = argv.to_vec();
-    if let (Some(_), Some(crate::config::PackageConfig::Pip(pip))) = (app.slotted(), &app.package)
-        && let Some(releases) = &pip.releases_dir
+    if let (Some(_), Some(pkg @ crate::config::PackageConfig::Pip(pip))) =
+        (app.slotted(), &app.package)
+        && let Some(venv) = crate::packages::release_venv(pkg, &spec.to_version)
         && let Some(rest) = argv
             .first()
             .and_then(|p| std::path::Path::new(p).strip_prefix(&pip.venv).ok())
     {
-        let venv = releases.join(spec.to_version.as_str()).join("venv");
         argv[0] = venv.join(rest).display().to_string();
     }
     argv
